@@ -1,0 +1,42 @@
+import { decode, encode } from 'cborg'
+
+/** Strict decoding: no indefinite lengths, undefined, NaN, bigints or duplicate keys from peers. */
+const strictDecodeOptions = {
+  strict: true,
+  allowIndefinite: false,
+  allowUndefined: false,
+  allowInfinity: false,
+  allowNaN: false,
+  allowBigInt: false,
+  rejectDuplicateMapKeys: true,
+  useMaps: false,
+} as const
+
+export class CborDecodeError extends Error {
+  static override name = 'CborDecodeError'
+  override name = 'CborDecodeError'
+}
+
+/** cborg's default encoding is deterministic (sorted map keys, shortest forms). */
+export function encodeCanonical(value: unknown): Uint8Array {
+  return encode(value)
+}
+
+/** Decodes and checks the bytes are the canonical encoding of what they decode to. */
+export function decodeCanonical(bytes: Uint8Array): unknown {
+  let value: unknown
+  try {
+    value = decode(bytes, strictDecodeOptions)
+  } catch (err) {
+    throw new CborDecodeError(`invalid CBOR: ${(err as Error).message}`)
+  }
+  const again = encode(value)
+  if (again.byteLength !== bytes.byteLength || !again.every((b, i) => b === bytes[i])) {
+    throw new CborDecodeError('CBOR is not in canonical form')
+  }
+  return value
+}
+
+export function isPlainObject(v: unknown): v is Record<string, unknown> {
+  return typeof v === 'object' && v !== null && !Array.isArray(v) && !(v instanceof Uint8Array)
+}

@@ -1,0 +1,184 @@
+import { noise } from '@chainsafe/libp2p-noise'
+import { yamux } from '@chainsafe/libp2p-yamux'
+import { autoNAT } from '@libp2p/autonat'
+import { type CircuitRelayService, circuitRelayServer, circuitRelayTransport } from '@libp2p/circuit-relay-v2'
+import { dcutr } from '@libp2p/dcutr'
+import { identify, identifyPush } from '@libp2p/identify'
+import type { Libp2p, PrivateKey } from '@libp2p/interface'
+import { kadDHT, passthroughMapper, removePrivateAddressesMapper, type SingleKadDHT } from '@libp2p/kad-dht'
+import { peerIdFromString } from '@libp2p/peer-id'
+import { type Ping, ping } from '@libp2p/ping'
+import { tcp } from '@libp2p/tcp'
+import { webSockets } from '@libp2p/websockets'
+import { type Multiaddr, multiaddr } from '@multiformats/multiaddr'
+import { createLibp2p, type ServiceFactoryMap } from 'libp2p'
+import { meshConnectionGater } from './gater.ts'
+import { KAD_PROTOCOL } from './protocols.ts'
+
+export type MeshRole = 'node' | 'bootstrap'
+
+export interface RelayServerLimits {
+  /** Reservations held at once; past it new ones are refused (bounded memory on the coordinator). */
+  maxReservations: number
+  /** How long a reservation lasts before the node must renew it. */
+  reservationTtlMs: number
+  /** Per relayed connection; null lifts the limit (members' inference streams run long). */
+  durationLimitMs: number | null
+  dataLimitBytes: bigint | null
+}
+
+export const defaultRelayServerLimits: RelayServerLimits = {
+  maxReservations: 256,
+  reservationTtlMs: 60 * 60_000,
+  // libp2p's defaults (2 min, 128 KiB) would cut an LLM response in half; a coordinator's relay
+  // exists to carry its members' traffic until DCUtR upgrades the connection.
+  durationLimitMs: 30 * 60_000,
+  dataLimitBytes: 1n << 30n,
+}
+
+export interface ConnectionLimits {
+  maxConnections: number
+  maxIncomingPendingConnections: number
+  /** New inbound connections per second from one host. */
+  inboundConnectionThreshold: number
+  dialTimeoutMs: number
+}
+
+/**
+ * Chosen on purpose: a gamer's node needs a few dozen links (bootstrap, head, DHT peers) and must not
+ * eat a home router's NAT table; a bootstrap node serves a whole region.
+ */
+export const defaultConnectionLimits: Record<MeshRole, ConnectionLimits> = {
+  node: {
+    maxConnections: 64,
+    maxIncomingPendingConnections: 16,
+    inboundConnectionThreshold: 5,
+    dialTimeoutMs: 5_000,
+  },
+  bootstrap: {
+    maxConnections: 2_048,
+    maxIncomingPendingConnections: 256,
+    inboundConnectionThreshold: 20,
+    dialTimeoutMs: 5_000,
+  },
+}
+
+export interface MeshNodeOptions {
+  privateKey: PrivateKey
+  role?: MeshRole
+  /** Listen multiaddrs. Default: TCP and WebSockets on every interface, random ports. */
+  listen?: string[]
+  /** Addresses to announce instead of the listen addresses (a coordinator's public address). */
+  announce?: string[]
+  /** Bootstrap multiaddrs with `/p2p/<id>`; dialled at start and kept connected. */
+  bootstrap?: string[]
+  /** Turn off the public-mode gater and keep private addresses in the DHT: LAN, devnet, tests. */
+  allowPrivateAddresses?: boolean
+  /** DHT server mode. Default: bootstrap nodes serve the DHT, gamers' nodes are clients. */
+  dhtServer?: boolean
+  /** Ask bootstrap relays for a reservation so peers can reach this node from behind NAT. Default: nodes yes. */
+  relayReservation?: boolean
+  relayServer?: Partial<RelayServerLimits>
+  connectionLimits?: Partial<ConnectionLimits>
+}
+
+export type MeshServices = {
+  dht: SingleKadDHT
+  ping: Ping
+  identify: unknown
+  identifyPush: unknown
+  autoNAT: unknown
+  dcutr: unknown
+  relay?: CircuitRelayService
+}
+
+export type MeshNode = Libp2p<MeshServices>
+
+/** The bootstrap addresses a node was configured with, split into peer ids and dialable addresses. */
+export function parseBootstrapList(list: string[]): Array<{ peerId: string; addr: Multiaddr }> {
+  return list.map((s) => {
+    const addr = multiaddr(s)
+    const peerId = addr.getComponents().findLast((c) => c.name === 'p2p')?.value
+    if (peerId == null) throw new Error(`bootstrap address ${s} has no /p2p/<peer id>`)
+    return { peerId, addr }
+  })
+}
+
+/**
+ * Creates (and starts) a mesh node: TCP + WebSockets, noise, yamux, kad-dht on the private
+ * `/garage/kad/1.0.0`, identify, ping, AutoNAT, circuit relay v2 (transport everywhere, server on
+ * bootstrap nodes) and DCUtR.
+ */
+export async function createMeshNode(options: MeshNodeOptions): Promise<MeshNode> {
+  const role = options.role ?? 'node'
+  const allowPrivate = options.allowPrivateAddresses ?? false
+  const limits = { ...defaultConnectionLimits[role], ...options.connectionLimits }
+  const relayLimits = { ...defaultRelayServerLimits, ...options.relayServer }
+  const bootstrap = parseBootstrapList(options.bootstrap ?? [])
+  const dhtServer = options.dhtServer ?? role === 'bootstrap'
+  const reserve = options.relayReservation ?? role === 'node'
+  const listen = options.listen ?? ['/ip4/0.0.0.0/tcp/0', '/ip4/0.0.0.0/tcp/0/ws']
+
+  const services: Record<string, unknown> = {
+    identify: identify(),
+    identifyPush: identifyPush(),
+    ping: ping(),
+    autoNAT: autoNAT(),
+    dcutr: dcutr(),
+    dht: kadDHT({
+      protocol: KAD_PROTOCOL,
+      clientMode: !dhtServer,
+      peerInfoMapper: allowPrivate ? passthroughMapper : removePrivateAddressesMapper,
+      // Region records are few; a node's only queries are region lookups, so don't make them wait.
+      initialQuerySelfInterval: 1_000,
+    }),
+  }
+  if (role === 'bootstrap') {
+    services.relay = circuitRelayServer({
+      reservations: {
+        maxReservations: relayLimits.maxReservations,
+        reservationTtl: relayLimits.reservationTtlMs,
+        applyDefaultLimit: relayLimits.durationLimitMs != null || relayLimits.dataLimitBytes != null,
+        ...(relayLimits.durationLimitMs != null ? { defaultDurationLimit: relayLimits.durationLimitMs } : {}),
+        ...(relayLimits.dataLimitBytes != null ? { defaultDataLimit: relayLimits.dataLimitBytes } : {}),
+      },
+    })
+  }
+
+  const node = await createLibp2p<MeshServices>({
+    privateKey: options.privateKey,
+    addresses: {
+      listen: reserve ? [...listen, '/p2p-circuit'] : listen,
+      ...(options.announce != null ? { announce: options.announce } : {}),
+    },
+    transports: [tcp(), webSockets(), circuitRelayTransport({ reservationCompletionTimeout: 10_000 })],
+    connectionEncrypters: [noise()],
+    streamMuxers: [yamux()],
+    connectionGater: meshConnectionGater({
+      allowPrivateAddresses: allowPrivate,
+      trustedAddresses: bootstrap.map((b) => b.addr),
+    }),
+    connectionManager: {
+      maxConnections: limits.maxConnections,
+      maxIncomingPendingConnections: limits.maxIncomingPendingConnections,
+      inboundConnectionThreshold: limits.inboundConnectionThreshold,
+      dialTimeout: limits.dialTimeoutMs,
+      // Loopback peers in devnet and tests all come from one host; never rate-limit them.
+      ...(allowPrivate ? { allow: ['/ip4/127.0.0.0/ipcidr/8', '/ip6/::1/ipcidr/128'] } : {}),
+    },
+    services: services as unknown as ServiceFactoryMap<MeshServices>,
+  })
+
+  for (const b of bootstrap) {
+    // KEEP_ALIVE tags make libp2p redial a bootstrap node that drops, and keep it when pruning.
+    await node.peerStore.merge(peerIdFromString(b.peerId), {
+      multiaddrs: [b.addr.decapsulateCode(421)],
+      tags: { 'keep-alive-garage-bootstrap': { value: 100 } },
+    })
+  }
+  // Dial in the background: a dead bootstrap node must not delay the others.
+  for (const b of bootstrap) {
+    node.dial(b.addr, { signal: AbortSignal.timeout(limits.dialTimeoutMs) }).catch(() => {})
+  }
+  return node
+}

@@ -1,0 +1,83 @@
+import { mkdtemp, rm, writeFile } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { generateKeyPair } from '@libp2p/crypto/keys'
+import { peerIdFromPrivateKey } from '@libp2p/peer-id'
+import { type BootstrapNode, startBootstrap } from '../../bootstrap/bootstrap-node.ts'
+import { type Authority, initAuthority } from '../../mesh/authority.ts'
+import { issueRegionCertificate } from '../../mesh/certificate.ts'
+import { loadOrCreateIdentity } from '../../mesh/identity.ts'
+import { createMeshNode, type MeshNode } from '../../mesh/node.ts'
+
+export const day = 24 * 60 * 60_000
+
+/** Tracks everything a test starts so one `cleanup()` in afterAll stops it all. */
+export class TestMesh {
+  private readonly dirs: string[] = []
+  private readonly stoppers: Array<() => Promise<void>> = []
+
+  async tempDir(prefix = 'garage-test-'): Promise<string> {
+    const dir = await mkdtemp(join(tmpdir(), prefix))
+    this.dirs.push(dir)
+    return dir
+  }
+
+  async authority(): Promise<Authority> {
+    return initAuthority(await this.tempDir('garage-authority-'))
+  }
+
+  /** A bootstrap node of `region` with a certificate from `authority`, on loopback. */
+  async bootstrap(
+    authority: Authority,
+    region: string,
+    opts: {
+      bootstrap?: string[]
+      announce?: (listenPort: number) => string[]
+      certificate?: (peerId: string) => Promise<Uint8Array>
+    } = {},
+  ): Promise<BootstrapNode> {
+    const dataDir = await this.tempDir(`garage-bootstrap-${region}-`)
+    const key = await loadOrCreateIdentity(dataDir)
+    const peerId = peerIdFromPrivateKey(key).toString()
+    const certBytes =
+      opts.certificate != null
+        ? await opts.certificate(peerId)
+        : await issueRegionCertificate(authority.key, { region, head: peerId, addrs: [], ttlMs: 30 * day })
+    const certPath = join(dataDir, 'region.cert')
+    await writeFile(certPath, certBytes)
+    const b = await startBootstrap({
+      dataDir,
+      region,
+      certPath,
+      listen: ['/ip4/127.0.0.1/tcp/0'],
+      bootstrap: opts.bootstrap ?? [],
+      allowPrivateAddresses: true,
+      httpPort: 0,
+    })
+    this.stoppers.push(() => b.stop())
+    return b
+  }
+
+  async node(bootstrap: string[], extra: { relayReservation?: boolean } = {}): Promise<MeshNode> {
+    const node = await createMeshNode({
+      privateKey: await generateKeyPair('Ed25519'),
+      listen: ['/ip4/127.0.0.1/tcp/0'],
+      bootstrap,
+      allowPrivateAddresses: true,
+      relayReservation: extra.relayReservation ?? false,
+    })
+    this.stoppers.push(() => node.stop())
+    return node
+  }
+
+  async cleanup(): Promise<void> {
+    await Promise.allSettled(this.stoppers.splice(0).map((s) => s()))
+    await Promise.all(this.dirs.splice(0).map((d) => rm(d, { recursive: true, force: true })))
+  }
+}
+
+export function dialAddr(b: BootstrapNode): string {
+  const addr = b.node.getMultiaddrs().find((a) => a.toString().includes('/tcp/'))
+  if (addr == null) throw new Error('bootstrap node has no TCP address')
+  return addr.toString()
+}
