@@ -17,6 +17,9 @@ import { KAD_PROTOCOL } from './protocols.ts'
 
 export type MeshRole = 'node' | 'bootstrap'
 
+/** Bootstrap nodes re-announce every 10 minutes; a dead head's record is gone within the hour. */
+export const providerRecordValiditySeconds = 60 * 60
+
 export interface RelayServerLimits {
   /** Reservations held at once; past it new ones are refused (bounded memory on the coordinator). */
   maxReservations: number
@@ -131,6 +134,9 @@ export async function createMeshNode(options: MeshNodeOptions): Promise<MeshNode
       peerInfoMapper: allowPrivate ? passthroughMapper : removePrivateAddressesMapper,
       // Region records are few; a node's only queries are region lookups, so don't make them wait.
       initialQuerySelfInterval: 1_000,
+      // The first bootstrap node of a federation has nobody to ask; its own records still count.
+      allowQueryWithZeroPeers: role === 'bootstrap',
+      providers: { provideValidity: providerRecordValiditySeconds },
     }),
   }
   if (role === 'bootstrap') {

@@ -66,7 +66,9 @@ export class TestMesh {
       allowPrivateAddresses: true,
       relayReservation: extra.relayReservation ?? false,
     })
-    this.stoppers.push(() => node.stop())
+    this.stoppers.push(async () => {
+      await node.stop()
+    })
     return node
   }
 

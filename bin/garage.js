@@ -1,0 +1,13 @@
+#!/usr/bin/env node
+// The CLI is TypeScript run by Node's built-in type stripping (on by default from Node 22.18).
+const [major, minor] = process.versions.node.split('.').map(Number)
+if (major < 22 || (major === 22 && minor < 18)) {
+  process.stderr.write(
+    `garage: needs Node.js 22.18 or newer, this is ${process.version}.\n` +
+      '  Run it through npm (npm start, npx garage ...), which uses the Node 22 that npm install put in\n' +
+      '  node_modules/.bin, or install Node.js 22 LTS.\n',
+  )
+  process.exit(1)
+}
+const { main } = await import('../cli/main.ts')
+process.exitCode = await main(process.argv.slice(2))

@@ -1,0 +1,179 @@
+import { access, mkdir, writeFile } from 'node:fs/promises'
+import { join } from 'node:path'
+import { generateKeyPair } from '@libp2p/crypto/keys'
+import { peerIdFromPrivateKey } from '@libp2p/peer-id'
+import { type BootstrapNode, startBootstrap } from '../../bootstrap/bootstrap-node.ts'
+import { type Authority, initAuthority, loadAuthority } from '../../mesh/authority.ts'
+import { issueRegionCertificate } from '../../mesh/certificate.ts'
+import { type DiscoveredHead, RegionDiscovery } from '../../mesh/discovery.ts'
+import { loadOrCreateIdentity } from '../../mesh/identity.ts'
+import { createLogger } from '../../mesh/logger.ts'
+import { createMeshNode, type MeshNode } from '../../mesh/node.ts'
+import { type CommandContext, defaultDataDir, parseOptions, print, UsageError } from '../io.ts'
+
+export const usage = `Usage: garage devnet [--regions N] [--nodes N] [--data-dir DIR]
+
+Runs a whole Garage mesh on this machine, on loopback, with no GPU and no network: a federation
+authority, one bootstrap node per region (regions "local", "local-2", ...) with certificates it
+issues, and N nodes that discover their region through the DHT. Prints a banner and writes the
+same facts to <data dir>/devnet.json. Ctrl-C stops everything.
+
+Options:
+  --regions N     regions to run (default: 1)
+  --nodes N       nodes to start (default: 2)
+  --data-dir DIR  where devnet keys and state live (default: <Garage data dir>/devnet)`
+
+export interface DevnetInfo {
+  authority: string
+  regions: Array<{
+    name: string
+    headPeerId: string
+    bootstrapAddr: string
+    metricsUrl: string
+    healthUrl: string
+  }>
+  nodes: Array<{ peerId: string; region: string | null; head: string | null; rttMs: number | null }>
+}
+
+async function exists(path: string): Promise<boolean> {
+  return access(path).then(
+    () => true,
+    () => false,
+  )
+}
+
+export interface Devnet {
+  info: DevnetInfo
+  stop(): Promise<void>
+}
+
+/** Starts the devnet; the CLI and tests share this. */
+export async function startDevnet(options: {
+  dataDir: string
+  regions: number
+  nodes: number
+}): Promise<Devnet> {
+  // The banner is the devnet's output; logs only when something goes wrong (GARAGE_LOG_LEVEL=info for more).
+  const logger = createLogger('garage-devnet', 'warn')
+  const authorityDir = join(options.dataDir, 'authority')
+  const authority: Authority = (await exists(join(authorityDir, 'authority.key')))
+    ? await loadAuthority(authorityDir)
+    : await initAuthority(authorityDir)
+  const bootstraps: BootstrapNode[] = []
+  const nodes: MeshNode[] = []
+  const stop = async (): Promise<void> => {
+    await Promise.allSettled(nodes.map((n) => n.stop()))
+    await Promise.allSettled(bootstraps.map((b) => b.stop()))
+  }
+  try {
+    for (let i = 0; i < options.regions; i++) {
+      const name = i === 0 ? 'local' : `local-${i + 1}`
+      const dataDir = join(options.dataDir, `bootstrap-${name}`)
+      const head = peerIdFromPrivateKey(await loadOrCreateIdentity(dataDir)).toString()
+      const certPath = join(dataDir, 'region.cert')
+      await writeFile(
+        certPath,
+        await issueRegionCertificate(authority.key, { region: name, head, addrs: [], ttlMs: 86_400_000 }),
+      )
+      bootstraps.push(
+        await startBootstrap({
+          dataDir,
+          region: name,
+          certPath,
+          authority: authority.id,
+          listen: ['/ip4/127.0.0.1/tcp/0', '/ip4/127.0.0.1/tcp/0/ws'],
+          bootstrap: bootstraps.map((b) => b.node.getMultiaddrs()[0]!.toString()),
+          allowPrivateAddresses: true,
+          httpPort: 0,
+          logger,
+        }),
+      )
+    }
+    await Promise.all(bootstraps.map((b) => b.announce().catch(() => {})))
+    const bootstrapAddrs = bootstraps.map((b) => b.node.getMultiaddrs()[0]!.toString())
+    const found: Array<DiscoveredHead | null> = await Promise.all(
+      Array.from({ length: options.nodes }, async () => {
+        const node = await createMeshNode({
+          privateKey: await generateKeyPair('Ed25519'),
+          listen: ['/ip4/127.0.0.1/tcp/0'],
+          bootstrap: bootstrapAddrs,
+          allowPrivateAddresses: true,
+        })
+        nodes.push(node)
+        const discovery = new RegionDiscovery(node, { authority: authority.id })
+        discovery.start()
+        return discovery.choose().catch(() => null)
+      }),
+    )
+    const info: DevnetInfo = {
+      authority: authority.id,
+      regions: bootstraps.map((b, i) => ({
+        name: b.region,
+        headPeerId: b.peerId.toString(),
+        bootstrapAddr: bootstrapAddrs[i]!,
+        metricsUrl: `${b.http.url}/metrics`,
+        healthUrl: `${b.http.url}/health`,
+      })),
+      nodes: nodes.map((n, i) => ({
+        peerId: n.peerId.toString(),
+        region: found[i]?.region ?? null,
+        head: found[i]?.peerId ?? null,
+        rttMs: found[i]?.rttMs ?? null,
+      })),
+    }
+    await writeFile(join(options.dataDir, 'devnet.json'), `${JSON.stringify(info, null, 2)}\n`)
+    return { info, stop }
+  } catch (err) {
+    await stop()
+    throw err
+  }
+}
+
+function positiveInt(text: string, what: string): number {
+  const n = Number(text)
+  if (!Number.isInteger(n) || n < 0 || n > 1000)
+    throw new UsageError(`${what} must be a whole number from 0 to 1000`)
+  return n
+}
+
+export async function run(argv: string[], ctx: CommandContext): Promise<number> {
+  const { values } = parseOptions(argv, {
+    regions: { type: 'string', default: '1' },
+    nodes: { type: 'string', default: '2' },
+    'data-dir': { type: 'string' },
+  })
+  const dataDir = values['data-dir'] ?? join(defaultDataDir(ctx.env), 'devnet')
+  await mkdir(dataDir, { recursive: true, mode: 0o700 })
+  const regions = positiveInt(values.regions, '--regions')
+  if (regions < 1) throw new UsageError('--regions must be at least 1')
+  print(ctx.stderr, `starting devnet: ${regions} region(s), ${values.nodes} node(s), data in ${dataDir}`)
+  const devnet = await startDevnet({ dataDir, regions, nodes: positiveInt(values.nodes, '--nodes') })
+  const { info } = devnet
+  const lines = [
+    '',
+    'Garage devnet is up.',
+    `  authority   ${info.authority}`,
+    ...info.regions.flatMap((r) => [
+      `  region      ${r.name}  head ${r.headPeerId}`,
+      `    bootstrap ${r.bootstrapAddr}`,
+      `    metrics   ${r.metricsUrl}`,
+    ]),
+    ...info.nodes.map(
+      (n) =>
+        `  node        ${n.peerId} -> ${n.region ?? 'no region found'}${n.rttMs != null ? ` (${n.rttMs} ms)` : ''}`,
+    ),
+    '',
+    'Try:',
+    `  npx garage regions --allow-private --authority ${info.authority} --bootstrap ${info.regions[0]!.bootstrapAddr}`,
+    '',
+    `Written to ${join(dataDir, 'devnet.json')}. Ctrl-C stops the devnet.`,
+  ]
+  print(ctx.stdout, lines.join('\n'))
+  await new Promise<void>((resolve) => {
+    if (ctx.shutdown.aborted) resolve()
+    ctx.shutdown.addEventListener('abort', () => resolve(), { once: true })
+  })
+  print(ctx.stderr, 'stopping devnet')
+  await devnet.stop()
+  return 0
+}
