@@ -70,6 +70,7 @@ export class RegionDiscovery extends TypedEventEmitter<RegionDiscoveryEvents> {
   private readonly node: MeshNode
   private readonly init: Required<Omit<RegionDiscoveryInit, 'region'>> & { region?: string }
   private chosenHead: DiscoveredHead | null = null
+  private lastRound: DiscoveredHead[] = []
   private controller: AbortController | null = null
   private rediscovering = false
   private readonly onDisconnect = (evt: CustomEvent<PeerId>): void => {
@@ -95,6 +96,11 @@ export class RegionDiscovery extends TypedEventEmitter<RegionDiscoveryEvents> {
 
   get chosen(): DiscoveredHead | null {
     return this.chosenHead
+  }
+
+  /** Every head seen in the last lookup round, valid or not. */
+  get heads(): DiscoveredHead[] {
+    return this.lastRound
   }
 
   start(): void {
@@ -134,6 +140,7 @@ export class RegionDiscovery extends TypedEventEmitter<RegionDiscoveryEvents> {
       if (!signal.aborted) throw err
     }
     const heads = await Promise.all(checks)
+    this.lastRound = heads
     for (const h of heads) this.safeDispatch(h.valid ? 'head:verified' : 'head:rejected', h)
     return heads
   }

@@ -25,6 +25,8 @@ export interface RegionHandlerInit {
   /** The current certificate bytes (read per request so a renewed certificate is served at once). */
   certificate: () => Uint8Array
   onBadRequest?: (err: Error, peer: PeerId) => void
+  /** Whole exchange; a peer that stalls is reset after this. */
+  timeoutMs?: number
 }
 
 async function answer(stream: Stream, init: RegionHandlerInit, options: AbortOptions): Promise<void> {
@@ -42,7 +44,7 @@ export async function handleRegionProtocol(node: MeshNode, init: RegionHandlerIn
   await node.handle(
     REGION_PROTOCOL,
     async (stream: Stream, connection: Connection) => {
-      const signal = AbortSignal.timeout(regionExchangeTimeoutMs)
+      const signal = AbortSignal.timeout(init.timeoutMs ?? regionExchangeTimeoutMs)
       try {
         await answer(stream, init, { signal })
       } catch (err) {

@@ -1,4 +1,5 @@
 import { mkdtemp, rm, writeFile } from 'node:fs/promises'
+import { createServer } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { generateKeyPair } from '@libp2p/crypto/keys'
@@ -32,7 +33,8 @@ export class TestMesh {
     region: string,
     opts: {
       bootstrap?: string[]
-      announce?: (listenPort: number) => string[]
+      announce?: string[]
+      listen?: string[]
       certificate?: (peerId: string) => Promise<Uint8Array>
     } = {},
   ): Promise<BootstrapNode> {
@@ -49,8 +51,9 @@ export class TestMesh {
       dataDir,
       region,
       certPath,
-      listen: ['/ip4/127.0.0.1/tcp/0'],
+      listen: opts.listen ?? ['/ip4/127.0.0.1/tcp/0'],
       bootstrap: opts.bootstrap ?? [],
+      ...(opts.announce != null ? { announce: opts.announce } : {}),
       allowPrivateAddresses: true,
       httpPort: 0,
     })
@@ -72,6 +75,11 @@ export class TestMesh {
     return node
   }
 
+  /** Runs `stop` at cleanup (proxies, extra nodes). */
+  track(stop: () => Promise<void>): void {
+    this.stoppers.push(stop)
+  }
+
   async cleanup(): Promise<void> {
     await Promise.allSettled(this.stoppers.splice(0).map((s) => s()))
     await Promise.all(this.dirs.splice(0).map((d) => rm(d, { recursive: true, force: true })))
@@ -82,4 +90,41 @@ export function dialAddr(b: BootstrapNode): string {
   const addr = b.node.getMultiaddrs().find((a) => a.toString().includes('/tcp/'))
   if (addr == null) throw new Error('bootstrap node has no TCP address')
   return addr.toString()
+}
+
+/** Resolves with the first event of `type` whose detail passes `test`; rejects after `timeoutMs`. */
+export function waitForEvent<T>(
+  target: EventTarget,
+  type: string,
+  test: (detail: T) => boolean,
+  timeoutMs: number,
+): Promise<T> {
+  return new Promise((resolve, reject) => {
+    const onEvent = (evt: Event): void => {
+      const detail = (evt as CustomEvent<T>).detail
+      if (!test(detail)) return
+      clearTimeout(timer)
+      target.removeEventListener(type, onEvent)
+      resolve(detail)
+    }
+    const timer = setTimeout(() => {
+      target.removeEventListener(type, onEvent)
+      reject(new Error(`no ${type} event within ${timeoutMs} ms`))
+    }, timeoutMs)
+    target.addEventListener(type, onEvent)
+  })
+}
+
+/**
+ * A free loopback port chosen by the OS, for a server whose real port must be known before it starts
+ * (a node that announces a proxy in front of itself). The OS hands out ports in turn, so reuse in the
+ * moment between close and listen is not a practical risk.
+ */
+export async function freePort(): Promise<number> {
+  const server = createServer()
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
+  const address = server.address()
+  await new Promise<void>((resolve) => server.close(() => resolve()))
+  if (address == null || typeof address === 'string') throw new Error('no port')
+  return address.port
 }
