@@ -115,7 +115,11 @@ export class RegionDiscovery extends TypedEventEmitter<RegionDiscoveryEvents> {
     this.node.removeEventListener('peer:disconnect', this.onDisconnect)
   }
 
-  /** One lookup round: every head announced in the DHT, each verified and measured. */
+  /**
+   * One lookup round: every head announced in the DHT, each verified and measured. A lookup that
+   * finds no head at all is repeated with backoff until the timeout: provider records reach the DHT
+   * servers a moment after a head starts, and a node that joins at that moment must not give up.
+   */
   async discover(options: { signal?: AbortSignal } = {}): Promise<DiscoveredHead[]> {
     const signal = AbortSignal.any([
       AbortSignal.timeout(this.init.discoveryTimeoutMs),
@@ -123,6 +127,23 @@ export class RegionDiscovery extends TypedEventEmitter<RegionDiscoveryEvents> {
       ...(this.controller != null ? [this.controller.signal] : []),
     ])
     const key = this.init.region != null ? await regionKey(this.init.region) : await allRegionsKey()
+    let retryDelayMs = 50
+    let heads: DiscoveredHead[] = []
+    while (true) {
+      heads = await this.lookup(key, signal)
+      if (heads.length > 0 || signal.aborted) break
+      await waitMs(retryDelayMs, signal)
+      retryDelayMs = Math.min(retryDelayMs * 2, 2_000)
+    }
+    this.lastRound = heads
+    for (const h of heads) this.safeDispatch(h.valid ? 'head:verified' : 'head:rejected', h)
+    return heads
+  }
+
+  private async lookup(
+    key: Awaited<ReturnType<typeof allRegionsKey>>,
+    signal: AbortSignal,
+  ): Promise<DiscoveredHead[]> {
     const seen = new Set<string>()
     const checks: Array<Promise<DiscoveredHead>> = []
     try {
@@ -139,10 +160,7 @@ export class RegionDiscovery extends TypedEventEmitter<RegionDiscoveryEvents> {
       // A lookup cut short by the timeout still yields what it found; anything else is worth raising.
       if (!signal.aborted) throw err
     }
-    const heads = await Promise.all(checks)
-    this.lastRound = heads
-    for (const h of heads) this.safeDispatch(h.valid ? 'head:verified' : 'head:rejected', h)
-    return heads
+    return Promise.all(checks)
   }
 
   /** Discover, then choose: the pinned region, or else the valid head with the lowest RTT. */

@@ -132,8 +132,9 @@ export async function createMeshNode(options: MeshNodeOptions): Promise<MeshNode
       protocol: KAD_PROTOCOL,
       clientMode: !dhtServer,
       peerInfoMapper: allowPrivate ? passthroughMapper : removePrivateAddressesMapper,
-      // Region records are few; a node's only queries are region lookups, so don't make them wait.
-      initialQuerySelfInterval: 1_000,
+      // Lookups wait for the first self-query; run it at once, not after kad's default 1 s,
+      // or every node's region discovery starts a second late.
+      initialQuerySelfInterval: 0,
       // The first bootstrap node of a federation has nobody to ask; its own records still count.
       allowQueryWithZeroPeers: role === 'bootstrap',
       providers: { provideValidity: providerRecordValiditySeconds },
