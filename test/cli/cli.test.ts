@@ -1,0 +1,320 @@
+import { type ChildProcess, execFile, spawn } from 'node:child_process'
+import { chmod, mkdtemp, rm, stat } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { createInterface } from 'node:readline'
+import { fileURLToPath } from 'node:url'
+import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+
+const garageBin = fileURLToPath(new URL('../../bin/garage.js', import.meta.url))
+
+interface Result {
+  code: number
+  stdout: string
+  stderr: string
+}
+
+function garage(args: string[], env: NodeJS.ProcessEnv = {}): Promise<Result> {
+  return new Promise((resolve) => {
+    execFile(
+      process.execPath,
+      [garageBin, ...args],
+      { env: { ...process.env, GARAGE_LOG_LEVEL: 'warn', ...env }, timeout: 30_000 },
+      (err, stdout, stderr) => {
+        resolve({ code: err == null ? 0 : Number((err as { code?: number }).code ?? 1), stdout, stderr })
+      },
+    )
+  })
+}
+
+describe('garage CLI', () => {
+  let dir: string
+  let authorityDir: string
+  let authorityId: string
+  const children: ChildProcess[] = []
+
+  beforeAll(async () => {
+    dir = await mkdtemp(join(tmpdir(), 'garage-cli-'))
+    authorityDir = join(dir, 'authority')
+  })
+  afterAll(async () => {
+    for (const c of children) if (c.exitCode == null) c.kill('SIGKILL')
+    await rm(dir, { recursive: true, force: true })
+  })
+
+  it('prints help, and rejects unknown commands and bad options with the usage (exit 2)', async () => {
+    const help = await garage(['--help'])
+    expect(help.code).toBe(0)
+    for (const c of ['id', 'authority', 'bootstrap', 'regions', 'devnet']) expect(help.stdout).toContain(c)
+    const unknown = await garage(['fly'])
+    expect(unknown.code).toBe(2)
+    expect(unknown.stderr).toContain('unknown command "fly"')
+    const missing = await garage(['authority', 'issue', '--dir', authorityDir])
+    expect(missing.code).toBe(2)
+    expect(missing.stderr).toContain('--region is required')
+    expect(missing.stderr).toContain('Usage:')
+    const badOption = await garage(['regions', '--frobnicate'])
+    expect(badOption.code).toBe(2)
+    expect((await garage(['version'])).stdout).toMatch(/^garage \d+\.\d+\.\d+ \(node v22\./)
+  })
+
+  it('creates the authority once, and refuses to overwrite it', async () => {
+    const init = await garage(['authority', 'init', '--dir', authorityDir])
+    expect(init.code).toBe(0)
+    authorityId = init.stdout.trim()
+    expect(authorityId).toMatch(/^12D3KooW/)
+    expect((await stat(join(authorityDir, 'authority.key'))).mode & 0o777).toBe(0o600)
+    const again = await garage(['authority', 'init', '--dir', authorityDir])
+    expect(again.code).toBe(1)
+    expect(again.stderr).toContain('already exists')
+    expect((await garage(['authority', 'show', '--dir', authorityDir])).stdout.trim()).toBe(authorityId)
+  })
+
+  it('prints the identity, and refuses a key file others can read, saying how to fix it', async () => {
+    const dataDir = join(dir, 'id-node')
+    const id = await garage(['id', '--data-dir', dataDir])
+    expect(id.code).toBe(0)
+    expect((await garage(['id', '--data-dir', dataDir])).stdout).toBe(id.stdout)
+    await chmod(join(dataDir, 'identity.key'), 0o640)
+    const refused = await garage(['id', '--data-dir', dataDir])
+    expect(refused.code).toBe(1)
+    expect(refused.stderr).toContain(`chmod 600 '${join(dataDir, 'identity.key')}'`)
+  })
+
+  it('issues certificates and inspects them, naming what is wrong', async () => {
+    const head = (await garage(['id', '--data-dir', join(dir, 'some-head')])).stdout.trim()
+    const out = join(dir, 'eu-north.cert')
+    const issued = await garage([
+      'authority',
+      'issue',
+      '--dir',
+      authorityDir,
+      '--region',
+      'eu-north',
+      '--head',
+      head,
+      '--addr',
+      '/dns4/eu.example.net/tcp/4001',
+      '--addr',
+      '/dns4/eu.example.net/tcp/4002/ws',
+      '--ttl',
+      '30d',
+      '--ray-trusted',
+      '--out',
+      out,
+    ])
+    expect(issued.code, issued.stderr).toBe(0)
+    const ok = await garage(['authority', 'inspect', out, '--authority', authorityId, '--json'])
+    expect(ok.code).toBe(0)
+    const cert = JSON.parse(ok.stdout)
+    expect(cert).toMatchObject({
+      valid: true,
+      region: 'eu-north',
+      head,
+      rayTrusted: true,
+      issuer: authorityId,
+    })
+    expect(cert.addrs).toHaveLength(2)
+    expect(new Date(cert.expiresAt).getTime() - new Date(cert.notBefore).getTime()).toBe(30 * 86_400_000)
+
+    const otherAuthority = (
+      await garage(['authority', 'init', '--dir', join(dir, 'other-authority')])
+    ).stdout.trim()
+    const wrong = await garage(['authority', 'inspect', out, '--authority', otherAuthority])
+    expect(wrong.code).toBe(1)
+    expect(wrong.stdout).toContain('INVALID RegionCertificateWrongSignerError')
+    const region = await garage([
+      'authority',
+      'inspect',
+      out,
+      '--authority',
+      authorityId,
+      '--region',
+      'us-east',
+      '--json',
+    ])
+    expect(JSON.parse(region.stdout).error).toBe('RegionCertificateWrongRegionError')
+
+    const future = join(dir, 'future.cert')
+    await garage([
+      'authority',
+      'issue',
+      '--dir',
+      authorityDir,
+      '--region',
+      'eu-north',
+      '--head',
+      head,
+      '--not-before',
+      '2099-01-01T00:00:00Z',
+      '--out',
+      future,
+    ])
+    const early = await garage(['authority', 'inspect', future, '--authority', authorityId, '--json'])
+    expect(JSON.parse(early.stdout).error).toBe('RegionCertificateNotYetValidError')
+
+    const badTtl = await garage([
+      'authority',
+      'issue',
+      '--dir',
+      authorityDir,
+      '--region',
+      'eu-north',
+      '--head',
+      head,
+      '--ttl',
+      'forever',
+    ])
+    expect(badTtl.code).toBe(2)
+    expect(badTtl.stderr).toContain('--ttl must be a duration')
+    const badHead = await garage([
+      'authority',
+      'issue',
+      '--dir',
+      authorityDir,
+      '--region',
+      'eu-north',
+      '--head',
+      'nobody',
+    ])
+    expect(badHead.code).toBe(2)
+    expect(badHead.stderr).toContain('is not a PeerId')
+  })
+
+  it('runs a bootstrap node: health, metrics, regions, clean stop on SIGTERM', async () => {
+    const dataDir = join(dir, 'bootstrap-eu')
+    const head = (await garage(['id', '--data-dir', dataDir])).stdout.trim()
+    const cert = join(dir, 'bootstrap-eu.cert')
+    await garage([
+      'authority',
+      'issue',
+      '--dir',
+      authorityDir,
+      '--region',
+      'eu-north',
+      '--head',
+      head,
+      '--ttl',
+      '2d',
+      '--out',
+      cert,
+    ])
+
+    // a certificate for another head is refused at start
+    const mismatch = await garage([
+      'bootstrap',
+      '--region',
+      'eu-north',
+      '--cert',
+      cert,
+      '--data-dir',
+      join(dir, 'not-the-head'),
+      '--listen',
+      '/ip4/127.0.0.1/tcp/0',
+      '--http',
+      '127.0.0.1:0',
+    ])
+    expect(mismatch.code).toBe(1)
+    expect(mismatch.stderr).toContain(`issue one with --head`)
+
+    const child = spawn(
+      process.execPath,
+      [
+        garageBin,
+        'bootstrap',
+        '--region',
+        'eu-north',
+        '--cert',
+        cert,
+        '--authority',
+        authorityId,
+        '--data-dir',
+        dataDir,
+        '--listen',
+        '/ip4/127.0.0.1/tcp/0',
+        '--http',
+        '127.0.0.1:0',
+        '--allow-private',
+      ],
+      { env: { ...process.env, GARAGE_LOG_LEVEL: 'warn' }, stdio: ['ignore', 'pipe', 'pipe'] },
+    )
+    children.push(child)
+    const lines: string[] = []
+    const ready = new Promise<void>((resolve, reject) => {
+      const rl = createInterface({ input: child.stdout! })
+      rl.on('line', (line) => {
+        lines.push(line)
+        if (line.includes('cert until')) resolve()
+      })
+      child.once('exit', (code) => reject(new Error(`bootstrap exited with ${code}`)))
+      setTimeout(() => reject(new Error(`bootstrap not ready: ${lines.join('\n')}`)), 20_000)
+    })
+    await ready
+    const field = (name: string): string =>
+      lines
+        .find((l) => l.trim().startsWith(name))!
+        .trim()
+        .split(/\s+/)[1]!
+    const address = field('address')
+    const metricsUrl = field('metrics')
+    expect(metricsUrl).toMatch(/^http:\/\/127\.0\.0\.1:\d+\/metrics$/)
+
+    const health = await fetch(metricsUrl.replace('/metrics', '/health'))
+    expect(health.status).toBe(200)
+    expect(await health.json()).toMatchObject({ status: 'ok', region: 'eu-north', peerId: head })
+
+    const regions = await garage([
+      'regions',
+      '--json',
+      '--allow-private',
+      '--authority',
+      authorityId,
+      '--bootstrap',
+      address,
+    ])
+    expect(regions.code, regions.stderr).toBe(0)
+    const report = JSON.parse(regions.stdout)
+    expect(report.chosen).toBe(head)
+    expect(report.heads).toEqual([
+      expect.objectContaining({ region: 'eu-north', head, valid: true, reason: null }),
+    ])
+    expect(report.heads[0].rttMs).toBeGreaterThanOrEqual(0)
+
+    const table = await garage(['regions', '--allow-private', '--bootstrap', address], {
+      GARAGE_AUTHORITY: authorityId,
+    })
+    expect(table.stdout).toMatch(/^\*\s+eu-north\s+12D3KooW\S+\s+\d+ ms\s+\S+\s+valid$/m)
+    const pinnedElsewhere = await garage([
+      'regions',
+      '--allow-private',
+      '--authority',
+      authorityId,
+      '--bootstrap',
+      address,
+      '--region',
+      'us-east',
+      '--timeout',
+      '2s',
+    ])
+    expect(pinnedElsewhere.code).toBe(1)
+
+    const metrics = await (await fetch(metricsUrl)).text()
+    for (const name of [
+      'garage_bootstrap_connected_peers',
+      'garage_bootstrap_routing_table_size',
+      'garage_bootstrap_relay_reservations',
+      'garage_bootstrap_certificate_expiry_seconds',
+    ]) {
+      expect(metrics).toMatch(new RegExp(`^${name} -?[\\d.e+]+$`, 'm'))
+    }
+    const expiry = Number(/^garage_bootstrap_certificate_expiry_seconds (\S+)$/m.exec(metrics)![1])
+    expect(expiry).toBeGreaterThan(2 * 86_400 - 600)
+    expect(expiry).toBeLessThanOrEqual(2 * 86_400)
+    expect((await fetch(metricsUrl, { method: 'POST' })).status).toBe(405)
+    expect((await fetch(metricsUrl.replace('/metrics', '/nope'))).status).toBe(404)
+
+    const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)))
+    child.kill('SIGTERM')
+    expect(await exited).toBe(0)
+  })
+})
