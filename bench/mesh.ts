@@ -1,7 +1,7 @@
 import { generateKeyPair } from '@libp2p/crypto/keys'
 import { RegionDiscovery } from '../mesh/discovery.ts'
 import { createMeshNode, type MeshNode } from '../mesh/node.ts'
-import { dialAddr, TestMesh } from '../test/helpers/mesh.ts'
+import { dialAddr, TestMesh, waitForRegions } from '../test/helpers/mesh.ts'
 import { percentile, progress, table, writeResult } from './report.ts'
 
 /**
@@ -19,17 +19,8 @@ export async function run(options: { nodes?: number; wave?: number } = {}): Prom
     await Promise.all([eu.announce(), us.announce()])
     const bootstrap = [dialAddr(eu), dialAddr(us)]
     // Measure joins into a settled mesh, as a gamer's node would find it: both regions answer.
-    const probe = await createMeshNode({
-      privateKey: await generateKeyPair('Ed25519'),
-      listen: [],
-      bootstrap,
-      allowPrivateAddresses: true,
-      relayReservation: false,
-    })
-    const probeDiscovery = new RegionDiscovery(probe, { authority: authority.id })
-    while ((await probeDiscovery.discover()).filter((h) => h.valid).length < 2)
-      progress('waiting for both regions')
-    await probe.stop()
+    progress('waiting for both regions to be discoverable')
+    await waitForRegions(bootstrap, authority.id, 2)
 
     const join = async (keep: MeshNode[]): Promise<number> => {
       const privateKey = await generateKeyPair('Ed25519')

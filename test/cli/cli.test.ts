@@ -1,31 +1,9 @@
-import { type ChildProcess, execFile, spawn } from 'node:child_process'
+import type { ChildProcess } from 'node:child_process'
 import { chmod, mkdtemp, rm, stat } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { createInterface } from 'node:readline'
-import { fileURLToPath } from 'node:url'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-
-const garageBin = fileURLToPath(new URL('../../bin/garage.js', import.meta.url))
-
-interface Result {
-  code: number
-  stdout: string
-  stderr: string
-}
-
-function garage(args: string[], env: NodeJS.ProcessEnv = {}): Promise<Result> {
-  return new Promise((resolve) => {
-    execFile(
-      process.execPath,
-      [garageBin, ...args],
-      { env: { ...process.env, GARAGE_LOG_LEVEL: 'warn', ...env }, timeout: 30_000 },
-      (err, stdout, stderr) => {
-        resolve({ code: err == null ? 0 : Number((err as { code?: number }).code ?? 1), stdout, stderr })
-      },
-    )
-  })
-}
+import { garage, spawnBootstrap } from '../helpers/cli.ts'
 
 describe('garage CLI', () => {
   let dir: string
@@ -217,44 +195,23 @@ describe('garage CLI', () => {
     expect(mismatch.code).toBe(1)
     expect(mismatch.stderr).toContain(`issue one with --head`)
 
-    const child = spawn(
-      process.execPath,
-      [
-        garageBin,
-        'bootstrap',
-        '--region',
-        'eu-north',
-        '--cert',
-        cert,
-        '--authority',
-        authorityId,
-        '--data-dir',
-        dataDir,
-        '--listen',
-        '/ip4/127.0.0.1/tcp/0',
-        '--http',
-        '127.0.0.1:0',
-        '--allow-private',
-      ],
-      { env: { ...process.env, GARAGE_LOG_LEVEL: 'warn' }, stdio: ['ignore', 'pipe', 'pipe'] },
-    )
-    children.push(child)
-    const lines: string[] = []
-    const ready = new Promise<void>((resolve, reject) => {
-      const rl = createInterface({ input: child.stdout! })
-      rl.on('line', (line) => {
-        lines.push(line)
-        if (line.includes('cert until')) resolve()
-      })
-      child.once('exit', (code) => reject(new Error(`bootstrap exited with ${code}`)))
-      setTimeout(() => reject(new Error(`bootstrap not ready: ${lines.join('\n')}`)), 20_000)
-    })
-    await ready
-    const field = (name: string): string =>
-      lines
-        .find((l) => l.trim().startsWith(name))!
-        .trim()
-        .split(/\s+/)[1]!
+    const running = await spawnBootstrap([
+      '--region',
+      'eu-north',
+      '--cert',
+      cert,
+      '--authority',
+      authorityId,
+      '--data-dir',
+      dataDir,
+      '--listen',
+      '/ip4/127.0.0.1/tcp/0',
+      '--http',
+      '127.0.0.1:0',
+      '--allow-private',
+    ])
+    children.push(running.child)
+    const field = running.field
     const address = field('address')
     const metricsUrl = field('metrics')
     expect(metricsUrl).toMatch(/^http:\/\/127\.0\.0\.1:\d+\/metrics$/)
@@ -313,8 +270,7 @@ describe('garage CLI', () => {
     expect((await fetch(metricsUrl, { method: 'POST' })).status).toBe(405)
     expect((await fetch(metricsUrl.replace('/metrics', '/nope'))).status).toBe(404)
 
-    const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)))
-    child.kill('SIGTERM')
-    expect(await exited).toBe(0)
+    running.child.kill('SIGTERM')
+    expect(await running.exited).toBe(0)
   })
 })

@@ -7,6 +7,7 @@ import { peerIdFromPrivateKey } from '@libp2p/peer-id'
 import { type BootstrapNode, startBootstrap } from '../../bootstrap/bootstrap-node.ts'
 import { type Authority, initAuthority } from '../../mesh/authority.ts'
 import { issueRegionCertificate } from '../../mesh/certificate.ts'
+import { RegionDiscovery } from '../../mesh/discovery.ts'
 import { loadOrCreateIdentity } from '../../mesh/identity.ts'
 import { createMeshNode, type MeshNode } from '../../mesh/node.ts'
 
@@ -127,4 +128,32 @@ export async function freePort(): Promise<number> {
   await new Promise<void>((resolve) => server.close(() => resolve()))
   if (address == null || typeof address === 'string') throw new Error('no port')
   return address.port
+}
+
+/**
+ * Resolves once a throw-away node sees `regions` valid heads through `bootstrap`: the mesh a
+ * gamer's node would find, settled. Discovery itself retries with backoff; this bounds it.
+ */
+export async function waitForRegions(
+  bootstrap: string[],
+  authority: string,
+  regions: number,
+  timeoutMs = 30_000,
+): Promise<void> {
+  const probe = await createMeshNode({
+    privateKey: await generateKeyPair('Ed25519'),
+    listen: [],
+    bootstrap,
+    allowPrivateAddresses: true,
+    relayReservation: false,
+  })
+  const deadline = Date.now() + timeoutMs
+  try {
+    const discovery = new RegionDiscovery(probe, { authority })
+    while ((await discovery.discover()).filter((h) => h.valid).length < regions) {
+      if (Date.now() > deadline) throw new Error(`fewer than ${regions} valid regions after ${timeoutMs} ms`)
+    }
+  } finally {
+    await probe.stop()
+  }
 }

@@ -1,5 +1,7 @@
+import { writeFile } from 'node:fs/promises'
+import { join } from 'node:path'
 import { generateKeyPair } from '@libp2p/crypto/keys'
-import { peerIdFromPrivateKey } from '@libp2p/peer-id'
+import { peerIdFromPrivateKey, peerIdFromString } from '@libp2p/peer-id'
 import { decode, encode } from 'cborg'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import type { BootstrapNode } from '../../bootstrap/bootstrap-node.ts'
@@ -7,10 +9,12 @@ import type { Authority } from '../../mesh/authority.ts'
 import { issueRegionCertificate } from '../../mesh/certificate.ts'
 import { allRegionsKey, regionKey } from '../../mesh/dht-keys.ts'
 import { type DiscoveredHead, RegionDiscovery } from '../../mesh/discovery.ts'
+import { loadOrCreateIdentity } from '../../mesh/identity.ts'
 import { createMeshNode, type MeshNode } from '../../mesh/node.ts'
 import { fetchRegionCertificate, handleRegionProtocol } from '../../mesh/region-protocol.ts'
+import { spawnBootstrap } from '../helpers/cli.ts'
 import { type DelayProxy, startDelayProxy } from '../helpers/delay-proxy.ts'
-import { day, dialAddr, freePort, TestMesh, waitForEvent } from '../helpers/mesh.ts'
+import { day, freePort, TestMesh, waitForEvent, waitForRegions } from '../helpers/mesh.ts'
 
 /** Each direction of the us-east link is held this long: its RTT is at least twice this. */
 const slowLinkDelayMs = 150
@@ -20,10 +24,10 @@ interface ForgedHead {
   expected: string
 }
 
-describe('20+ nodes on loopback: certified regional discovery', () => {
+describe('28 nodes on loopback: certified regional discovery', () => {
   const mesh = new TestMesh()
   let authority: Authority
-  let euNorth: BootstrapNode
+  let euNorth: { peerId: string; addr: string; kill(): void; exited: Promise<number | null> }
   let usEast: BootstrapNode
   let proxy: DelayProxy
   let bootstrapList: string[]
@@ -58,19 +62,56 @@ describe('20+ nodes on loopback: certified regional discovery', () => {
   beforeAll(async () => {
     authority = await mesh.authority()
     const rogue = await mesh.authority()
-    euNorth = await mesh.bootstrap(authority, 'eu-north')
+    // eu-north runs as its own `garage bootstrap` process, so the test can SIGKILL it
+    const euDir = await mesh.tempDir('garage-eu-north-')
+    const euHead = peerIdFromPrivateKey(await loadOrCreateIdentity(euDir)).toString()
+    const euCert = join(euDir, 'region.cert')
+    await writeFile(
+      euCert,
+      await issueRegionCertificate(authority.key, {
+        region: 'eu-north',
+        head: euHead,
+        addrs: [],
+        ttlMs: 30 * day,
+      }),
+    )
+    const running = await spawnBootstrap([
+      '--region',
+      'eu-north',
+      '--cert',
+      euCert,
+      '--authority',
+      authority.id,
+      '--data-dir',
+      euDir,
+      '--listen',
+      '/ip4/127.0.0.1/tcp/0',
+      '--http',
+      '127.0.0.1:0',
+      '--allow-private',
+    ])
+    mesh.track(async () => {
+      running.child.kill('SIGKILL')
+      await running.exited
+    })
+    euNorth = {
+      peerId: euHead,
+      addr: running.field('address'),
+      kill: () => running.child.kill('SIGKILL'),
+      exited: running.exited,
+    }
     const usEastPort = await freePort()
     proxy = await startDelayProxy(() => ({ host: '127.0.0.1', port: usEastPort }), slowLinkDelayMs)
     mesh.track(() => proxy.close())
     // us-east is only known by its proxied address: every peer reaches it over the slow link.
     usEast = await mesh.bootstrap(authority, 'us-east', {
-      bootstrap: [dialAddr(euNorth)],
+      bootstrap: [euNorth.addr],
       listen: [`/ip4/127.0.0.1/tcp/${usEastPort}`],
       announce: [`/ip4/127.0.0.1/tcp/${proxy.port}`],
     })
     const usEastViaProxy = `/ip4/127.0.0.1/tcp/${proxy.port}/p2p/${usEast.peerId.toString()}`
-    bootstrapList = [dialAddr(euNorth), usEastViaProxy]
-    await Promise.all([euNorth.announce(), usEast.announce()])
+    bootstrapList = [euNorth.addr, usEastViaProxy]
+    await waitForRegions(bootstrapList, authority.id, 2)
 
     const genuine = (region: string) => (peerId: string) =>
       issueRegionCertificate(authority.key, { region, head: peerId, addrs: [], ttlMs: 30 * day })
@@ -107,7 +148,7 @@ describe('20+ nodes on loopback: certified regional discovery', () => {
     // replays eu-north's genuine certificate, fetched the way any peer can
     await forgedHead(
       'RegionCertificateHeadMismatchError',
-      (_id, node) => fetchRegionCertificate(node, euNorth.peerId),
+      (_id, node) => fetchRegionCertificate(node, peerIdFromString(euNorth.peerId)),
       ['*', 'us-east'],
     )
     // genuine, but for ap-south: announced only under us-east, where a pinned node must refuse it
@@ -169,7 +210,7 @@ describe('20+ nodes on loopback: certified regional discovery', () => {
       expect(us.rttMs!).toBeGreaterThanOrEqual(2 * slowLinkDelayMs)
       expect(eu.rttMs!).toBeLessThan(us.rttMs!)
       expect(chosen.region).toBe('eu-north')
-      expect(chosen.peerId).toBe(euNorth.peerId.toString())
+      expect(chosen.peerId).toBe(euNorth.peerId)
     }
   })
 
@@ -198,7 +239,7 @@ describe('20+ nodes on loopback: certified regional discovery', () => {
     }
   })
 
-  it('with one of two bootstrap nodes killed, new nodes still join and discover; old ones move over', async () => {
+  it('with one of two bootstrap nodes SIGKILLed, new nodes still join and discover; old ones move over', async () => {
     const watcher = unpinned[0]!
     const moved = waitForEvent<DiscoveredHead>(
       watcher.discovery,
@@ -207,13 +248,14 @@ describe('20+ nodes on loopback: certified regional discovery', () => {
       30_000,
     )
     const lost = waitForEvent<DiscoveredHead>(watcher.discovery, 'region:lost', () => true, 30_000)
-    await euNorth.stop()
+    euNorth.kill()
+    expect(await euNorth.exited).toBe(null) // killed by the signal, no clean shutdown
     expect((await lost).region).toBe('eu-north')
     expect((await moved).peerId).toBe(usEast.peerId.toString())
     const late = await startNodes(4)
     for (const { chosen, discovery } of late) {
       expect(chosen.region).toBe('us-east')
-      const dead = discovery.heads.find((h) => h.peerId === euNorth.peerId.toString())
+      const dead = discovery.heads.find((h) => h.peerId === euNorth.peerId)
       if (dead != null) expect(dead.valid).toBe(false)
     }
   })
