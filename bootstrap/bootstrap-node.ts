@@ -17,10 +17,7 @@ import { KAD_PROTOCOL } from '../mesh/protocols.ts'
 import { handleRegionProtocol } from '../mesh/region-protocol.ts'
 import { type OpsServer, startOpsServer } from './http.ts'
 
-export class BootstrapCertificateError extends GarageError {
-  static override name = 'BootstrapCertificateError'
-  override name = 'BootstrapCertificateError'
-}
+export class BootstrapCertificateError extends GarageError {}
 
 export interface BootstrapOptions {
   dataDir: string

@@ -16,8 +16,6 @@ export type CommandRun = (argv: string[], ctx: CommandContext) => Promise<number
 
 /** A mistake in how the command was called: printed with the command's usage, exit code 2. */
 export class UsageError extends GarageError {
-  static override name = 'UsageError'
-  override name = 'UsageError'
   constructor(message: string) {
     super(message, 'USAGE')
   }

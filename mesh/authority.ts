@@ -7,14 +7,8 @@ import { loadKeyFile, saveKeyFile } from './identity.ts'
 
 export const authorityKeyFileName = 'authority.key'
 
-export class AuthorityExistsError extends GarageError {
-  static override name = 'AuthorityExistsError'
-  override name = 'AuthorityExistsError'
-}
-export class AuthorityMissingError extends GarageError {
-  static override name = 'AuthorityMissingError'
-  override name = 'AuthorityMissingError'
-}
+export class AuthorityExistsError extends GarageError {}
+export class AuthorityMissingError extends GarageError {}
 
 export interface Authority {
   key: PrivateKey

@@ -13,7 +13,6 @@ const strictDecodeOptions = {
 } as const
 
 export class CborDecodeError extends Error {
-  static override name = 'CborDecodeError'
   override name = 'CborDecodeError'
 }
 

@@ -34,49 +34,36 @@ export interface RegionCertificate {
   issuer: string
 }
 
+/** Base of the named certificate errors; `name` is the subclass's, `code` is stable for logs and APIs. */
 export class RegionCertificateError extends Error {
-  static override name = 'RegionCertificateError'
-  override name = 'RegionCertificateError'
   readonly code: string = 'CERT_INVALID'
+  constructor(message: string) {
+    super(message)
+    this.name = new.target.name
+  }
 }
 export class RegionCertificateMalformedError extends RegionCertificateError {
-  static override name = 'RegionCertificateMalformedError'
-  override name = 'RegionCertificateMalformedError'
   override readonly code = 'CERT_MALFORMED'
 }
 export class RegionCertificateVersionError extends RegionCertificateError {
-  static override name = 'RegionCertificateVersionError'
-  override name = 'RegionCertificateVersionError'
   override readonly code = 'CERT_VERSION'
 }
 export class RegionCertificateWrongSignerError extends RegionCertificateError {
-  static override name = 'RegionCertificateWrongSignerError'
-  override name = 'RegionCertificateWrongSignerError'
   override readonly code = 'CERT_WRONG_SIGNER'
 }
 export class RegionCertificateSignatureError extends RegionCertificateError {
-  static override name = 'RegionCertificateSignatureError'
-  override name = 'RegionCertificateSignatureError'
   override readonly code = 'CERT_BAD_SIGNATURE'
 }
 export class RegionCertificateExpiredError extends RegionCertificateError {
-  static override name = 'RegionCertificateExpiredError'
-  override name = 'RegionCertificateExpiredError'
   override readonly code = 'CERT_EXPIRED'
 }
 export class RegionCertificateNotYetValidError extends RegionCertificateError {
-  static override name = 'RegionCertificateNotYetValidError'
-  override name = 'RegionCertificateNotYetValidError'
   override readonly code = 'CERT_NOT_YET_VALID'
 }
 export class RegionCertificateWrongRegionError extends RegionCertificateError {
-  static override name = 'RegionCertificateWrongRegionError'
-  override name = 'RegionCertificateWrongRegionError'
   override readonly code = 'CERT_WRONG_REGION'
 }
 export class RegionCertificateHeadMismatchError extends RegionCertificateError {
-  static override name = 'RegionCertificateHeadMismatchError'
-  override name = 'RegionCertificateHeadMismatchError'
   override readonly code = 'CERT_HEAD_MISMATCH'
 }
 

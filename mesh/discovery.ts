@@ -48,14 +48,8 @@ export interface RegionDiscoveryInit {
   now?: () => Date
 }
 
-export class NoRegionFoundError extends GarageError {
-  static override name = 'NoRegionFoundError'
-  override name = 'NoRegionFoundError'
-}
-export class HeadUnreachableError extends GarageError {
-  static override name = 'HeadUnreachableError'
-  override name = 'HeadUnreachableError'
-}
+export class NoRegionFoundError extends GarageError {}
+export class HeadUnreachableError extends GarageError {}
 
 function median(values: number[]): number {
   const s = [...values].sort((a, b) => a - b)

@@ -3,22 +3,15 @@
  * anything that is not a GarageError is treated as a bug.
  */
 export class GarageError extends Error {
-  static override name = 'GarageError'
-  override name = 'GarageError'
   readonly code: string
 
   constructor(message: string, code = 'GARAGE_ERROR', options?: ErrorOptions) {
     super(message, options)
+    // Every subclass is named after itself (tests and logs match on err.name).
+    this.name = new.target.name
     this.code = code
   }
 }
 
-export class IdentityKeyPermissionsError extends GarageError {
-  static override name = 'IdentityKeyPermissionsError'
-  override name = 'IdentityKeyPermissionsError'
-}
-
-export class IdentityKeyInvalidError extends GarageError {
-  static override name = 'IdentityKeyInvalidError'
-  override name = 'IdentityKeyInvalidError'
-}
+export class IdentityKeyPermissionsError extends GarageError {}
+export class IdentityKeyInvalidError extends GarageError {}

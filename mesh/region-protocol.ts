@@ -17,7 +17,6 @@ import {
  */
 
 export class RegionProtocolError extends Error {
-  static override name = 'RegionProtocolError'
   override name = 'RegionProtocolError'
 }
 

@@ -1,6 +1,5 @@
 import { writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
-import { generateKeyPair } from '@libp2p/crypto/keys'
 import { peerIdFromPrivateKey, peerIdFromString } from '@libp2p/peer-id'
 import { decode, encode } from 'cborg'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
@@ -10,7 +9,7 @@ import { issueRegionCertificate } from '../../mesh/certificate.ts'
 import { allRegionsKey, regionKey } from '../../mesh/dht-keys.ts'
 import { type DiscoveredHead, RegionDiscovery } from '../../mesh/discovery.ts'
 import { loadOrCreateIdentity } from '../../mesh/identity.ts'
-import { createMeshNode, type MeshNode } from '../../mesh/node.ts'
+import type { MeshNode } from '../../mesh/node.ts'
 import { fetchRegionCertificate, handleRegionProtocol } from '../../mesh/region-protocol.ts'
 import { spawnBootstrap } from '../helpers/cli.ts'
 import { type DelayProxy, startDelayProxy } from '../helpers/delay-proxy.ts'
@@ -39,18 +38,8 @@ describe('28 nodes on loopback: certified regional discovery', () => {
     certFor: (peerId: string, node: MeshNode) => Promise<Uint8Array>,
     keys: string[],
   ): Promise<void> {
-    const privateKey = await generateKeyPair('Ed25519')
-    const node = await createMeshNode({
-      privateKey,
-      listen: ['/ip4/127.0.0.1/tcp/0'],
-      bootstrap: bootstrapList,
-      allowPrivateAddresses: true,
-      relayReservation: false,
-    })
-    mesh.track(async () => {
-      await node.stop()
-    })
-    const cert = await certFor(peerIdFromPrivateKey(privateKey).toString(), node)
+    const node = await mesh.node(bootstrapList)
+    const cert = await certFor(node.peerId.toString(), node)
     await handleRegionProtocol(node, { certificate: () => cert })
     for (const k of keys) {
       const cid = k === '*' ? await allRegionsKey() : await regionKey(k)
@@ -175,16 +164,7 @@ describe('28 nodes on loopback: certified regional discovery', () => {
   ): Promise<Array<{ node: MeshNode; discovery: RegionDiscovery; chosen: DiscoveredHead }>> {
     return Promise.all(
       Array.from({ length: count }, async () => {
-        const node = await createMeshNode({
-          privateKey: await generateKeyPair('Ed25519'),
-          listen: ['/ip4/127.0.0.1/tcp/0'],
-          bootstrap: bootstrapList,
-          allowPrivateAddresses: true,
-          relayReservation: false,
-        })
-        mesh.track(async () => {
-          await node.stop()
-        })
+        const node = await mesh.node(bootstrapList)
         const discovery = new RegionDiscovery(node, {
           authority: authority.id,
           ...(region != null ? { region } : {}),
