@@ -24,6 +24,10 @@ export const commands: Record<string, CommandSpec> = {
     summary: 'Discover regional heads and show their certificates and RTT',
     load: () => import('./commands/regions.ts'),
   },
+  doctor: {
+    summary: 'Check this machine: GPUs, drivers, containers, engines, models that fit, what to fix',
+    load: () => import('./commands/doctor.ts'),
+  },
   devnet: {
     summary: 'Run a whole mesh on this machine (what npm start runs)',
     load: () => import('./commands/devnet.ts'),
