@@ -41,6 +41,10 @@ export interface RegionDiscoveryInit {
   region?: string
   /** A whole DHT lookup round, including certificate fetches and pings. */
   discoveryTimeoutMs?: number
+  /** One head's certificate fetch and pings; a tarpit costs no more than this. */
+  headCheckTimeoutMs?: number
+  /** Heads checked per round; the DHT can be flooded with announcements, the dials here cannot. */
+  maxHeadsPerRound?: number
   rttSamples?: number
   /** First and last wait between rediscovery attempts after the chosen head goes away. */
   rediscoverMinDelayMs?: number
@@ -50,6 +54,24 @@ export interface RegionDiscoveryInit {
 
 export class NoRegionFoundError extends GarageError {}
 export class HeadUnreachableError extends GarageError {}
+export class InvalidAuthorityError extends GarageError {}
+
+/** The pinned authority must be an Ed25519 PeerId, which carries its public key. */
+export function parseAuthority(authority: string): PeerId {
+  let id: PeerId
+  try {
+    id = peerIdFromString(authority)
+  } catch {
+    throw new InvalidAuthorityError(
+      `authority ${JSON.stringify(authority)} is not a PeerId (it looks like 12D3KooW...)`,
+      'BAD_AUTHORITY',
+    )
+  }
+  if (id.type !== 'Ed25519') {
+    throw new InvalidAuthorityError(`authority ${authority} is not an Ed25519 key id`, 'BAD_AUTHORITY')
+  }
+  return id
+}
 
 function median(values: number[]): number {
   const s = [...values].sort((a, b) => a - b)
@@ -71,15 +93,19 @@ export class RegionDiscovery extends TypedEventEmitter<RegionDiscoveryEvents> {
     if (this.chosenHead == null || evt.detail.toString() !== this.chosenHead.peerId) return
     const lost = this.chosenHead
     this.chosenHead = null
+    void this.tagHead(lost.peerId, false)
     this.safeDispatch('region:lost', lost)
     void this.rediscover()
   }
 
   constructor(node: MeshNode, init: RegionDiscoveryInit) {
     super()
+    parseAuthority(init.authority)
     this.node = node
     this.init = {
       discoveryTimeoutMs: 10_000,
+      headCheckTimeoutMs: 5_000,
+      maxHeadsPerRound: 32,
       rttSamples: 3,
       rediscoverMinDelayMs: 500,
       rediscoverMaxDelayMs: 30_000,
@@ -110,21 +136,61 @@ export class RegionDiscovery extends TypedEventEmitter<RegionDiscoveryEvents> {
   }
 
   /**
-   * One lookup round: every head announced in the DHT, each verified and measured. A lookup that
-   * finds no head at all is repeated with backoff until the timeout: provider records reach the DHT
-   * servers a moment after a head starts, and a node that joins at that moment must not give up.
+   * One lookup round: every head announced in the DHT (up to maxHeadsPerRound), each verified and
+   * measured. A lookup that finds no head at all is repeated with backoff until the timeout:
+   * provider records reach the DHT servers a moment after a head starts, and a node that joins at
+   * that moment must not give up.
    */
   async discover(options: { signal?: AbortSignal } = {}): Promise<DiscoveredHead[]> {
+    return this.round(options.signal, false)
+  }
+
+  /**
+   * Discover, then choose: the pinned region's head, or else the valid head with the lowest RTT.
+   * It does not wait for every head: once the first valid head is in, heads that take more than
+   * twice as long to verify (so are at least twice as far) are not waited for.
+   */
+  async choose(options: { signal?: AbortSignal } = {}): Promise<DiscoveredHead> {
+    const heads = await this.round(options.signal, true)
+    const best = pickHead(heads, this.init.region)
+    if (best == null) {
+      const why =
+        heads.length === 0
+          ? 'no head is announced in the DHT'
+          : heads.map((h) => `${h.peerId}: ${h.reason?.name}`).join('; ')
+      throw new NoRegionFoundError(
+        `no valid regional head${this.init.region != null ? ` for region ${this.init.region}` : ''}: ${why}`,
+        'NO_REGION',
+      )
+    }
+    const previous = this.chosenHead
+    this.chosenHead = best
+    // Keep the head's connection through pruning and have libp2p redial it if it drops; release the old one.
+    if (previous != null && previous.peerId !== best.peerId) await this.tagHead(previous.peerId, false)
+    await this.tagHead(best.peerId, true)
+    this.safeDispatch('region:chosen', best)
+    return best
+  }
+
+  private async tagHead(peerId: string, keep: boolean): Promise<void> {
+    await this.node.peerStore
+      .merge(peerIdFromString(peerId), {
+        tags: { 'keep-alive-garage-head': keep ? { value: 100 } : undefined },
+      })
+      .catch(() => {})
+  }
+
+  private async round(outer: AbortSignal | undefined, settleEarly: boolean): Promise<DiscoveredHead[]> {
     const signal = AbortSignal.any([
       AbortSignal.timeout(this.init.discoveryTimeoutMs),
-      ...(options.signal != null ? [options.signal] : []),
+      ...(outer != null ? [outer] : []),
       ...(this.controller != null ? [this.controller.signal] : []),
     ])
     const key = this.init.region != null ? await regionKey(this.init.region) : await allRegionsKey()
     let retryDelayMs = 50
     let heads: DiscoveredHead[] = []
     while (true) {
-      heads = await this.lookup(key, signal)
+      heads = await this.lookup(key, signal, settleEarly)
       if (heads.length > 0 || signal.aborted) break
       await waitMs(retryDelayMs, signal)
       retryDelayMs = Math.min(retryDelayMs * 2, 2_000)
@@ -137,47 +203,52 @@ export class RegionDiscovery extends TypedEventEmitter<RegionDiscoveryEvents> {
   private async lookup(
     key: Awaited<ReturnType<typeof allRegionsKey>>,
     signal: AbortSignal,
+    settleEarly: boolean,
   ): Promise<DiscoveredHead[]> {
+    const started = performance.now()
     const seen = new Set<string>()
-    const checks: Array<Promise<DiscoveredHead>> = []
-    try {
-      for await (const provider of this.node.contentRouting.findProviders(key, { signal })) {
-        const id = provider.id.toString()
-        if (seen.has(id)) continue
-        seen.add(id)
-        if (provider.multiaddrs.length > 0 && !provider.id.equals(this.node.peerId)) {
-          await this.node.peerStore.merge(provider.id, { multiaddrs: provider.multiaddrs }).catch(() => {})
+    const done: DiscoveredHead[] = []
+    const checks: Array<Promise<void>> = []
+    // Aborted once the first valid head is in and the grace has passed (choose() only).
+    const settle = new AbortController()
+    let graceTimer: NodeJS.Timeout | undefined
+    const checkSignal = AbortSignal.any([signal, settle.signal])
+    const lookupDone = (async () => {
+      try {
+        for await (const provider of this.node.contentRouting.findProviders(key, { signal: checkSignal })) {
+          const id = provider.id.toString()
+          if (seen.has(id) || provider.id.equals(this.node.peerId)) continue
+          if (seen.size >= this.init.maxHeadsPerRound) break
+          seen.add(id)
+          if (provider.multiaddrs.length > 0) {
+            await this.node.peerStore.merge(provider.id, { multiaddrs: provider.multiaddrs }).catch(() => {})
+          }
+          checks.push(
+            this.check(provider.id, checkSignal).then((head) => {
+              // A head cut off because we settled was not waited for, not found wanting.
+              if (settle.signal.aborted && !head.valid && head.reason?.name === HeadUnreachableError.name)
+                return
+              done.push(head)
+              if (settleEarly && head.valid && graceTimer == null) {
+                // Heads that verify in more than twice the first one's time are farther away anyway.
+                const graceMs = Math.min(performance.now() - started, 2_000)
+                graceTimer = setTimeout(() => settle.abort(), graceMs)
+              }
+            }),
+          )
         }
-        checks.push(this.check(provider.id, signal))
+      } catch (err) {
+        // A lookup cut short (timeout, settled) still yields what it found.
+        if (!checkSignal.aborted) throw err
       }
-    } catch (err) {
-      // A lookup cut short by the timeout still yields what it found; anything else is worth raising.
-      if (!signal.aborted) throw err
+    })()
+    try {
+      await lookupDone
+      await Promise.all(checks)
+    } finally {
+      clearTimeout(graceTimer)
     }
-    return Promise.all(checks)
-  }
-
-  /** Discover, then choose: the pinned region, or else the valid head with the lowest RTT. */
-  async choose(options: { signal?: AbortSignal } = {}): Promise<DiscoveredHead> {
-    const heads = await this.discover(options)
-    const best = pickHead(heads, this.init.region)
-    if (best == null) {
-      const why =
-        heads.length === 0
-          ? 'no head is announced in the DHT'
-          : heads.map((h) => `${h.peerId}: ${h.reason?.name}`).join('; ')
-      throw new NoRegionFoundError(
-        `no valid regional head${this.init.region != null ? ` for region ${this.init.region}` : ''}: ${why}`,
-        'NO_REGION',
-      )
-    }
-    this.chosenHead = best
-    // Keep the head's connection through pruning and redial it if it drops.
-    await this.node.peerStore
-      .merge(peerIdFromString(best.peerId), { tags: { 'keep-alive-garage-head': { value: 100 } } })
-      .catch(() => {})
-    this.safeDispatch('region:chosen', best)
-    return best
+    return done
   }
 
   private async rediscover(): Promise<void> {
@@ -185,12 +256,13 @@ export class RegionDiscovery extends TypedEventEmitter<RegionDiscoveryEvents> {
     this.rediscovering = true
     let delay = this.init.rediscoverMinDelayMs
     try {
-      while (this.controller != null && !this.controller.signal.aborted && this.chosenHead == null) {
+      const signal = this.controller?.signal
+      while (signal != null && !signal.aborted && this.chosenHead == null) {
         try {
-          await this.choose()
+          await this.choose({ signal })
           return
         } catch {
-          await waitMs(delay, this.controller?.signal)
+          await waitMs(delay, signal)
           delay = Math.min(delay * 2, this.init.rediscoverMaxDelayMs)
         }
       }
@@ -199,7 +271,9 @@ export class RegionDiscovery extends TypedEventEmitter<RegionDiscoveryEvents> {
     }
   }
 
-  private async check(peer: PeerId, signal: AbortSignal): Promise<DiscoveredHead> {
+  /** Verifies one head; never rejects: every failure becomes the head's named reason. */
+  private async check(peer: PeerId, outer: AbortSignal): Promise<DiscoveredHead> {
+    const signal = AbortSignal.any([outer, AbortSignal.timeout(this.init.headCheckTimeoutMs)])
     const head: DiscoveredHead = {
       peerId: peer.toString(),
       region: null,
@@ -233,8 +307,9 @@ export class RegionDiscovery extends TypedEventEmitter<RegionDiscoveryEvents> {
       head.addrs = cert.addrs
       head.expiresAt = cert.expiresAt
     } catch (err) {
-      if (!(err instanceof RegionCertificateError)) throw err
-      head.reason = { name: err.name, message: err.message }
+      const e =
+        err instanceof RegionCertificateError ? err : new RegionCertificateError((err as Error).message)
+      head.reason = { name: e.name, message: e.message }
       return head
     }
     try {
@@ -257,23 +332,29 @@ export class RegionDiscovery extends TypedEventEmitter<RegionDiscoveryEvents> {
   }
 }
 
-/** The pinned region's head with the lowest RTT, or else the lowest-RTT valid head of any region. */
+/** The valid head with the lowest RTT, of the pinned region when one is pinned. */
 export function pickHead(heads: DiscoveredHead[], pinnedRegion?: string): DiscoveredHead | null {
   const candidates = heads.filter((h) => h.valid && (pinnedRegion == null || h.region === pinnedRegion))
   candidates.sort((a, b) => (a.rttMs ?? Number.POSITIVE_INFINITY) - (b.rttMs ?? Number.POSITIVE_INFINITY))
   return candidates[0] ?? null
 }
 
+/** Resolves after `ms` or on abort, whichever is first, leaving no listener or timer behind. */
 function waitMs(ms: number, signal?: AbortSignal): Promise<void> {
   return new Promise((resolve) => {
-    const t = setTimeout(resolve, ms)
-    signal?.addEventListener(
-      'abort',
-      () => {
-        clearTimeout(t)
-        resolve()
-      },
-      { once: true },
-    )
+    if (signal?.aborted === true) {
+      resolve()
+      return
+    }
+    const onAbort = (): void => {
+      clearTimeout(timer)
+      resolve()
+    }
+    const timer = setTimeout(() => {
+      signal?.removeEventListener('abort', onAbort)
+      resolve()
+    }, ms)
+    timer.unref()
+    signal?.addEventListener('abort', onAbort, { once: true })
   })
 }

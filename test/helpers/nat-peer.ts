@@ -1,24 +1,27 @@
 /**
  * A mesh node for the NAT test, run inside a network namespace behind a MASQUERADE router:
  *
- *   ip netns exec <home> node test/helpers/nat-peer.ts <relay multiaddr> <listen ip>
+ *   ip netns exec <home> node test/helpers/nat-peer.ts <relay multiaddr> <listen ip> [authority]
  *
- * It reserves a slot on the relay, answers `/garage/test-echo/1.0.0` on limited (relayed) connections
+ * With an authority it first discovers its region through the DHT, as a gamer's daemon does from
+ * behind a home NAT, and reports the chosen head and how long it took. It reserves a slot on the relay, answers `/garage/test-echo/1.0.0` on limited (relayed) connections
  * with "pong:" + what it read, and prints one JSON line on stdout once its `/p2p-circuit` address
- * exists: `{ "peerId", "circuit", "addrs" }`. It stops on SIGTERM/SIGINT or when stdin closes.
+ * exists: `{ "peerId", "circuit", "addrs", "region", "head", "discoveryMs" }`. It stops on SIGTERM/SIGINT or when stdin closes.
  */
 import { generateKeyPair } from '@libp2p/crypto/keys'
 import type { Connection, Stream } from '@libp2p/interface'
+import { RegionDiscovery } from '../../mesh/discovery.ts'
 import { createMeshNode } from '../../mesh/node.ts'
 
 const ECHO_PROTOCOL = '/garage/test-echo/1.0.0'
 
-const [relayAddr, listenIp = '0.0.0.0'] = process.argv.slice(2)
+const [relayAddr, listenIp = '0.0.0.0', authority] = process.argv.slice(2)
 if (relayAddr == null) {
   process.stderr.write('usage: nat-peer.ts <relay multiaddr with /p2p/<id>> [listen ip]\n')
   process.exit(2)
 }
 
+const nodeStarted = performance.now()
 const node = await createMeshNode({
   privateKey: await generateKeyPair('Ed25519'),
   role: 'node',
@@ -27,6 +30,12 @@ const node = await createMeshNode({
   allowPrivateAddresses: true,
   relayReservation: true,
 })
+
+// Discovery runs while the relay reservation is made, as in the daemon.
+const discovering = (async () => {
+  const chosen = authority != null ? await new RegionDiscovery(node, { authority }).choose() : null
+  return { chosen, discoveryMs: Math.round(performance.now() - nodeStarted) }
+})()
 
 let stopping: Promise<void> | undefined
 function shutdown(reason: string): Promise<void> {
@@ -89,10 +98,15 @@ const circuit =
     node.addEventListener('self:peer:update', onUpdate)
   }))
 
+const { chosen, discoveryMs } = await discovering
+
 process.stdout.write(
   `${JSON.stringify({
     peerId: node.peerId.toString(),
     circuit,
     addrs: node.getMultiaddrs().map((a) => a.toString()),
+    region: chosen?.region ?? null,
+    head: chosen?.peerId ?? null,
+    discoveryMs,
   })}\n`,
 )

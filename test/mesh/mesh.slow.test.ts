@@ -23,7 +23,7 @@ interface ForgedHead {
   expected: string
 }
 
-describe('28 nodes on loopback: certified regional discovery', () => {
+describe('32 nodes on loopback: certified regional discovery', () => {
   const mesh = new TestMesh()
   let authority: Authority
   let euNorth: { peerId: string; addr: string; kill(): void; exited: Promise<number | null> }
@@ -150,8 +150,15 @@ describe('28 nodes on loopback: certified regional discovery', () => {
   async function startNodes(
     count: number,
     region?: string,
-  ): Promise<Array<{ node: MeshNode; discovery: RegionDiscovery; chosen: DiscoveredHead }>> {
-    const started: Array<{ node: MeshNode; discovery: RegionDiscovery; chosen: DiscoveredHead }> = []
+  ): Promise<
+    Array<{ node: MeshNode; discovery: RegionDiscovery; chosen: DiscoveredHead; heads: DiscoveredHead[] }>
+  > {
+    const started: Array<{
+      node: MeshNode
+      discovery: RegionDiscovery
+      chosen: DiscoveredHead
+      heads: DiscoveredHead[]
+    }> = []
     for (let i = 0; i < count; i += 8) {
       started.push(...(await startBatch(Math.min(8, count - i), region)))
     }
@@ -161,7 +168,9 @@ describe('28 nodes on loopback: certified regional discovery', () => {
   async function startBatch(
     count: number,
     region?: string,
-  ): Promise<Array<{ node: MeshNode; discovery: RegionDiscovery; chosen: DiscoveredHead }>> {
+  ): Promise<
+    Array<{ node: MeshNode; discovery: RegionDiscovery; chosen: DiscoveredHead; heads: DiscoveredHead[] }>
+  > {
     return Promise.all(
       Array.from({ length: count }, async () => {
         const node = await mesh.node(bootstrapList)
@@ -172,7 +181,9 @@ describe('28 nodes on loopback: certified regional discovery', () => {
         discovery.start()
         mesh.track(async () => discovery.stop())
         const chosen = await discovery.choose()
-        return { node, discovery, chosen }
+        // choose() stops waiting for far heads; a full round lists every announced head
+        const heads = await discovery.discover()
+        return { node, discovery, chosen, heads }
       }),
     )
   }
@@ -180,9 +191,9 @@ describe('28 nodes on loopback: certified regional discovery', () => {
   let unpinned: Awaited<ReturnType<typeof startNodes>>
 
   it('every node finds both regions with valid certificates and takes the lower-RTT one', async () => {
-    unpinned = await startNodes(16)
-    for (const { discovery, chosen } of unpinned) {
-      const valid = discovery.heads.filter((h) => h.valid)
+    unpinned = await startNodes(20)
+    for (const { heads, chosen } of unpinned) {
+      const valid = heads.filter((h) => h.valid)
       expect(valid.map((h) => h.region).sort()).toEqual(['eu-north', 'us-east'])
       const eu = valid.find((h) => h.region === 'eu-north')!
       const us = valid.find((h) => h.region === 'us-east')!
@@ -196,10 +207,10 @@ describe('28 nodes on loopback: certified regional discovery', () => {
 
   it('rejects every forged certificate with its named reason, and never chooses a forger', async () => {
     const forgerIds = new Set(forged.map((f) => f.node.peerId.toString()))
-    for (const { discovery, chosen } of unpinned) {
+    for (const { heads, chosen } of unpinned) {
       expect(forgerIds.has(chosen.peerId)).toBe(false)
       const rejected = Object.fromEntries(
-        discovery.heads.filter((h) => !h.valid).map((h) => [h.peerId, h.reason?.name]),
+        heads.filter((h) => !h.valid).map((h) => [h.peerId, h.reason?.name]),
       )
       for (const f of forged.filter((f) => f.expected !== 'RegionCertificateWrongRegionError')) {
         expect(rejected[f.node.peerId.toString()], f.expected).toBe(f.expected)
@@ -210,12 +221,12 @@ describe('28 nodes on loopback: certified regional discovery', () => {
   it('honours a pinned region even when another has lower RTT, refusing a head of the wrong region', async () => {
     const pinned = await startNodes(8, 'us-east')
     const wrongRegion = forged.find((f) => f.expected === 'RegionCertificateWrongRegionError')!
-    for (const { discovery, chosen } of pinned) {
+    for (const { heads, chosen } of pinned) {
       expect(chosen.region).toBe('us-east')
       expect(chosen.peerId).toBe(usEast.peerId.toString())
-      const w = discovery.heads.find((h) => h.peerId === wrongRegion.node.peerId.toString())
+      const w = heads.find((h) => h.peerId === wrongRegion.node.peerId.toString())
       expect(w?.reason?.name).toBe('RegionCertificateWrongRegionError')
-      expect(discovery.heads.some((h) => h.region === 'eu-north' && h.valid)).toBe(false)
+      expect(heads.some((h) => h.region === 'eu-north' && h.valid)).toBe(false)
     }
   })
 
@@ -233,9 +244,9 @@ describe('28 nodes on loopback: certified regional discovery', () => {
     expect((await lost).region).toBe('eu-north')
     expect((await moved).peerId).toBe(usEast.peerId.toString())
     const late = await startNodes(4)
-    for (const { chosen, discovery } of late) {
+    for (const { chosen, heads } of late) {
       expect(chosen.region).toBe('us-east')
-      const dead = discovery.heads.find((h) => h.peerId === euNorth.peerId)
+      const dead = heads.find((h) => h.peerId === euNorth.peerId)
       if (dead != null) expect(dead.valid).toBe(false)
     }
   })

@@ -6,6 +6,7 @@ import { generateKeyPair } from '@libp2p/crypto/keys'
 import { multiaddr } from '@multiformats/multiaddr'
 import { afterAll, describe, expect, it } from 'vitest'
 import { createMeshNode, type MeshNode } from '../../mesh/node.ts'
+import { TestMesh } from '../helpers/mesh.ts'
 
 /**
  * Topology (all made here, removed in afterAll):
@@ -59,9 +60,13 @@ interface NatPeerInfo {
   peerId: string
   circuit: string
   addrs: string[]
+  region: string | null
+  head: string | null
+  discoveryMs: number
 }
 
 describe('NAT traversal through the bootstrap relay', () => {
+  const mesh = new TestMesh()
   /** Undo steps, run in reverse order in afterAll whatever happened. */
   const undo: Array<{ what: string; fn: () => void | Promise<void> }> = []
   let childStderr = ''
@@ -141,14 +146,11 @@ describe('NAT traversal through the bootstrap relay', () => {
     })
     expect(() => run('ip', ['route', 'get', homeIp])).toThrow(/no route to host/i)
 
-    // The relay: a bootstrap-role node (circuit relay v2 server) on the "public" side.
-    const relay: MeshNode = await createMeshNode({
-      privateKey: await generateKeyPair('Ed25519'),
-      role: 'bootstrap',
-      listen: [`/ip4/${relayIp}/tcp/0`],
-      allowPrivateAddresses: true,
-    })
-    undo.push({ what: 'stop relay', fn: () => relay.stop() })
+    // The relay: a real bootstrap node (DHT, relay server, certified region) on the "public" side.
+    const authority = await mesh.authority()
+    const bootstrap = await mesh.bootstrap(authority, 'nat-test', { listen: [`/ip4/${relayIp}/tcp/0`] })
+    undo.push({ what: 'stop bootstrap and remove its files', fn: () => mesh.cleanup() })
+    const relay: MeshNode = bootstrap.node
     const relayAddr = relay
       .getMultiaddrs()
       .map((a) => a.toString())
@@ -157,10 +159,14 @@ describe('NAT traversal through the bootstrap relay', () => {
 
     // The NATed node, in the home namespace.
     const started = Date.now()
-    const proc = spawn('ip', ['netns', 'exec', ns.home, process.execPath, natPeerScript, relayAddr, homeIp], {
-      cwd: repoRoot,
-      stdio: ['pipe', 'pipe', 'pipe'],
-    })
+    const proc = spawn(
+      'ip',
+      ['netns', 'exec', ns.home, process.execPath, natPeerScript, relayAddr, homeIp, authority.id],
+      {
+        cwd: repoRoot,
+        stdio: ['pipe', 'pipe', 'pipe'],
+      },
+    )
     const exited = new Promise<number | null>((resolve) => proc.once('exit', (code) => resolve(code)))
     undo.push({
       what: 'stop nat-peer',
@@ -209,6 +215,10 @@ describe('NAT traversal through the bootstrap relay', () => {
     console.log(`nat-peer reserved a relay slot in ${Date.now() - started} ms: ${info.circuit}`)
     expect(info.circuit).toContain(`/ip4/${relayIp}/tcp/`)
     expect(info.circuit).toContain(`/p2p-circuit/p2p/${info.peerId}`)
+    // From behind the NAT, the node found its certified region through the DHT.
+    expect(info.region).toBe('nat-test')
+    expect(info.head).toBe(bootstrap.peerId.toString())
+    console.log(`nat-peer: from start to chosen region behind the NAT: ${info.discoveryMs} ms`)
 
     // The relay sees the home node through the NAT: from the router's public address, not the LAN one.
     const atRelay = relay.getConnections().filter((c) => c.remotePeer.toString() === info.peerId)
