@@ -42,6 +42,11 @@ export interface BootstrapOptions {
 
 export const defaultBootstrapHttpPort = 9470
 export const defaultAnnounceIntervalMs = 10 * 60_000
+/** Provider records live an hour on the DHT servers: re-announce well within it, but not in a loop. */
+export const minAnnounceIntervalMs = 10_000
+export const maxAnnounceIntervalMs = 30 * 60_000
+/** Re-announcements triggered by a DHT server joining: at most one per this, whoever claims the protocol. */
+const reannounceOnJoinGapMs = 30_000
 const announceTimeoutMs = 30_000
 
 export interface BootstrapNode {
@@ -117,6 +122,13 @@ async function loadCertificate(
  */
 export async function startBootstrap(options: BootstrapOptions): Promise<BootstrapNode> {
   const log = (options.logger ?? silentLogger).child({ component: 'bootstrap', region: options.region })
+  const announceIntervalMs = options.announceIntervalMs ?? defaultAnnounceIntervalMs
+  if (!(announceIntervalMs >= minAnnounceIntervalMs && announceIntervalMs <= maxAnnounceIntervalMs)) {
+    throw new GarageError(
+      `the announce interval must be between ${minAnnounceIntervalMs / 1000} s and ${maxAnnounceIntervalMs / 60_000} min`,
+      'ANNOUNCE_INTERVAL',
+    )
+  }
   const privateKey = await loadOrCreateIdentity(options.dataDir)
   const self = peerIdFromPrivateKey(privateKey)
   let current = await loadCertificate(options, self)
@@ -205,12 +217,15 @@ export async function startBootstrap(options: BootstrapOptions): Promise<Bootstr
   }
   // Provider records live on the DHT servers closest to the key: announce again when one joins.
   let pending: NodeJS.Timeout | undefined
+  let lastJoinAnnounce = Number.NEGATIVE_INFINITY
   const onIdentify = (evt: CustomEvent<{ protocols: string[] }>): void => {
     if (!evt.detail.protocols.includes(KAD_PROTOCOL) || pending != null || stopping) return
+    const wait = Math.max(250, lastJoinAnnounce + reannounceOnJoinGapMs - Date.now())
     pending = setTimeout(() => {
       pending = undefined
+      lastJoinAnnounce = Date.now()
       announce().catch(() => {})
-    }, 250)
+    }, wait)
   }
   node.addEventListener('peer:identify', onIdentify as unknown as (evt: Event) => void)
   const interval = setInterval(

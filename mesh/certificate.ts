@@ -17,6 +17,9 @@ const signingDomain = new TextEncoder().encode('garage/region-certificate/v1\n')
 /** Clocks on gamers' PCs drift; accept certificates this far outside their window. */
 export const defaultClockSkewMs = 60_000
 
+/** Region certificates are renewed; a mistyped TTL must not mint a near-eternal one. */
+export const maxCertificateTtlMs = 2 * 365 * 86_400_000
+
 export const regionNamePattern = /^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$/
 
 export const CertificateFlags = Object.freeze({ rayTrusted: 1 })
@@ -97,6 +100,8 @@ function validateFields(c: Omit<RegionCertificate, 'version' | 'issuer'>): strin
       return `address ${JSON.stringify(a)} is not a multiaddr`
     }
   }
+  if (!Number.isFinite(c.notBefore.getTime()) || !Number.isFinite(c.expiresAt.getTime()))
+    return 'not-before and expiry must be real dates'
   if (c.expiresAt.getTime() <= c.notBefore.getTime()) return 'expiry is not after not-before'
   return undefined
 }
@@ -107,6 +112,11 @@ export async function issueRegionCertificate(
   init: IssueCertificateInit,
 ): Promise<Uint8Array> {
   const notBefore = init.notBefore ?? new Date()
+  if (!(Number.isFinite(init.ttlMs) && init.ttlMs > 0 && init.ttlMs <= maxCertificateTtlMs)) {
+    throw new RegionCertificateMalformedError(
+      `cannot issue certificate: the validity must be more than 0 and at most ${maxCertificateTtlMs / 86_400_000} days`,
+    )
+  }
   const fields = {
     region: init.region,
     head: init.head,

@@ -12,6 +12,7 @@ import { tcp } from '@libp2p/tcp'
 import { webSockets } from '@libp2p/websockets'
 import { type Multiaddr, multiaddr } from '@multiformats/multiaddr'
 import { createLibp2p, type ServiceFactoryMap } from 'libp2p'
+import { GarageError } from './errors.ts'
 import { meshConnectionGater } from './gater.ts'
 import { KAD_PROTOCOL } from './protocols.ts'
 
@@ -100,9 +101,22 @@ export type MeshNode = Libp2p<MeshServices>
 /** The bootstrap addresses a node was configured with, split into peer ids and dialable addresses. */
 export function parseBootstrapList(list: string[]): Array<{ peerId: string; addr: Multiaddr }> {
   return list.map((s) => {
-    const addr = multiaddr(s)
+    let addr: Multiaddr
+    try {
+      addr = multiaddr(s)
+    } catch (err) {
+      throw new GarageError(
+        `bootstrap address ${JSON.stringify(s)} is not a multiaddr: ${(err as Error).message}`,
+        'BOOTSTRAP_ADDR',
+      )
+    }
     const peerId = addr.getComponents().findLast((c) => c.name === 'p2p')?.value
-    if (peerId == null) throw new Error(`bootstrap address ${s} has no /p2p/<peer id>`)
+    if (peerId == null) {
+      throw new GarageError(
+        `bootstrap address ${s} has no /p2p/<peer id>: the node must know whom it dials`,
+        'BOOTSTRAP_ADDR',
+      )
+    }
     return { peerId, addr }
   })
 }

@@ -1,5 +1,5 @@
 import { generateKeyPair } from '@libp2p/crypto/keys'
-import { type DiscoveredHead, pickHead, RegionDiscovery } from '../../mesh/discovery.ts'
+import { type DiscoveredHead, parseAuthority, pickHead, RegionDiscovery } from '../../mesh/discovery.ts'
 import { createMeshNode } from '../../mesh/node.ts'
 import { type CommandContext, parseDuration, parseOptions, print, splitList, UsageError } from '../io.ts'
 
@@ -82,6 +82,11 @@ export async function run(argv: string[], ctx: CommandContext): Promise<number> 
   const authority = values.authority ?? ctx.env.GARAGE_AUTHORITY
   if (authority == null || authority === '')
     throw new UsageError('--authority (or GARAGE_AUTHORITY) is required')
+  try {
+    parseAuthority(authority)
+  } catch (err) {
+    throw new UsageError((err as Error).message)
+  }
   const bootstrap = splitList(
     values.bootstrap ?? (ctx.env.GARAGE_BOOTSTRAP != null ? [ctx.env.GARAGE_BOOTSTRAP] : []),
   )

@@ -273,4 +273,72 @@ describe('garage CLI', () => {
     running.child.kill('SIGTERM')
     expect(await running.exited).toBe(0)
   })
+
+  it('turns bad values into one clear line, never an internal error', async () => {
+    const bogus = await garage([
+      'regions',
+      '--authority',
+      'bogus',
+      '--bootstrap',
+      '/ip4/127.0.0.1/tcp/1/p2p/12D3KooWRHB6MBRzE4ZrS4Cvo91fUsMQFcCsHPaQRyw9otbLwQVv',
+    ])
+    expect(bogus.code).toBe(2)
+    expect(bogus.stderr).toContain('authority "bogus" is not a PeerId')
+    const noPeer = await garage([
+      'regions',
+      '--authority',
+      authorityId,
+      '--bootstrap',
+      '/ip4/127.0.0.1/tcp/4001',
+    ])
+    expect(noPeer.code).toBe(1)
+    expect(noPeer.stderr).toContain('has no /p2p/<peer id>')
+    const head = (await garage(['id', '--data-dir', join(dir, 'ttl-head')])).stdout.trim()
+    const longTtl = await garage([
+      'authority',
+      'issue',
+      '--dir',
+      authorityDir,
+      '--region',
+      'eu-north',
+      '--head',
+      head,
+      '--ttl',
+      '99999999d',
+      '--out',
+      join(dir, 'never.cert'),
+    ])
+    expect(longTtl.code).toBe(2)
+    expect(longTtl.stderr).toContain('at most 730 days')
+    const cert = join(dir, 'interval.cert')
+    await garage([
+      'authority',
+      'issue',
+      '--dir',
+      authorityDir,
+      '--region',
+      'eu-north',
+      '--head',
+      head,
+      '--out',
+      cert,
+    ])
+    const fast = await garage([
+      'bootstrap',
+      '--region',
+      'eu-north',
+      '--cert',
+      cert,
+      '--data-dir',
+      join(dir, 'ttl-head'),
+      '--listen',
+      '/ip4/127.0.0.1/tcp/0',
+      '--http',
+      '127.0.0.1:0',
+      '--announce-interval',
+      '1s',
+    ])
+    expect(fast.code).toBe(1)
+    expect(fast.stderr).toContain('announce interval must be between 10 s and 30 min')
+  })
 })
