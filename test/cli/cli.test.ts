@@ -11,6 +11,10 @@ describe('garage CLI', () => {
   let authorityId: string
   const children: ChildProcess[] = []
 
+  /** garage authority issue for region eu-north with this head, plus any options. */
+  const issue = (head: string, ...options: string[]) =>
+    garage(['authority', 'issue', '--dir', authorityDir, '--region', 'eu-north', '--head', head, ...options])
+
   beforeAll(async () => {
     dir = await mkdtemp(join(tmpdir(), 'garage-cli-'))
     authorityDir = join(dir, 'authority')
@@ -62,14 +66,7 @@ describe('garage CLI', () => {
   it('issues certificates and inspects them, naming what is wrong', async () => {
     const head = (await garage(['id', '--data-dir', join(dir, 'some-head')])).stdout.trim()
     const out = join(dir, 'eu-north.cert')
-    const issued = await garage([
-      'authority',
-      'issue',
-      '--dir',
-      authorityDir,
-      '--region',
-      'eu-north',
-      '--head',
+    const issued = await issue(
       head,
       '--addr',
       '/dns4/eu.example.net/tcp/4001',
@@ -80,7 +77,7 @@ describe('garage CLI', () => {
       '--ray-trusted',
       '--out',
       out,
-    ])
+    )
     expect(issued.code, issued.stderr).toBe(0)
     const ok = await garage(['authority', 'inspect', out, '--authority', authorityId, '--json'])
     expect(ok.code).toBe(0)
@@ -114,47 +111,14 @@ describe('garage CLI', () => {
     expect(JSON.parse(region.stdout).error).toBe('RegionCertificateWrongRegionError')
 
     const future = join(dir, 'future.cert')
-    await garage([
-      'authority',
-      'issue',
-      '--dir',
-      authorityDir,
-      '--region',
-      'eu-north',
-      '--head',
-      head,
-      '--not-before',
-      '2099-01-01T00:00:00Z',
-      '--out',
-      future,
-    ])
+    await issue(head, '--not-before', '2099-01-01T00:00:00Z', '--out', future)
     const early = await garage(['authority', 'inspect', future, '--authority', authorityId, '--json'])
     expect(JSON.parse(early.stdout).error).toBe('RegionCertificateNotYetValidError')
 
-    const badTtl = await garage([
-      'authority',
-      'issue',
-      '--dir',
-      authorityDir,
-      '--region',
-      'eu-north',
-      '--head',
-      head,
-      '--ttl',
-      'forever',
-    ])
+    const badTtl = await issue(head, '--ttl', 'forever')
     expect(badTtl.code).toBe(2)
     expect(badTtl.stderr).toContain('--ttl must be a duration')
-    const badHead = await garage([
-      'authority',
-      'issue',
-      '--dir',
-      authorityDir,
-      '--region',
-      'eu-north',
-      '--head',
-      'nobody',
-    ])
+    const badHead = await issue('nobody')
     expect(badHead.code).toBe(2)
     expect(badHead.stderr).toContain('is not a PeerId')
   })
@@ -163,20 +127,7 @@ describe('garage CLI', () => {
     const dataDir = join(dir, 'bootstrap-eu')
     const head = (await garage(['id', '--data-dir', dataDir])).stdout.trim()
     const cert = join(dir, 'bootstrap-eu.cert')
-    await garage([
-      'authority',
-      'issue',
-      '--dir',
-      authorityDir,
-      '--region',
-      'eu-north',
-      '--head',
-      head,
-      '--ttl',
-      '2d',
-      '--out',
-      cert,
-    ])
+    await issue(head, '--ttl', '2d', '--out', cert)
 
     // a certificate for another head is refused at start
     const mismatch = await garage([
@@ -294,35 +245,11 @@ describe('garage CLI', () => {
     expect(noPeer.code).toBe(1)
     expect(noPeer.stderr).toContain('has no /p2p/<peer id>')
     const head = (await garage(['id', '--data-dir', join(dir, 'ttl-head')])).stdout.trim()
-    const longTtl = await garage([
-      'authority',
-      'issue',
-      '--dir',
-      authorityDir,
-      '--region',
-      'eu-north',
-      '--head',
-      head,
-      '--ttl',
-      '99999999d',
-      '--out',
-      join(dir, 'never.cert'),
-    ])
+    const longTtl = await issue(head, '--ttl', '99999999d', '--out', join(dir, 'never.cert'))
     expect(longTtl.code).toBe(2)
     expect(longTtl.stderr).toContain('at most 730 days')
     const cert = join(dir, 'interval.cert')
-    await garage([
-      'authority',
-      'issue',
-      '--dir',
-      authorityDir,
-      '--region',
-      'eu-north',
-      '--head',
-      head,
-      '--out',
-      cert,
-    ])
+    await issue(head, '--out', cert)
     const fast = await garage([
       'bootstrap',
       '--region',
