@@ -1,4 +1,4 @@
-import { access, chmod, mkdtemp, readFile, writeFile } from 'node:fs/promises'
+import { access, chmod, mkdtemp, readFile, symlink, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
@@ -22,7 +22,7 @@ async function script(dir: string, name: string, body: string): Promise<void> {
 
 /**
  * Builds a bin dir of fake tools that replay a fixture machine's recorded outputs, and the probe
- * options that make the probe see that machine (PATH holds only the fakes and the shell's basics).
+ * options that make the probe see that machine (PATH holds only the fakes and `cat` and `sleep`).
  */
 export async function fakeMachine(
   name: string,
@@ -30,6 +30,8 @@ export async function fakeMachine(
 ): Promise<{ options: ProbeOptions; binDir: string }> {
   const src = join(hardwareFixtures, name)
   const bin = await mkdtemp(join(tmpdir(), `garage-fake-${name}-`))
+  // PATH is this folder alone: the fakes' own helpers, and none of the tools this machine has.
+  for (const tool of ['cat', 'sleep']) await symlink(`/bin/${tool}`, join(bin, tool))
   const f = (file: string): string => join(src, file)
   if (await exists(f('nvidia-smi.query-gpu.csv'))) {
     await script(
@@ -69,7 +71,7 @@ export async function fakeMachine(
     binDir: bin,
     options: {
       dataDir,
-      env: { PATH: `${bin}:/usr/bin:/bin`, ...machine.env },
+      env: { PATH: bin, ...machine.env },
       platform: 'linux',
       kernelRelease: machine.kernelRelease,
       osRelease: await readFile(f('os-release'), 'utf8'),
