@@ -28,6 +28,10 @@ export const commands: Record<string, CommandSpec> = {
     summary: 'Check this machine: GPUs, drivers, containers, engines, models that fit, what to fix',
     load: () => import('./commands/doctor.ts'),
   },
+  model: {
+    summary: "Models: write Garage's tiny test model, pull a real GGUF, inspect a GGUF file",
+    load: () => import('./commands/model.ts'),
+  },
   devnet: {
     summary: 'Run a whole mesh on this machine (what npm start runs)',
     load: () => import('./commands/devnet.ts'),
