@@ -1,0 +1,530 @@
+import { randomBytes, randomUUID, timingSafeEqual } from 'node:crypto'
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http'
+import type { AddressInfo } from 'node:net'
+import { availableParallelism } from 'node:os'
+import {
+  type ChatHistoryItem,
+  type ChatWrapper,
+  getLlama,
+  type Llama,
+  LlamaCompletion,
+  type LlamaContext,
+  type LlamaContextSequence,
+  LlamaLogLevel,
+  type LlamaModel,
+  resolveChatWrapper,
+  type Token,
+} from 'node-llama-cpp'
+import { Counter, Gauge, Histogram, Registry } from 'prom-client'
+import { ApiError, sendError } from '../openai-errors.ts'
+import { type GenerationRequest, parseGenerationRequest } from './request.ts'
+
+export interface EmbeddedServerOptions {
+  modelPath: string
+  servedModelName: string
+  /** Sequences decoded at once. */
+  parallel?: number
+  /** Requests that may wait for a sequence; past it, 429. */
+  maxQueue?: number
+  /** CPU threads for llama.cpp. Default: all cores but one (at least one) so the PC stays usable. */
+  threads?: number
+  /** Context per sequence, in tokens. Default: the model's training context, capped at 4096. */
+  contextSize?: number
+  /** Largest request body accepted. */
+  maxBodyBytes?: number
+  /** Use a GPU back-end when node-llama-cpp has one ('auto'), or the CPU only (false). */
+  gpu?: 'auto' | false
+  /** Bearer key clients must send; random when not given. */
+  apiKey?: string
+}
+
+export interface EmbeddedServer {
+  url: string
+  apiKey: string
+  servedModelName: string
+  chatTemplate: string
+  registry: Registry
+  /** Stop accepting requests (503) and resolve when the running ones are done, or after graceMs. */
+  drain(graceMs?: number): Promise<void>
+  close(): Promise<void>
+}
+
+export const defaultMaxBodyBytes = 1024 * 1024
+
+export function defaultThreads(): number {
+  return Math.max(1, availableParallelism() - 1)
+}
+
+interface Slot {
+  sequence: LlamaContextSequence
+  busy: boolean
+}
+
+/** Grants sequences to requests: `parallel` at once, a bounded queue behind them. */
+class SequencePool {
+  private readonly slots: Slot[]
+  private readonly waiting: Array<{
+    resolve: (s: Slot) => void
+    reject: (e: Error) => void
+    signal: AbortSignal
+  }> = []
+  private readonly maxQueue: number
+
+  constructor(sequences: LlamaContextSequence[], maxQueue: number) {
+    this.slots = sequences.map((sequence) => ({ sequence, busy: false }))
+    this.maxQueue = maxQueue
+  }
+
+  get running(): number {
+    return this.slots.filter((s) => s.busy).length
+  }
+
+  get queued(): number {
+    return this.waiting.length
+  }
+
+  get usedTokens(): number {
+    return this.slots.reduce((n, s) => n + (s.busy ? s.sequence.nextTokenIndex : 0), 0)
+  }
+
+  acquire(signal: AbortSignal): Promise<Slot> {
+    const free = this.slots.find((s) => !s.busy)
+    if (free != null) {
+      free.busy = true
+      return Promise.resolve(free)
+    }
+    if (this.waiting.length >= this.maxQueue) {
+      return Promise.reject(
+        new ApiError(
+          429,
+          `the engine is busy: ${this.slots.length} requests running and ${this.waiting.length} waiting`,
+          {
+            code: 'engine_overloaded',
+            headers: { 'retry-after': '1' },
+          },
+        ),
+      )
+    }
+    return new Promise((resolve, reject) => {
+      const entry = { resolve, reject, signal }
+      this.waiting.push(entry)
+      signal.addEventListener(
+        'abort',
+        () => {
+          const i = this.waiting.indexOf(entry)
+          if (i >= 0) this.waiting.splice(i, 1)
+          reject(new Error('client went away while queued'))
+        },
+        { once: true },
+      )
+    })
+  }
+
+  release(slot: Slot): void {
+    const next = this.waiting.shift()
+    if (next != null) next.resolve(slot)
+    else slot.busy = false
+  }
+}
+
+async function readBody(req: IncomingMessage, maxBytes: number): Promise<unknown> {
+  const declared = Number(req.headers['content-length'] ?? 0)
+  if (declared > maxBytes)
+    throw new ApiError(413, `the request body is ${declared} bytes; the limit is ${maxBytes}`, {
+      code: 'request_too_large',
+    })
+  const chunks: Buffer[] = []
+  let size = 0
+  for await (const chunk of req) {
+    size += (chunk as Buffer).byteLength
+    if (size > maxBytes)
+      throw new ApiError(413, `the request body is over the ${maxBytes}-byte limit`, {
+        code: 'request_too_large',
+      })
+    chunks.push(chunk as Buffer)
+  }
+  try {
+    return JSON.parse(Buffer.concat(chunks).toString('utf8'))
+  } catch (err) {
+    throw new ApiError(400, `the request body is not valid JSON: ${(err as Error).message}`, {
+      code: 'invalid_json',
+    })
+  }
+}
+
+function keyMatches(header: string | undefined, key: string): boolean {
+  const m = /^Bearer (.+)$/.exec(header ?? '')
+  if (m?.[1] == null) return false
+  const a = Buffer.from(m[1])
+  const b = Buffer.from(key)
+  return a.length === b.length && timingSafeEqual(a, b)
+}
+
+/**
+ * The embedded engine: an OpenAI-compatible HTTP server over node-llama-cpp, bound to 127.0.0.1 on a
+ * random port, requiring a bearer key, with vLLM's metric names so the daemon treats it like vLLM.
+ */
+export async function startEmbeddedServer(options: EmbeddedServerOptions): Promise<EmbeddedServer> {
+  const parallel = options.parallel ?? 2
+  const maxQueue = options.maxQueue ?? 16
+  const threads = options.threads ?? defaultThreads()
+  const maxBodyBytes = options.maxBodyBytes ?? defaultMaxBodyBytes
+  const apiKey = options.apiKey ?? randomBytes(24).toString('base64url')
+  // llama.cpp's own warnings go to stderr unasked; keep errors only (the daemon logs through pino).
+  const llama: Llama = await getLlama({
+    gpu: options.gpu ?? false,
+    build: 'never',
+    logLevel: LlamaLogLevel.error,
+  })
+  let model: LlamaModel | undefined
+  let context: LlamaContext | undefined
+  try {
+    model = await llama.loadModel({ modelPath: options.modelPath })
+    const perSequence = options.contextSize ?? Math.min(model.trainContextSize, 4096)
+    context = await model.createContext({ sequences: parallel, contextSize: perSequence * parallel, threads })
+  } catch (err) {
+    await context?.dispose()
+    await model?.dispose()
+    await llama.dispose()
+    throw err
+  }
+  const loadedModel = model
+  const loadedContext = context
+  const sequenceContext = Math.floor(loadedContext.contextSize / parallel)
+  const sequences = Array.from({ length: parallel }, () => loadedContext.getSequence())
+  const pool = new SequencePool(sequences, maxQueue)
+  const chatWrapper: ChatWrapper = resolveChatWrapper(loadedModel)
+  const created = Math.floor(Date.now() / 1000)
+
+  const registry = new Registry()
+  const labels = { model_name: options.servedModelName }
+  const labelNames = ['model_name'] as const
+  new Gauge({
+    name: 'vllm:num_requests_running',
+    help: 'Number of requests being generated',
+    labelNames,
+    registers: [registry],
+    collect() {
+      this.set(labels, pool.running)
+    },
+  })
+  new Gauge({
+    name: 'vllm:num_requests_waiting',
+    help: 'Number of requests waiting for a sequence',
+    labelNames,
+    registers: [registry],
+    collect() {
+      this.set(labels, pool.queued)
+    },
+  })
+  new Gauge({
+    name: 'vllm:kv_cache_usage_perc',
+    help: 'KV cache usage (1 = full)',
+    labelNames,
+    registers: [registry],
+    collect() {
+      this.set(labels, pool.usedTokens / loadedContext.contextSize)
+    },
+  })
+  const generationTokens = new Counter({
+    name: 'vllm:generation_tokens_total',
+    help: 'Tokens generated',
+    labelNames,
+    registers: [registry],
+  })
+  const promptTokens = new Counter({
+    name: 'vllm:prompt_tokens_total',
+    help: 'Prompt tokens processed',
+    labelNames,
+    registers: [registry],
+  })
+  // Present from the start (0), as vLLM's are, so scrapers see the series before the first request.
+  generationTokens.inc(labels, 0)
+  promptTokens.inc(labels, 0)
+  const ttft = new Histogram({
+    name: 'vllm:time_to_first_token_seconds',
+    help: 'Time to first token',
+    labelNames,
+    buckets: [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10],
+    registers: [registry],
+  })
+  const itl = new Histogram({
+    name: 'vllm:inter_token_latency_seconds',
+    help: 'Time between tokens',
+    labelNames,
+    buckets: [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1],
+    registers: [registry],
+  })
+
+  let draining = false
+  const idle: Array<() => void> = []
+  const checkIdle = (): void => {
+    if (pool.running === 0 && pool.queued === 0) for (const f of idle.splice(0)) f()
+  }
+
+  /** The prompt as tokens, and what ends the answer: the chat template's turn end, the user's stop strings. */
+  function render(req: GenerationRequest): {
+    tokens: Token[]
+    stops: Array<string | ReturnType<ChatWrapper['generateContextState']>['stopGenerationTriggers'][number]>
+  } {
+    if (req.kind === 'completion') {
+      const text = loadedModel.tokenize(req.prompt, false)
+      const bos = loadedModel.tokens.bos
+      const tokens = loadedModel.tokens.shouldPrependBosToken && bos != null ? [bos, ...text] : text
+      return { tokens, stops: [...req.stop] }
+    }
+    const history: ChatHistoryItem[] = req.messages.map((m) =>
+      m.role === 'assistant' ? { type: 'model', response: [m.content] } : { type: m.role, text: m.content },
+    )
+    history.push({ type: 'model', response: [] })
+    const state = chatWrapper.generateContextState({ chatHistory: history })
+    return {
+      tokens: state.contextText.tokenize(loadedModel.tokenizer),
+      stops: [...state.stopGenerationTriggers, ...req.stop],
+    }
+  }
+
+  async function generate(
+    req: GenerationRequest,
+    res: ServerResponse,
+    clientGone: AbortSignal,
+  ): Promise<void> {
+    const { tokens, stops } = render(req)
+    if (tokens.length >= sequenceContext) {
+      throw new ApiError(
+        400,
+        `the prompt is ${tokens.length} tokens; this engine's context is ${sequenceContext}`,
+        {
+          param: req.kind === 'chat' ? 'messages' : 'prompt',
+          code: 'context_length_exceeded',
+        },
+      )
+    }
+    const maxTokens = Math.min(
+      req.maxTokens ?? sequenceContext - tokens.length,
+      sequenceContext - tokens.length,
+    )
+    const slot = await pool.acquire(clientGone)
+    const id = `${req.kind === 'chat' ? 'chatcmpl' : 'cmpl'}-${randomUUID()}`
+    const started = performance.now()
+    let first: number | null = null
+    let last = 0
+    let produced = 0
+    const chunk = (body: Record<string, unknown>): void => {
+      res.write(`data: ${JSON.stringify(body)}\n\n`)
+    }
+    const object =
+      req.kind === 'chat' ? (req.stream ? 'chat.completion.chunk' : 'chat.completion') : 'text_completion'
+    const base = { id, object, created: Math.floor(Date.now() / 1000), model: options.servedModelName }
+    let completion: LlamaCompletion | undefined
+    try {
+      await slot.sequence.clearHistory()
+      if (req.stream) {
+        res.writeHead(200, {
+          'content-type': 'text/event-stream',
+          'cache-control': 'no-cache',
+          connection: 'keep-alive',
+        })
+        if (req.kind === 'chat')
+          chunk({
+            ...base,
+            choices: [{ index: 0, delta: { role: 'assistant', content: '' }, finish_reason: null }],
+          })
+      }
+      completion = new LlamaCompletion({ contextSequence: slot.sequence, autoDisposeSequence: false })
+      const result = await completion.generateCompletionWithMeta(tokens, {
+        maxTokens,
+        temperature: req.temperature,
+        topP: req.topP,
+        ...(req.seed != null ? { seed: req.seed } : {}),
+        customStopTriggers: stops,
+        signal: clientGone,
+        stopOnAbortSignal: true,
+        onToken: (t) => {
+          const now = performance.now()
+          if (first == null) {
+            first = now
+            ttft.observe(labels, (now - started) / 1000)
+          } else {
+            itl.observe(labels, (now - last) / 1000 / Math.max(1, t.length))
+          }
+          last = now
+          produced += t.length
+          generationTokens.inc(labels, t.length)
+        },
+        onTextChunk: (text) => {
+          if (!req.stream || text === '') return
+          chunk({
+            ...base,
+            choices: [
+              req.kind === 'chat'
+                ? { index: 0, delta: { content: text }, finish_reason: null }
+                : { index: 0, text, finish_reason: null },
+            ],
+          })
+        },
+      })
+      promptTokens.inc(labels, tokens.length)
+      const finish = result.metadata.stopReason === 'maxTokens' ? 'length' : 'stop'
+      const usage = {
+        prompt_tokens: tokens.length,
+        completion_tokens: produced,
+        total_tokens: tokens.length + produced,
+      }
+      if (clientGone.aborted) return
+      if (req.stream) {
+        chunk({
+          ...base,
+          choices: [
+            req.kind === 'chat'
+              ? { index: 0, delta: {}, finish_reason: finish }
+              : { index: 0, text: '', finish_reason: finish },
+          ],
+        })
+        if (req.includeUsage) chunk({ ...base, choices: [], usage })
+        res.end('data: [DONE]\n\n')
+      } else {
+        const choice =
+          req.kind === 'chat'
+            ? {
+                index: 0,
+                message: { role: 'assistant', content: result.response },
+                finish_reason: finish,
+                logprobs: null,
+              }
+            : { index: 0, text: result.response, finish_reason: finish, logprobs: null }
+        res
+          .writeHead(200, { 'content-type': 'application/json' })
+          .end(JSON.stringify({ ...base, choices: [choice], usage }))
+      }
+    } catch (err) {
+      if (req.stream && res.headersSent) {
+        // After the first byte an error can only end the stream, as an OpenAI-style error event.
+        chunk({
+          error: {
+            message: (err as Error).message,
+            type: 'server_error',
+            param: null,
+            code: 'generation_failed',
+          },
+        })
+        res.end('data: [DONE]\n\n')
+        return
+      }
+      throw err
+    } finally {
+      completion?.dispose({ disposeSequence: false })
+      pool.release(slot)
+      checkIdle()
+    }
+  }
+
+  async function handle(req: IncomingMessage, res: ServerResponse): Promise<void> {
+    const path = (req.url ?? '/').split('?')[0]
+    if (req.method === 'GET' && path === '/health') {
+      res
+        .writeHead(draining ? 503 : 200, { 'content-type': 'application/json' })
+        .end(JSON.stringify({ status: draining ? 'draining' : 'ok' }))
+      return
+    }
+    if (req.method === 'GET' && path === '/metrics') {
+      res.writeHead(200, { 'content-type': registry.contentType }).end(await registry.metrics())
+      return
+    }
+    if (!keyMatches(req.headers.authorization, apiKey)) {
+      throw new ApiError(401, 'a valid bearer key is required (Authorization: Bearer <key>)', {
+        code: 'invalid_api_key',
+      })
+    }
+    if (req.method === 'GET' && path === '/v1/models') {
+      res.writeHead(200, { 'content-type': 'application/json' }).end(
+        JSON.stringify({
+          object: 'list',
+          data: [
+            {
+              id: options.servedModelName,
+              object: 'model',
+              created,
+              owned_by: 'garage',
+              max_model_len: sequenceContext,
+            },
+          ],
+        }),
+      )
+      return
+    }
+    const kind = path === '/v1/chat/completions' ? 'chat' : path === '/v1/completions' ? 'completion' : null
+    if (kind == null)
+      throw new ApiError(404, `no such endpoint: ${req.method} ${path}`, { code: 'not_found' })
+    if (req.method !== 'POST') throw new ApiError(405, `${path} takes POST`, { code: 'method_not_allowed' })
+    if (draining)
+      throw new ApiError(503, 'the engine is draining and takes no new requests', { code: 'engine_draining' })
+    const body = await readBody(req, maxBodyBytes)
+    const parsed = parseGenerationRequest(kind, body, sequenceContext)
+    if (parsed.model !== options.servedModelName) {
+      throw new ApiError(
+        404,
+        `the model ${JSON.stringify(parsed.model)} does not exist here; this engine serves ${JSON.stringify(options.servedModelName)}`,
+        {
+          param: 'model',
+          code: 'model_not_found',
+        },
+      )
+    }
+    const gone = new AbortController()
+    res.on('close', () => {
+      if (!res.writableFinished) gone.abort()
+    })
+    await generate(parsed, res, gone.signal)
+  }
+
+  const server: Server = createServer((req, res) => {
+    handle(req, res).catch((err: unknown) => {
+      const e =
+        err instanceof ApiError
+          ? err
+          : new ApiError(500, `internal error: ${(err as Error).message}`, { code: 'internal_error' })
+      sendError(res, e)
+    })
+  })
+  server.headersTimeout = 10_000
+  // Time to receive the whole request (not to answer it: generations stream as long as they take).
+  server.requestTimeout = 30_000
+  server.keepAliveTimeout = 5_000
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject)
+    server.listen(0, '127.0.0.1', () => resolve())
+  })
+  const port = (server.address() as AddressInfo).port
+  let closed = false
+  return {
+    url: `http://127.0.0.1:${port}`,
+    apiKey,
+    servedModelName: options.servedModelName,
+    chatTemplate: chatWrapper.wrapperName,
+    registry,
+    drain(graceMs = 30_000) {
+      draining = true
+      if (pool.running === 0 && pool.queued === 0) return Promise.resolve()
+      return new Promise<void>((resolve) => {
+        const t = setTimeout(resolve, graceMs)
+        idle.push(() => {
+          clearTimeout(t)
+          resolve()
+        })
+      })
+    },
+    async close() {
+      if (closed) return
+      closed = true
+      draining = true
+      server.closeAllConnections()
+      await new Promise<void>((resolve) => server.close(() => resolve()))
+      // Closed connections abort their generations; let them unwind before the context goes.
+      if (pool.running > 0) await new Promise<void>((resolve) => idle.push(resolve))
+      await loadedContext.dispose()
+      await loadedModel.dispose()
+      await llama.dispose()
+    },
+  }
+}

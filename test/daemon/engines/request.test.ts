@@ -1,0 +1,110 @@
+import { describe, expect, it } from 'vitest'
+import { parseGenerationRequest } from '../../../daemon/engines/llamacpp/request.ts'
+import { ApiError } from '../../../daemon/engines/openai-errors.ts'
+
+function refusal(
+  kind: 'chat' | 'completion',
+  body: unknown,
+): { param: string | null; code: string | null; status: number } {
+  try {
+    parseGenerationRequest(kind, body, 256)
+  } catch (err) {
+    expect(err).toBeInstanceOf(ApiError)
+    const e = err as ApiError
+    return { param: e.param, code: e.code, status: e.status }
+  }
+  throw new Error('accepted')
+}
+
+const chat = (extra: Record<string, unknown>) => ({
+  model: 'm',
+  messages: [{ role: 'user', content: 'hi' }],
+  ...extra,
+})
+
+describe('OpenAI request validation', () => {
+  it('accepts what the official SDK sends, with defaults', () => {
+    const r = parseGenerationRequest(
+      'chat',
+      chat({ stream: true, stream_options: { include_usage: true }, stop: 'x', seed: 3 }),
+      256,
+    )
+    expect(r).toMatchObject({
+      kind: 'chat',
+      maxTokens: null,
+      temperature: 1,
+      topP: 1,
+      seed: 3,
+      stop: ['x'],
+      stream: true,
+      includeUsage: true,
+    })
+    const parts = parseGenerationRequest(
+      'chat',
+      {
+        model: 'm',
+        messages: [
+          {
+            role: 'developer',
+            content: [
+              { type: 'text', text: 'a' },
+              { type: 'text', text: 'b' },
+            ],
+          },
+        ],
+      },
+      256,
+    )
+    expect(parts.messages).toEqual([{ role: 'system', content: 'ab' }])
+    expect(parseGenerationRequest('completion', { model: 'm', prompt: ['one'] }, 256).prompt).toBe('one')
+    expect(
+      parseGenerationRequest('chat', chat({ max_completion_tokens: 9, presence_penalty: 0 }), 256).maxTokens,
+    ).toBe(9)
+  })
+
+  it('names the field it refuses', () => {
+    expect(refusal('chat', [])).toMatchObject({ status: 400, param: 'body' })
+    expect(refusal('chat', chat({ max_tokens: -1 }))).toMatchObject({
+      param: 'max_tokens',
+      code: 'invalid_value',
+    })
+    expect(refusal('chat', chat({ max_tokens: 1.5 }))).toMatchObject({
+      param: 'max_tokens',
+      code: 'invalid_type',
+    })
+    expect(refusal('chat', chat({ max_tokens: 10_000 }))).toMatchObject({ param: 'max_tokens' })
+    expect(refusal('chat', chat({ temperature: 3 }))).toMatchObject({ param: 'temperature' })
+    expect(refusal('chat', chat({ top_p: 0 }))).toMatchObject({ param: 'top_p' })
+    expect(refusal('chat', chat({ n: 2 }))).toMatchObject({ param: 'n', code: 'unsupported_value' })
+    expect(refusal('chat', chat({ stop: ['a', 'b', 'c', 'd', 'e'] }))).toMatchObject({ param: 'stop' })
+    expect(refusal('chat', chat({ frequency_penalty: 0.5 }))).toMatchObject({
+      param: 'frequency_penalty',
+      code: 'unsupported_parameter',
+    })
+    expect(refusal('chat', chat({ logprobs: true }))).toMatchObject({
+      param: 'logprobs',
+      code: 'unsupported_parameter',
+    })
+    expect(refusal('chat', chat({ tools: [] }))).toMatchObject({
+      param: 'tools',
+      code: 'unsupported_parameter',
+    })
+    expect(refusal('chat', { model: 'm', messages: [] })).toMatchObject({ param: 'messages' })
+    expect(refusal('chat', { model: 'm', messages: [{ role: 'tool', content: 'x' }] })).toMatchObject({
+      param: 'messages[0].role',
+    })
+    expect(
+      refusal('chat', { model: 'm', messages: [{ role: 'user', content: [{ type: 'image_url' }] }] }),
+    ).toMatchObject({
+      code: 'unsupported_content',
+    })
+    expect(refusal('chat', { messages: [{ role: 'user', content: 'x' }] })).toMatchObject({
+      param: 'model',
+      code: 'missing_required_parameter',
+    })
+    expect(refusal('completion', { model: 'm', prompt: ['a', 'b'] })).toMatchObject({ param: 'prompt' })
+    expect(refusal('completion', { model: 'm', prompt: 'a', messages: [] })).toMatchObject({
+      param: 'messages',
+    })
+  })
+})
