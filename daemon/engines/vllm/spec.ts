@@ -1,0 +1,85 @@
+import type { ContainerSpec, GpuRequest } from '../container/types.ts'
+
+/**
+ * The pinned vLLM image. Fully qualified, so rootless Podman never has to ask which registry a short
+ * name means. v0.30.0's default image is built on CUDA 13.0 (NVIDIA driver 580 or newer); the
+ * `-cu129` image of the same release runs on the drivers before it.
+ */
+export const vllmImage = 'docker.io/vllm/vllm-openai:v0.30.0'
+export const vllmImageCuda129 = 'docker.io/vllm/vllm-openai:v0.30.0-cu129'
+
+/** The image for a driver version as nvidia-smi prints it ("550.120"); the default image when unknown. */
+export function vllmImageForDriver(driverVersion: string | null | undefined): string {
+  const major = Number.parseInt(driverVersion ?? '', 10)
+  return Number.isFinite(major) && major < 580 ? vllmImageCuda129 : vllmImage
+}
+
+/** The port vLLM listens on inside its container; the host side is a free 127.0.0.1 port. */
+export const vllmContainerPort = 8000
+/** Where the image's Hugging Face cache lives (it runs as root). */
+export const vllmCacheMount = '/root/.cache/huggingface'
+
+export interface VllmContainerInput {
+  image: string
+  name: string
+  nodePeerId: string
+  hostPort: number
+  /** Hugging Face repo id or a path inside the container. */
+  model: string
+  servedModelName: string
+  gpuMemoryUtilization: number
+  maxModelLen?: number
+  maxNumSeqs?: number
+  /** Host folder for the Hugging Face cache (under the daemon's data dir). */
+  cacheDir: string
+  gpu: GpuRequest
+  shmSize: string
+  /** 0600 env file holding VLLM_API_KEY (and HF_TOKEN when the user gave one); see vllmSecrets. */
+  envFile: string
+}
+
+/**
+ * The secrets of one start, for the 0600 env file. The key goes in VLLM_API_KEY rather than
+ * `--api-key`: a container's processes are host processes, and every local user can read their
+ * command lines (`ps`), while a process's environment is readable by its own user and root only.
+ * vLLM reads VLLM_API_KEY when `--api-key` is absent and checks it on every /v1 route.
+ */
+export function vllmSecrets(apiKey: string, huggingFaceToken?: string): Record<string, string> {
+  return { VLLM_API_KEY: apiKey, ...(huggingFaceToken != null ? { HF_TOKEN: huggingFaceToken } : {}) }
+}
+
+/** The container that serves one model with vLLM's OpenAI-compatible server. */
+export function vllmContainerSpec(input: VllmContainerInput): ContainerSpec {
+  if (!(input.gpuMemoryUtilization > 0 && input.gpuMemoryUtilization <= 1)) {
+    throw new RangeError('gpuMemoryUtilization must be in (0, 1]')
+  }
+  const args = [
+    // The image's entrypoint is `vllm serve`, which takes the model as its positional argument.
+    input.model,
+    // Inside the container only: the published port is bound to 127.0.0.1 on the host.
+    '--host',
+    '0.0.0.0',
+    '--port',
+    String(vllmContainerPort),
+    '--served-model-name',
+    input.servedModelName,
+    '--gpu-memory-utilization',
+    String(input.gpuMemoryUtilization),
+  ]
+  if (input.maxModelLen != null) args.push('--max-model-len', String(input.maxModelLen))
+  if (input.maxNumSeqs != null) args.push('--max-num-seqs', String(input.maxNumSeqs))
+  return {
+    image: input.image,
+    name: input.name,
+    role: 'vllm',
+    nodePeerId: input.nodePeerId,
+    args,
+    // A volunteer's machine reports nothing to vLLM's usage statistics.
+    env: { VLLM_NO_USAGE_STATS: '1', DO_NOT_TRACK: '1' },
+    envFile: input.envFile,
+    ports: [{ hostPort: input.hostPort, containerPort: vllmContainerPort }],
+    volumes: [{ hostPath: input.cacheDir, containerPath: vllmCacheMount, relabel: true }],
+    gpu: input.gpu,
+    shmSize: input.shmSize,
+  }
+}
