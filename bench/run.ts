@@ -3,6 +3,7 @@ import { progress } from './report.ts'
 
 const benchmarks: Record<string, () => Promise<{ run: () => Promise<Record<string, unknown>> }>> = {
   mesh: () => import('./mesh.ts'),
+  engine: () => import('./engine.ts'),
 }
 
 const wanted = process.argv.slice(2)

@@ -3,6 +3,9 @@ import { join } from 'node:path'
 import { generateKeyPair } from '@libp2p/crypto/keys'
 import { peerIdFromPrivateKey } from '@libp2p/peer-id'
 import { type BootstrapNode, startBootstrap } from '../../bootstrap/bootstrap-node.ts'
+import { LlamaCppEngine } from '../../daemon/engines/llamacpp/engine.ts'
+import { writeTinyModel } from '../../daemon/engines/llamacpp/tiny-model.ts'
+import type { EngineHandle } from '../../daemon/engines/types.ts'
 import { type Authority, initAuthority, loadAuthority } from '../../mesh/authority.ts'
 import { issueRegionCertificate } from '../../mesh/certificate.ts'
 import { type DiscoveredHead, RegionDiscovery } from '../../mesh/discovery.ts'
@@ -15,7 +18,8 @@ export const usage = `Usage: garage devnet [--regions N] [--nodes N] [--data-dir
 
 Runs a whole Garage mesh on this machine, on loopback, with no GPU and no network: a federation
 authority, one bootstrap node per region (regions "local", "local-2", ...) with certificates it
-issues, and N nodes that discover their region through the DHT. Prints a banner and writes the
+issues, and N nodes that discover their region through the DHT, each with an embedded llama.cpp
+engine serving the tiny model the project generates (made on first run). Prints a banner and writes the
 same facts to <data dir>/devnet.json. Ctrl-C stops everything.
 
 Options:
@@ -32,7 +36,16 @@ export interface DevnetInfo {
     metricsUrl: string
     healthUrl: string
   }>
-  nodes: Array<{ peerId: string; region: string | null; head: string | null; rttMs: number | null }>
+  /** The tiny model every node's embedded engine serves. */
+  model: { path: string; servedModelName: string }
+  nodes: Array<{
+    peerId: string
+    region: string | null
+    head: string | null
+    rttMs: number | null
+    engineUrl: string
+    engineKey: string
+  }>
 }
 
 async function exists(path: string): Promise<boolean> {
@@ -45,6 +58,16 @@ async function exists(path: string): Promise<boolean> {
 export interface Devnet {
   info: DevnetInfo
   stop(): Promise<void>
+}
+
+export const devnetModelName = 'garage-tiny'
+
+interface DevnetNode {
+  node: MeshNode
+  discovery: RegionDiscovery
+  engine: LlamaCppEngine
+  chosen: DiscoveredHead | null
+  handle: EngineHandle | null
 }
 
 /** Starts the devnet; the CLI and tests share this. */
@@ -60,9 +83,10 @@ export async function startDevnet(options: {
     ? await loadAuthority(authorityDir)
     : await initAuthority(authorityDir)
   const bootstraps: BootstrapNode[] = []
-  const nodes: MeshNode[] = []
+  const nodes: DevnetNode[] = []
   const stop = async (): Promise<void> => {
-    await Promise.allSettled(nodes.map((n) => n.stop()))
+    for (const n of nodes) n.discovery.stop()
+    await Promise.allSettled(nodes.flatMap((n) => [n.node.stop(), n.engine.stop()]))
     await Promise.allSettled(bootstraps.map((b) => b.stop()))
   }
   try {
@@ -91,18 +115,33 @@ export async function startDevnet(options: {
     }
     await Promise.all(bootstraps.map((b) => b.announce().catch(() => {})))
     const bootstrapAddrs = bootstraps.map((b) => b.node.getMultiaddrs()[0]!.toString())
-    const found: Array<DiscoveredHead | null> = await Promise.all(
-      Array.from({ length: options.nodes }, async () => {
-        const node = await createMeshNode({
-          privateKey: await generateKeyPair('Ed25519'),
-          listen: ['/ip4/127.0.0.1/tcp/0'],
-          bootstrap: bootstrapAddrs,
-          allowPrivateAddresses: true,
+    const modelPath = join(options.dataDir, 'models', 'garage-tiny.gguf')
+    if (!(await exists(modelPath))) {
+      await mkdir(join(options.dataDir, 'models'), { recursive: true })
+      await writeTinyModel(modelPath)
+    }
+    for (let i = 0; i < options.nodes; i++) {
+      const node = await createMeshNode({
+        privateKey: await generateKeyPair('Ed25519'),
+        listen: ['/ip4/127.0.0.1/tcp/0'],
+        bootstrap: bootstrapAddrs,
+        allowPrivateAddresses: true,
+      })
+      const discovery = new RegionDiscovery(node, { authority: authority.id })
+      const engine = new LlamaCppEngine()
+      nodes.push({ node, discovery, engine, chosen: null, handle: null })
+    }
+    await Promise.all(
+      nodes.map(async (n) => {
+        n.discovery.start()
+        n.chosen = await n.discovery.choose().catch(() => null)
+        // One thread per engine: a devnet's engines share this machine's cores.
+        n.handle = await n.engine.start({
+          model: modelPath,
+          servedModelName: devnetModelName,
+          threads: 1,
+          parallel: 2,
         })
-        nodes.push(node)
-        const discovery = new RegionDiscovery(node, { authority: authority.id })
-        discovery.start()
-        return discovery.choose().catch(() => null)
       }),
     )
     const info: DevnetInfo = {
@@ -114,14 +153,20 @@ export async function startDevnet(options: {
         metricsUrl: `${b.http.url}/metrics`,
         healthUrl: `${b.http.url}/health`,
       })),
-      nodes: nodes.map((n, i) => ({
-        peerId: n.peerId.toString(),
-        region: found[i]?.region ?? null,
-        head: found[i]?.peerId ?? null,
-        rttMs: found[i]?.rttMs ?? null,
+      model: { path: modelPath, servedModelName: devnetModelName },
+      nodes: nodes.map((n) => ({
+        peerId: n.node.peerId.toString(),
+        region: n.chosen?.region ?? null,
+        head: n.chosen?.peerId ?? null,
+        rttMs: n.chosen?.rttMs ?? null,
+        engineUrl: n.handle!.baseUrl,
+        engineKey: n.handle!.apiKey,
       })),
     }
-    await writeFile(join(options.dataDir, 'devnet.json'), `${JSON.stringify(info, null, 2)}\n`)
+    // It holds engine keys: readable by this user only.
+    await writeFile(join(options.dataDir, 'devnet.json'), `${JSON.stringify(info, null, 2)}\n`, {
+      mode: 0o600,
+    })
     return { info, stop }
   } catch (err) {
     await stop()
@@ -158,13 +203,16 @@ export async function run(argv: string[], ctx: CommandContext): Promise<number> 
       `    bootstrap ${r.bootstrapAddr}`,
       `    metrics   ${r.metricsUrl}`,
     ]),
-    ...info.nodes.map(
-      (n) =>
-        `  node        ${n.peerId} -> ${n.region ?? 'no region found'}${n.rttMs != null ? ` (${n.rttMs} ms)` : ''}`,
-    ),
+    `  model       ${info.model.servedModelName} (${info.model.path})`,
+    ...info.nodes.flatMap((n) => [
+      `  node        ${n.peerId} -> ${n.region ?? 'no region found'}${n.rttMs != null ? ` (${n.rttMs} ms)` : ''}`,
+      `    engine    ${n.engineUrl} (embedded llama.cpp, loopback only)`,
+    ]),
     '',
     'Try:',
     `  npx garage regions --allow-private --authority ${info.authority} --bootstrap ${info.regions[0]!.bootstrapAddr}`,
+    `  curl -s ${info.nodes[0]?.engineUrl ?? 'http://127.0.0.1:PORT'}/v1/chat/completions -H "Authorization: Bearer $(jq -r '.nodes[0].engineKey' ${join(dataDir, 'devnet.json')})" \\`,
+    `    -H 'Content-Type: application/json' -d '{"model":"${info.model.servedModelName}","messages":[{"role":"user","content":"Hello"}],"max_tokens":16}'`,
     '',
     `Written to ${join(dataDir, 'devnet.json')}. Ctrl-C stops the devnet.`,
   ]
