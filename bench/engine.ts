@@ -1,18 +1,19 @@
 import { mkdtemp, rm } from 'node:fs/promises'
+import { request } from 'node:http'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { getLlama, LlamaCompletion } from 'node-llama-cpp'
-import { startEmbeddedServer } from '../daemon/engines/llamacpp/server.ts'
+import { getLlama, LlamaCompletion, LlamaLogLevel } from 'node-llama-cpp'
+import { LlamaCppEngine } from '../daemon/engines/llamacpp/engine.ts'
 import { writeTinyModel } from '../daemon/engines/llamacpp/tiny-model.ts'
 import { percentile, progress, table, writeResult } from './report.ts'
 
 /**
- * The embedded engine over HTTP (SSE streaming, as the mesh will call it) against node-llama-cpp
- * called in-process, same model, same threads, same prompts, side by side in one run.
+ * The embedded engine as the daemon runs it (its own process, OpenAI HTTP, SSE streaming) against
+ * node-llama-cpp called in-process, same model, same threads, same prompts, side by side in one run.
  */
 const concurrencies = [1, 4, 8]
-const maxTokens = 128
-const rounds = 3
+const maxTokens = 192
+const rounds = 7
 const threads = 1
 /** Bigger than the test model so compute, not bookkeeping, dominates, as with a real model. */
 const modelSize = {
@@ -30,88 +31,118 @@ interface Run {
   ttftMs: number[]
 }
 
-async function inProcess(modelPath: string, concurrency: number): Promise<Run> {
-  const llama = await getLlama({ gpu: false, build: 'never' })
+interface Side {
+  /** One batch: `concurrency` requests at once, each of maxTokens. */
+  batch(round: number): Promise<Run>
+  close(): Promise<void>
+}
+
+/** node-llama-cpp called directly: one context with `concurrency` sequences, kept warm. */
+async function inProcess(modelPath: string, concurrency: number): Promise<Side> {
+  const llama = await getLlama({ gpu: false, build: 'never', logLevel: LlamaLogLevel.error })
   const model = await llama.loadModel({ modelPath })
   const context = await model.createContext({
     sequences: concurrency,
     contextSize: 512 * concurrency,
     threads,
   })
-  try {
-    const ttftMs: number[] = []
-    let tokens = 0
-    const started = performance.now()
-    await Promise.all(
-      Array.from({ length: concurrency }, async (_, i) => {
-        const completion = new LlamaCompletion({ contextSequence: context.getSequence() })
-        const t0 = performance.now()
-        let first = true
-        await completion.generateCompletion(`Prompt number ${i}: once upon a time`, {
-          maxTokens,
-          temperature: 0,
-          onToken: (t) => {
-            if (first) ttftMs.push(performance.now() - t0)
-            first = false
-            tokens += t.length
-          },
-        })
-      }),
-    )
-    return { tokens, seconds: (performance.now() - started) / 1000, ttftMs }
-  } finally {
-    await context.dispose()
-    await model.dispose()
-    await llama.dispose()
+  const sequences = Array.from({ length: concurrency }, () => context.getSequence())
+  return {
+    async batch(round) {
+      const ttftMs: number[] = []
+      let tokens = 0
+      const started = performance.now()
+      await Promise.all(
+        sequences.map(async (sequence, i) => {
+          await sequence.clearHistory()
+          const completion = new LlamaCompletion({ contextSequence: sequence, autoDisposeSequence: false })
+          const t0 = performance.now()
+          let first = true
+          await completion.generateCompletion(prompt(round, i), {
+            maxTokens,
+            temperature: 0,
+            onToken: (t) => {
+              if (first) ttftMs.push(performance.now() - t0)
+              first = false
+              tokens += t.length
+            },
+          })
+          completion.dispose({ disposeSequence: false })
+        }),
+      )
+      return { tokens, seconds: (performance.now() - started) / 1000, ttftMs }
+    },
+    async close() {
+      await context.dispose()
+      await model.dispose()
+      await llama.dispose()
+    },
   }
 }
 
-async function overHttp(modelPath: string, concurrency: number): Promise<Run> {
-  const server = await startEmbeddedServer({
-    modelPath,
+/** The embedded engine as the daemon runs it (its own process), over HTTP, streaming. */
+async function overHttp(modelPath: string, concurrency: number): Promise<Side> {
+  const engine = new LlamaCppEngine()
+  const handle = await engine.start({
+    model: modelPath,
     servedModelName: 'bench',
     parallel: concurrency,
     threads,
-    contextSize: 512,
+    contextLength: 512,
   })
-  try {
-    const ttftMs: number[] = []
-    let tokens = 0
-    const started = performance.now()
-    await Promise.all(
-      Array.from({ length: concurrency }, async (_, i) => {
-        const t0 = performance.now()
-        const res = await fetch(`${server.url}/v1/completions`, {
-          method: 'POST',
-          headers: { authorization: `Bearer ${server.apiKey}`, 'content-type': 'application/json' },
-          body: JSON.stringify({
+  const server = { url: handle.baseUrl, apiKey: handle.apiKey }
+  return {
+    async batch(round) {
+      const ttftMs: number[] = []
+      let tokens = 0
+      const started = performance.now()
+      await Promise.all(
+        Array.from({ length: concurrency }, async (_, i) => {
+          const t0 = performance.now()
+          const body = JSON.stringify({
             model: 'bench',
-            prompt: `Prompt number ${i}: once upon a time`,
+            prompt: prompt(round, i),
             max_tokens: maxTokens,
             temperature: 0,
             stream: true,
             stream_options: { include_usage: true },
-          }),
-        })
-        const decoder = new TextDecoder()
-        let first = true
-        let buffer = ''
-        for await (const chunk of res.body as unknown as AsyncIterable<Uint8Array>) {
-          if (first) ttftMs.push(performance.now() - t0)
-          first = false
-          buffer += decoder.decode(chunk, { stream: true })
-        }
-        for (const line of buffer.split('\n')) {
-          if (!line.startsWith('data: {')) continue
-          const event = JSON.parse(line.slice(6)) as { usage?: { completion_tokens: number } }
-          if (event.usage != null) tokens += event.usage.completion_tokens
-        }
-      }),
-    )
-    return { tokens, seconds: (performance.now() - started) / 1000, ttftMs }
-  } finally {
-    await server.close()
+          })
+          // node:http rather than fetch: a lean client, as the daemon's proxy will be
+          const text = await new Promise<string>((resolve, reject) => {
+            const req = request(
+              `${server.url}/v1/completions`,
+              {
+                method: 'POST',
+                headers: { authorization: `Bearer ${server.apiKey}`, 'content-type': 'application/json' },
+              },
+              (res) => {
+                const chunks: Buffer[] = []
+                res.on('data', (c: Buffer) => {
+                  if (chunks.length === 0) ttftMs.push(performance.now() - t0)
+                  chunks.push(c)
+                })
+                res.on('end', () => resolve(Buffer.concat(chunks).toString('utf8')))
+                res.on('error', reject)
+              },
+            )
+            req.on('error', reject)
+            req.end(body)
+          })
+          for (const line of text.split('\n')) {
+            if (!line.startsWith('data: {')) continue
+            const event = JSON.parse(line.slice(6)) as { usage?: { completion_tokens: number } }
+            if (event.usage != null) tokens += event.usage.completion_tokens
+          }
+        }),
+      )
+      return { tokens, seconds: (performance.now() - started) / 1000, ttftMs }
+    },
+    close: () => engine.stop(),
   }
+}
+
+function prompt(round: number, i: number): string {
+  return `Prompt ${round}.${i}: once upon a time`
 }
 
 function median(xs: number[]): number {
@@ -125,28 +156,39 @@ export async function run(): Promise<Record<string, unknown>> {
     await writeTinyModel(modelPath, modelSize)
     const rows: Array<Record<string, number>> = []
     for (const c of concurrencies) {
-      const http: number[] = []
-      const inproc: number[] = []
-      const ttft: number[] = []
-      for (let r = 0; r < rounds; r++) {
-        // alternate the order so drift on a noisy machine hits both sides alike
-        const a = r % 2 === 0 ? await inProcess(modelPath, c) : null
-        const h = await overHttp(modelPath, c)
-        const b = a ?? (await inProcess(modelPath, c))
-        inproc.push(b.tokens / b.seconds)
-        http.push(h.tokens / h.seconds)
-        ttft.push(...h.ttftMs)
-        progress(
-          `concurrency ${c}, round ${r + 1}/${rounds}: http ${(h.tokens / h.seconds).toFixed(0)} tok/s, in-process ${(b.tokens / b.seconds).toFixed(0)} tok/s`,
-        )
+      const sides = { inproc: await inProcess(modelPath, c), http: await overHttp(modelPath, c) }
+      try {
+        // warm both up: the first batch on a fresh context pays for buffer allocation
+        await sides.inproc.batch(-1)
+        await sides.http.batch(-1)
+        const http: number[] = []
+        const inproc: number[] = []
+        const ttft: number[] = []
+        for (let r = 0; r < rounds; r++) {
+          // alternate the order so drift on a noisy machine hits both sides alike
+          const order = r % 2 === 0 ? (['inproc', 'http'] as const) : (['http', 'inproc'] as const)
+          const got: Partial<Record<'inproc' | 'http', Run>> = {}
+          for (const side of order) got[side] = await sides[side].batch(r)
+          const h = got.http!
+          const b = got.inproc!
+          inproc.push(b.tokens / b.seconds)
+          http.push(h.tokens / h.seconds)
+          ttft.push(...h.ttftMs)
+          progress(
+            `concurrency ${c}, round ${r + 1}/${rounds}: http ${(h.tokens / h.seconds).toFixed(0)} tok/s, in-process ${(b.tokens / b.seconds).toFixed(0)} tok/s`,
+          )
+        }
+        rows.push({
+          concurrency: c,
+          http_tokens_per_s: Math.round(median(http)),
+          inprocess_tokens_per_s: Math.round(median(inproc)),
+          ratio: Number((median(http) / median(inproc)).toFixed(3)),
+          ttft_ms_p50: Number(median(ttft).toFixed(1)),
+        })
+      } finally {
+        await sides.inproc.close()
+        await sides.http.close()
       }
-      rows.push({
-        concurrency: c,
-        http_tokens_per_s: Math.round(median(http)),
-        inprocess_tokens_per_s: Math.round(median(inproc)),
-        ratio: Number((median(http) / median(inproc)).toFixed(3)),
-        ttft_ms_p50: Number(median(ttft).toFixed(1)),
-      })
     }
     const goalMet = rows.every((r) => (r.ratio ?? 0) >= 0.9)
     const result = {

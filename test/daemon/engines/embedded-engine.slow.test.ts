@@ -1,4 +1,4 @@
-import { mkdtemp, rm } from 'node:fs/promises'
+import { mkdtemp, rm, writeFile } from 'node:fs/promises'
 import { request } from 'node:http'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -329,5 +329,47 @@ describe('embedded engine under load: a bounded queue and client disconnects', (
     // and the engine serves the next request
     const next = await client.completions.create({ model, prompt: 'next', max_tokens: 4, temperature: 0 })
     expect(next.usage!.completion_tokens).toBe(4)
+  })
+})
+
+describe('embedded engine process isolation', () => {
+  it('reports a killed engine process as crashed, leaves this process running, and starts again', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'garage-engine-crash-'))
+    const engine = new LlamaCppEngine()
+    try {
+      const modelPath = join(dir, 'tiny.gguf')
+      await writeTinyModel(modelPath)
+      await engine.start({ model: modelPath, servedModelName: 'tiny', threads: 1 })
+      const crashed = new Promise<Error>((resolve) =>
+        engine.addEventListener('crashed', (e) => resolve(e.detail.error), { once: true }),
+      )
+      process.kill(engine.pid!, 'SIGKILL')
+      expect((await crashed).message).toContain('exited')
+      expect(engine.state).toBe('crashed')
+      expect(await engine.health()).toBe(false)
+      const again = await engine.start({ model: modelPath, servedModelName: 'tiny', threads: 1 })
+      const res = await fetch(`${again.baseUrl}/v1/models`, {
+        headers: { authorization: `Bearer ${again.apiKey}` },
+      })
+      expect(res.status).toBe(200)
+    } finally {
+      await engine.stop()
+      await rm(dir, { recursive: true, force: true })
+    }
+  })
+
+  it("fails to start with llama.cpp's reason when the file is not a model", async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'garage-engine-bad-'))
+    try {
+      const bad = join(dir, 'not-a-model.gguf')
+      await writeFile(bad, 'GGUF but not really')
+      const engine = new LlamaCppEngine()
+      await expect(engine.start({ model: bad, threads: 1 })).rejects.toThrow(
+        /could not serve .*not-a-model\.gguf/,
+      )
+      expect(engine.state).toBe('crashed')
+    } finally {
+      await rm(dir, { recursive: true, force: true })
+    }
   })
 })
