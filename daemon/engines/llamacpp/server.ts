@@ -378,9 +378,10 @@ export async function startEmbeddedServer(options: EmbeddedServerOptions): Promi
       const result = await completion.generateCompletionWithMeta(tokens, {
         maxTokens,
         temperature: req.temperature,
-        topP: req.topP,
+        // Only what the request sets: each stage node-llama-cpp adds costs per token.
+        ...(req.topP < 1 ? { topP: req.topP } : {}),
         ...(req.seed != null ? { seed: req.seed } : {}),
-        customStopTriggers: stops,
+        ...(stops.length > 0 ? { customStopTriggers: stops } : {}),
         signal: clientGone,
         stopOnAbortSignal: true,
         onToken: (t) => {
