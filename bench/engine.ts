@@ -58,9 +58,14 @@ async function inProcess(modelPath: string, concurrency: number): Promise<Side> 
           const completion = new LlamaCompletion({ contextSequence: sequence, autoDisposeSequence: false })
           const t0 = performance.now()
           let first = true
+          let text = ''
           await completion.generateCompletion(prompt(round, i), {
             maxTokens,
             temperature: 0,
+            // the same generation work the engine does: a streaming caller wants the text as it comes
+            onTextChunk: (chunk) => {
+              text += chunk
+            },
             onToken: (t) => {
               if (first) ttftMs.push(performance.now() - t0)
               first = false
@@ -68,6 +73,7 @@ async function inProcess(modelPath: string, concurrency: number): Promise<Side> 
             },
           })
           completion.dispose({ disposeSequence: false })
+          if (text.length === 0) throw new Error('in-process generation produced no text')
         }),
       )
       return { tokens, seconds: (performance.now() - started) / 1000, ttftMs }
