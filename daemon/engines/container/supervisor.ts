@@ -230,3 +230,18 @@ export class ContainerSupervisor extends TypedEventEmitter<SupervisorEvents> {
     }
   }
 }
+
+/**
+ * Ends a supervised container in the one safe order: the supervisor first (so the stop is not
+ * taken for a crash and restarted), then a graceful stop, then removal.
+ */
+export async function stopSupervisedContainer(
+  runtime: ContainerRuntime | null,
+  run: { id: string; supervisor: ContainerSupervisor },
+  graceMs: number,
+): Promise<void> {
+  await run.supervisor.stop()
+  if (runtime == null) return
+  await runtime.stop(run.id, { graceMs })
+  await runtime.remove(run.id)
+}

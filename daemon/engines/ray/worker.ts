@@ -7,7 +7,7 @@ import { GarageError } from '../../../mesh/errors.ts'
 import { type Logger, silentLogger } from '../../../mesh/logger.ts'
 import { detectContainerRuntime } from '../container/cli.ts'
 import { type SecretEnvFile, writeSecretEnvFile } from '../container/env-file.ts'
-import { ContainerSupervisor, type RestartPolicy } from '../container/supervisor.ts'
+import { ContainerSupervisor, type RestartPolicy, stopSupervisedContainer } from '../container/supervisor.ts'
 import type { ContainerRuntime, GpuRequest } from '../container/types.ts'
 import { rayImage, rayWorkerContainerSpec } from './spec.ts'
 
@@ -348,12 +348,8 @@ export class RayWorker extends TypedEventEmitter<RayWorkerEvents> {
     if (run == null) return
     this.recovery?.abort()
     this.recovery = null
-    await run.supervisor.stop()
-    if (this.runtime != null) {
-      // Ray's SIGTERM handler leaves the cluster cleanly (the head reschedules the node's work).
-      await this.runtime.stop(run.id, { graceMs: this.init.stopGraceMs ?? defaults.stopGraceMs })
-      await this.runtime.remove(run.id)
-    }
+    // Ray's SIGTERM handler leaves the cluster cleanly (the head reschedules the node's work).
+    await stopSupervisedContainer(this.runtime, run, this.init.stopGraceMs ?? defaults.stopGraceMs)
     this.active = null
   }
 }

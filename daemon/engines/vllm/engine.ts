@@ -8,7 +8,7 @@ import { type Logger, silentLogger } from '../../../mesh/logger.ts'
 import { detectContainerRuntime } from '../container/cli.ts'
 import { type SecretEnvFile, writeSecretEnvFile } from '../container/env-file.ts'
 import { freeLoopbackPort, isPortInUse } from '../container/ports.ts'
-import { ContainerSupervisor, type RestartPolicy } from '../container/supervisor.ts'
+import { ContainerSupervisor, type RestartPolicy, stopSupervisedContainer } from '../container/supervisor.ts'
 import type { ContainerRuntime, GpuRequest, PullProgress } from '../container/types.ts'
 import type {
   Engine,
@@ -384,12 +384,7 @@ export class VllmEngine extends TypedEventEmitter<VllmEngineEvents> implements E
     if (run == null) return
     this.recovery?.abort()
     this.recovery = null
-    await run.supervisor.stop()
-    const runtime = this.runtime
-    if (runtime != null) {
-      await runtime.stop(run.id, { graceMs: this.init.stopGraceMs ?? defaults.stopGraceMs })
-      await runtime.remove(run.id)
-    }
+    await stopSupervisedContainer(this.runtime, run, this.init.stopGraceMs ?? defaults.stopGraceMs)
     this.active = null
     this.log.info({ container: run.name }, 'vLLM container removed')
   }
