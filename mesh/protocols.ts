@@ -12,3 +12,59 @@ export const regionExchangeTimeoutMs = 5_000
 /** Concurrent region streams a peer may hold open on one connection. */
 export const regionMaxInboundStreams = 8
 export const regionMaxOutboundStreams = 8
+
+export const JOIN_PROTOCOL = '/garage/join/1.0.0'
+export const TELEMETRY_PROTOCOL = '/garage/telemetry/1.0.0'
+export const INFER_PROTOCOL = '/garage/infer/1.0.0'
+
+/** A signed capability report: hardware lists of a few GPUs; anything past this is hostile. */
+export const joinRequestMaxBytes = 16 * 1024
+/** An assignment, with Ray credentials where the region runs a trusted cluster. */
+export const joinResponseMaxBytes = 16 * 1024
+export const joinExchangeTimeoutMs = 10_000
+export const joinMaxInboundStreams = 4
+export const joinMaxOutboundStreams = 4
+
+export const telemetryReportMaxBytes = 4 * 1024
+export const telemetryAckMaxBytes = 1024
+export const telemetryExchangeTimeoutMs = 5_000
+export const telemetryMaxInboundStreams = 4
+export const telemetryMaxOutboundStreams = 4
+/** How often a node reports; the head evicts a node silent for telemetryDeadlineMs. */
+export const telemetryIntervalMs = 2_000
+export const telemetryDeadlineMs = 3 * telemetryIntervalMs + 1_000
+
+/** Request line and headers of a proxied HTTP request, or status and headers of its response. */
+export const inferHeadMaxBytes = 16 * 1024
+/** Whole request body (a chat with a long context); the head refuses larger bodies before it dials. */
+export const inferRequestBodyMaxBytes = 4 * 1024 * 1024
+/** One data frame; bodies are cut into frames of at most this. */
+export const inferFrameMaxBytes = 64 * 1024
+/** Dial and protocol negotiation. */
+export const inferConnectTimeoutMs = 5_000
+/** From the request sent to the response head (queueing at the engine included). */
+export const inferFirstByteTimeoutMs = 60_000
+/** Between two frames of a response in progress. */
+export const inferIdleTimeoutMs = 60_000
+/** Concurrent infer streams one head may hold open on one connection to a node. */
+export const inferMaxInboundStreams = 256
+export const inferMaxOutboundStreams = 1_024
+
+// /garage/infer/1.0.0 flow control and keep-alive (mesh/infer-protocol.ts)
+
+/** Response bytes the head queues for a slow reader before it pauses the stream (yamux then holds the node back). */
+export const inferResponseBufferBytes = 256 * 1024
+/**
+ * Cap on yamux's receive window of an infer stream at the head (yamux grows it to 16 MiB): what a
+ * paused stream still lets in. 1 MiB per RTT is 20 MiB/s at 50 ms, far above a token stream.
+ */
+export const inferReceiveWindowMaxBytes = 1024 * 1024
+/** What a paused infer stream may hold before libp2p resets it; above any yamux window, capped or not. */
+export const inferStreamReadBufferMaxBytes = 16 * 1024 * 1024 + 256 * 1024
+/**
+ * How long the head keeps a finished stream for the next request to the same node. Below
+ * inferIdleTimeoutMs, after which the node closes a stream that carries no request.
+ */
+export const inferKeepAliveMs = 30_000
+/** Idle streams the head keeps per node; past it a finished stream is closed. */
+export const inferIdleStreamsPerPeer = 64

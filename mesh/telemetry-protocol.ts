@@ -1,0 +1,269 @@
+import type { AbortOptions, Connection, PeerId, Stream } from '@libp2p/interface'
+import { lpStream } from '@libp2p/utils'
+import { decodeCanonical, encodeCanonical, isPlainObject } from './cbor.ts'
+import { type Logger, silentLogger } from './logger.ts'
+import type { MeshNode } from './node.ts'
+import {
+  TELEMETRY_PROTOCOL,
+  telemetryAckMaxBytes,
+  telemetryExchangeTimeoutMs,
+  telemetryMaxInboundStreams,
+  telemetryMaxOutboundStreams,
+  telemetryReportMaxBytes,
+} from './protocols.ts'
+import type { GpuTelemetry, NodeServingState, TelemetryReport } from './region-messages.ts'
+
+/**
+ * `/garage/telemetry/1.0.0`: one stream per report. The node sends one length-prefixed CBOR
+ * TelemetryReport; the head answers `{ v: 1, ok: true }` or `{ v: 1, ok: false, code: 'not_joined' }`
+ * (the node must join again, e.g. after a head restart) and both close.
+ */
+
+export type TelemetryAck = 'ok' | 'not_joined'
+
+/** The peer broke the protocol: a malformed report or answer. */
+export class TelemetryProtocolError extends Error {
+  override name = 'TelemetryProtocolError'
+}
+
+export const maxTelemetryModelLength = 128
+const servingStates: ReadonlySet<string> = new Set<NodeServingState>([
+  'starting',
+  'serving',
+  'paused',
+  'draining',
+])
+
+function bad(message: string): never {
+  throw new TelemetryProtocolError(`telemetry report: ${message}`)
+}
+
+function nonNegative(v: unknown, field: string, max = Number.MAX_VALUE): number {
+  if (typeof v !== 'number' || !Number.isFinite(v) || v < 0 || v > max) {
+    bad(`${field} must be a finite number from 0 to ${max}`)
+  }
+  return v
+}
+
+/** Checks every field and returns a fresh copy with absent optionals dropped. Throws TelemetryProtocolError. */
+export function parseTelemetryReport(value: unknown): TelemetryReport {
+  if (!isPlainObject(value)) bad('must be a map')
+  if (value.v !== 1) bad(`version ${String(value.v)} is not supported (want 1)`)
+  const required = [
+    'v',
+    'seq',
+    'state',
+    'model',
+    'tokensTotal',
+    'promptTokensTotal',
+    'tokensPerSecond',
+    'running',
+    'waiting',
+    'kvCacheUsage',
+  ]
+  for (const k of required) if (value[k] === undefined) bad(`${k} is missing`)
+  for (const k of Object.keys(value))
+    if (!required.includes(k) && k !== 'gpu') bad(`${k} is not a known field`)
+  const { seq, state, model } = value
+  if (typeof seq !== 'number' || !Number.isSafeInteger(seq) || seq < 0)
+    bad('seq must be a non-negative integer')
+  if (typeof state !== 'string' || !servingStates.has(state))
+    bad(`state must be one of ${[...servingStates].join(', ')}`)
+  if (typeof model !== 'string' || model.length > maxTelemetryModelLength) {
+    bad(`model must be a string of at most ${maxTelemetryModelLength} characters`)
+  }
+  const report: TelemetryReport = {
+    v: 1,
+    seq,
+    state: state as NodeServingState,
+    model,
+    tokensTotal: nonNegative(value.tokensTotal, 'tokensTotal'),
+    promptTokensTotal: nonNegative(value.promptTokensTotal, 'promptTokensTotal'),
+    tokensPerSecond: nonNegative(value.tokensPerSecond, 'tokensPerSecond'),
+    running: nonNegative(value.running, 'running'),
+    waiting: nonNegative(value.waiting, 'waiting'),
+    kvCacheUsage: nonNegative(value.kvCacheUsage, 'kvCacheUsage', 1),
+  }
+  if (value.gpu !== undefined) {
+    const gpu = value.gpu
+    if (!isPlainObject(gpu)) bad('gpu must be a map')
+    const keys = Object.keys(gpu).sort().join(',')
+    if (keys !== 'powerW,temperatureC,utilizationPct') bad(`gpu has fields ${keys}`)
+    const g: GpuTelemetry = {
+      utilizationPct: nonNegative(gpu.utilizationPct, 'gpu.utilizationPct', 100),
+      temperatureC: nonNegative(gpu.temperatureC, 'gpu.temperatureC'),
+      powerW: nonNegative(gpu.powerW, 'gpu.powerW'),
+    }
+    report.gpu = g
+  }
+  return report
+}
+
+export interface TelemetryHandlerInit {
+  /** Records a report from `peer`; 'not_joined' tells the node to join again. */
+  onReport: (report: TelemetryReport, peer: PeerId) => TelemetryAck | Promise<TelemetryAck>
+  /** A malformed, oversized or stalled report; its stream was reset. */
+  onBadRequest?: (err: Error, peer: PeerId) => void
+  timeoutMs?: number
+}
+
+function ackMessage(ack: TelemetryAck): Record<string, unknown> {
+  return ack === 'ok' ? { v: 1, ok: true } : { v: 1, ok: false, code: 'not_joined' }
+}
+
+async function serve(
+  stream: Stream,
+  connection: Connection,
+  init: TelemetryHandlerInit,
+  options: AbortOptions,
+): Promise<void> {
+  const lp = lpStream(stream, { maxDataLength: telemetryReportMaxBytes })
+  const report = parseTelemetryReport(decodeCanonical((await lp.read(options)).subarray()))
+  const ack = await init.onReport(report, connection.remotePeer)
+  await lp.write(encodeCanonical(ackMessage(ack)), options)
+  await stream.close(options)
+}
+
+/** Receives telemetry. Malformed input resets only that stream; the head keeps serving. */
+export async function handleTelemetryProtocol(node: MeshNode, init: TelemetryHandlerInit): Promise<void> {
+  await node.handle(
+    TELEMETRY_PROTOCOL,
+    async (stream: Stream, connection: Connection) => {
+      const signal = AbortSignal.timeout(init.timeoutMs ?? telemetryExchangeTimeoutMs)
+      try {
+        await serve(stream, connection, init, { signal })
+      } catch (err) {
+        init.onBadRequest?.(err as Error, connection.remotePeer)
+        stream.abort(err as Error)
+      }
+    },
+    {
+      maxInboundStreams: telemetryMaxInboundStreams,
+      maxOutboundStreams: telemetryMaxOutboundStreams,
+      // Relayed nodes report too; a report is a few hundred bytes, well inside relay limits.
+      runOnLimitedConnection: true,
+    },
+  )
+}
+
+function parseAck(value: unknown): TelemetryAck {
+  if (isPlainObject(value) && value.v === 1) {
+    const keys = Object.keys(value).sort().join(',')
+    if (keys === 'ok,v' && value.ok === true) return 'ok'
+    if (keys === 'code,ok,v' && value.ok === false && value.code === 'not_joined') return 'not_joined'
+  }
+  throw new TelemetryProtocolError(
+    'telemetry answer must be { v: 1, ok: true } or { v: 1, ok: false, code: "not_joined" }',
+  )
+}
+
+/** Sends one report to `head`; resolves with its answer. */
+export async function sendTelemetry(
+  node: MeshNode,
+  head: PeerId,
+  report: TelemetryReport,
+  options: AbortOptions = {},
+): Promise<TelemetryAck> {
+  const bytes = encodeCanonical(parseTelemetryReport(report))
+  if (bytes.byteLength > telemetryReportMaxBytes) {
+    throw new TelemetryProtocolError(
+      `telemetry report is ${bytes.byteLength} bytes, limit ${telemetryReportMaxBytes}`,
+    )
+  }
+  const signal = AbortSignal.any([
+    AbortSignal.timeout(telemetryExchangeTimeoutMs),
+    ...(options.signal != null ? [options.signal] : []),
+  ])
+  const stream = await node.dialProtocol(head, TELEMETRY_PROTOCOL, {
+    signal,
+    runOnLimitedConnection: true,
+    maxOutboundStreams: telemetryMaxOutboundStreams,
+  })
+  try {
+    const lp = lpStream(stream, { maxDataLength: telemetryAckMaxBytes })
+    await lp.write(bytes, { signal })
+    const ack = parseAck(decodeCanonical((await lp.read({ signal })).subarray()))
+    await stream.close({ signal })
+    return ack
+  } catch (err) {
+    stream.abort(err as Error)
+    throw err
+  }
+}
+
+export type TelemetrySample = Omit<TelemetryReport, 'v' | 'seq'>
+
+export interface TelemetryReporterInit {
+  /** Sends one report (sendTelemetry bound to the head); the signal aborts when the reporter stops. */
+  send: (report: TelemetryReport, options: { signal: AbortSignal }) => Promise<TelemetryAck>
+  /** Reads the engine's metrics and the host state now. */
+  collect: (options: { signal: AbortSignal }) => Promise<TelemetrySample>
+  intervalMs: number
+  /** The head forgot this node (called on every such answer): join again; the reporter keeps ticking. */
+  onNotJoined: () => void
+  /** A collect or send failed; the next tick tries again with a fresh report. */
+  onError?: (err: Error) => void
+  logger?: Logger
+}
+
+/**
+ * The node side of telemetry: reports at once on start(), then every intervalMs. A tick that comes
+ * while a report is still in flight is skipped, so reports never overlap.
+ */
+export class TelemetryReporter {
+  private readonly init: TelemetryReporterInit
+  private readonly log: Logger
+  private timer: ReturnType<typeof setInterval> | null = null
+  private controller: AbortController | null = null
+  /** The controller of the run whose report is in flight; a restarted run does not wait for an aborted one. */
+  private inFlight: AbortController | null = null
+  private seq = 0
+
+  constructor(init: TelemetryReporterInit) {
+    if (!(Number.isFinite(init.intervalMs) && init.intervalMs > 0)) {
+      throw new RangeError('telemetry intervalMs must be a positive number')
+    }
+    this.init = init
+    this.log = (init.logger ?? silentLogger).child({ component: 'daemon:telemetry' })
+  }
+
+  get running(): boolean {
+    return this.timer != null
+  }
+
+  start(): void {
+    if (this.timer != null) return
+    this.controller = new AbortController()
+    this.timer = setInterval(() => void this.tick(), this.init.intervalMs)
+    void this.tick()
+  }
+
+  stop(): void {
+    if (this.timer == null) return
+    clearInterval(this.timer)
+    this.timer = null
+    this.controller?.abort()
+    this.controller = null
+  }
+
+  private async tick(): Promise<void> {
+    const controller = this.controller
+    if (controller == null || this.inFlight === controller) return
+    this.inFlight = controller
+    try {
+      const sample = await this.init.collect({ signal: controller.signal })
+      // seq counts attempts: the head ignores a number it has seen, and gaps are harmless.
+      this.seq += 1
+      const ack = await this.init.send({ ...sample, v: 1, seq: this.seq }, { signal: controller.signal })
+      if (controller.signal.aborted) return
+      // Keeps ticking: once the owner has joined again, the next report is answered 'ok'.
+      if (ack === 'not_joined') this.init.onNotJoined()
+    } catch (err) {
+      if (controller.signal.aborted) return
+      this.log.warn({ err }, 'telemetry report failed; retrying at the next tick')
+      this.init.onError?.(err as Error)
+    } finally {
+      if (this.inFlight === controller) this.inFlight = null
+    }
+  }
+}
