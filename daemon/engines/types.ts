@@ -24,6 +24,11 @@ export interface EngineStartOptions {
   threads?: number
   /** Share of GPU memory the engine may use, from the user's VRAM cap (vLLM's --gpu-memory-utilization). */
   gpuMemoryUtilization?: number
+  /**
+   * Tokens per second, per sequence (embedded engine): a volunteer's cap on how hard the engine works,
+   * and how tests make a slower node. A positive finite number; none means as fast as it can.
+   */
+  maxTokensPerSecond?: number
   signal?: AbortSignal
 }
 

@@ -57,6 +57,14 @@ export class LlamaCppEngine extends TypedEventEmitter<EngineEvents> implements E
   async start(options: EngineStartOptions): Promise<EngineHandle> {
     if (this.child != null)
       throw new EngineStartError('the embedded engine is already running', 'ENGINE_RUNNING')
+    const cap = options.maxTokensPerSecond
+    // Checked here, not in the engine process: a bad option is the caller's mistake, not a crash.
+    if (cap != null && (typeof cap !== 'number' || !Number.isFinite(cap) || cap <= 0)) {
+      throw new EngineStartError(
+        `maxTokensPerSecond must be a positive finite number (tokens per second per sequence); got ${String(cap)}`,
+        'ENGINE_OPTIONS_INVALID',
+      )
+    }
     this.current = 'starting'
     this.stopping = false
     this.stderrTail = []
@@ -71,6 +79,7 @@ export class LlamaCppEngine extends TypedEventEmitter<EngineEvents> implements E
       ...(options.maxQueue != null ? { maxQueue: options.maxQueue } : {}),
       ...(options.threads != null ? { threads: options.threads } : {}),
       ...(options.contextLength != null ? { contextSize: options.contextLength } : {}),
+      ...(cap != null ? { maxTokensPerSecond: cap } : {}),
     }
     const child = spawn(process.execPath, [serveScript], {
       env: { ...process.env, GARAGE_ENGINE_OPTIONS: JSON.stringify(serverOptions) },

@@ -3,6 +3,7 @@ import { open } from 'node:fs/promises'
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http'
 import type { AddressInfo } from 'node:net'
 import { availableParallelism } from 'node:os'
+import { setTimeout as sleep } from 'node:timers/promises'
 import {
   type ChatHistoryItem,
   type ChatWrapper,
@@ -37,6 +38,8 @@ export interface EmbeddedServerOptions {
   gpu?: 'auto' | false
   /** Bearer key clients must send; random when not given. */
   apiKey?: string
+  /** Tokens per second per sequence: a volunteer's cap on how hard the engine works. None: no cap. */
+  maxTokensPerSecond?: number
 }
 
 export interface EmbeddedServer {
@@ -56,6 +59,67 @@ export const streamFlushMs = 10
 
 export function defaultThreads(): number {
   return Math.max(1, availableParallelism() - 1)
+}
+
+/** Milliseconds between one sequence's tokens under a cap; anything but a positive finite cap is refused. */
+export function tokenIntervalMs(maxTokensPerSecond: number): number {
+  if (
+    typeof maxTokensPerSecond !== 'number' ||
+    !Number.isFinite(maxTokensPerSecond) ||
+    maxTokensPerSecond <= 0
+  ) {
+    throw new RangeError(
+      `maxTokensPerSecond must be a positive finite number (tokens per second per sequence); got ${String(maxTokensPerSecond)}`,
+    )
+  }
+  return 1000 / maxTokensPerSecond
+}
+
+// Node's timers fire after 1 ms instead of waiting longer than this.
+const maxTimerMs = 2 ** 31 - 1
+
+/** Passes a sequence's tokens on, asking for each after the first no sooner than intervalMs after the one before. */
+async function* pacedTokens<T, N>(
+  inner: AsyncGenerator<T, void, N>,
+  intervalMs: number,
+  signal: AbortSignal,
+): AsyncGenerator<T, void, N> {
+  let input: N | undefined
+  let lastAt = Number.NEGATIVE_INFINITY
+  try {
+    while (true) {
+      // An abort ends the wait: the caller sees its signal at the next token and stops.
+      for (let wait = lastAt + intervalMs - performance.now(); wait > 0 && !signal.aborted; ) {
+        await sleep(Math.min(wait, maxTimerMs), undefined, { signal }).catch(() => undefined)
+        wait = lastAt + intervalMs - performance.now()
+      }
+      const { value, done } = await inner.next(input as N)
+      if (done) return
+      lastAt = performance.now()
+      input = yield value
+    }
+  } finally {
+    await inner.return()
+  }
+}
+
+/**
+ * The sequence as one capped generation sees it. Not the context's batching `dispatchSchedule`: in
+ * node-llama-cpp 3.22 the context decodes at once when every sequence is waiting and keeps decoding
+ * inside one dispatch while sequences keep queueing, so paced dispatches do not cap a sequence.
+ */
+function pacedSequence(
+  sequence: LlamaContextSequence,
+  intervalMs: number,
+  signal: AbortSignal,
+): LlamaContextSequence {
+  const evaluateWithMetadata: LlamaContextSequence['evaluateWithMetadata'] = (tokens, metadata, options) =>
+    pacedTokens(sequence.evaluateWithMetadata(tokens, metadata, options), intervalMs, signal)
+  // evaluate() calls this.evaluateWithMetadata, so this one method paces both.
+  return new Proxy(sequence, {
+    get: (target, key, receiver) =>
+      key === 'evaluateWithMetadata' ? evaluateWithMetadata : Reflect.get(target, key, receiver),
+  })
 }
 
 interface Slot {
@@ -201,6 +265,7 @@ export async function startEmbeddedServer(options: EmbeddedServerOptions): Promi
   const threads = options.threads ?? defaultThreads()
   const maxBodyBytes = options.maxBodyBytes ?? defaultMaxBodyBytes
   const apiKey = options.apiKey ?? randomBytes(24).toString('base64url')
+  const intervalMs = options.maxTokensPerSecond != null ? tokenIntervalMs(options.maxTokensPerSecond) : null
   await checkGgufHeader(options.modelPath)
   // llama.cpp's own warnings go to stderr unasked; keep errors only (the daemon logs through pino).
   const llama: Llama = await getLlama({
@@ -386,7 +451,9 @@ export async function startEmbeddedServer(options: EmbeddedServerOptions): Promi
             choices: [{ index: 0, delta: { role: 'assistant', content: '' }, finish_reason: null }],
           })
       }
-      completion = new LlamaCompletion({ contextSequence: slot.sequence, autoDisposeSequence: false })
+      const sequence =
+        intervalMs != null ? pacedSequence(slot.sequence, intervalMs, clientGone) : slot.sequence
+      completion = new LlamaCompletion({ contextSequence: sequence, autoDisposeSequence: false })
       const result = await completion.generateCompletionWithMeta(tokens, {
         maxTokens,
         temperature: req.temperature,
