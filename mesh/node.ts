@@ -14,7 +14,7 @@ import { type Multiaddr, multiaddr } from '@multiformats/multiaddr'
 import { createLibp2p, type ServiceFactoryMap } from 'libp2p'
 import { GarageError } from './errors.ts'
 import { meshConnectionGater } from './gater.ts'
-import { KAD_PROTOCOL } from './protocols.ts'
+import { inferReceiveWindowMaxBytes, KAD_PROTOCOL } from './protocols.ts'
 
 export type MeshRole = 'node' | 'bootstrap'
 
@@ -174,7 +174,9 @@ export async function createMeshNode(options: MeshNodeOptions): Promise<MeshNode
     },
     transports: [tcp(), webSockets(), circuitRelayTransport({ reservationCompletionTimeout: 10_000 })],
     connectionEncrypters: [noise()],
-    streamMuxers: [yamux()],
+    // yamux would grow a stream's window to 16 MiB: a paused reader (a slow API client behind the
+    // head) could then hold that much per stream. 1 MiB per RTT still carries any token stream.
+    streamMuxers: [yamux({ streamOptions: { maxStreamWindowSize: inferReceiveWindowMaxBytes } })],
     connectionGater: meshConnectionGater({
       allowPrivateAddresses: allowPrivate,
       trustedAddresses: bootstrap.map((b) => b.addr),

@@ -55,7 +55,7 @@ export const inferMaxOutboundStreams = 1_024
 /** Response bytes the head queues for a slow reader before it pauses the stream (yamux then holds the node back). */
 export const inferResponseBufferBytes = 256 * 1024
 /**
- * Cap on yamux's receive window of an infer stream at the head (yamux grows it to 16 MiB): what a
+ * Cap on yamux's receive window per stream, set in mesh/node.ts (yamux grows it to 16 MiB): what a
  * paused stream still lets in. 1 MiB per RTT is 20 MiB/s at 50 ms, far above a token stream.
  */
 export const inferReceiveWindowMaxBytes = 1024 * 1024
