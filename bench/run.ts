@@ -4,6 +4,7 @@ import { progress } from './report.ts'
 const benchmarks: Record<string, () => Promise<{ run: () => Promise<Record<string, unknown>> }>> = {
   mesh: () => import('./mesh.ts'),
   engine: () => import('./engine.ts'),
+  'mesh-proxy': () => import('./mesh-proxy.ts'),
 }
 
 const wanted = process.argv.slice(2)

@@ -20,6 +20,10 @@ export const commands: Record<string, CommandSpec> = {
     summary: 'Run a bootstrap node: DHT server, relay, region announcement',
     load: () => import('./commands/bootstrap.ts'),
   },
+  node: {
+    summary: 'Run a node: join the nearest region, serve the model it assigns over the mesh',
+    load: () => import('./commands/node.ts'),
+  },
   regions: {
     summary: 'Discover regional heads and show their certificates and RTT',
     load: () => import('./commands/regions.ts'),

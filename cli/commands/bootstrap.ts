@@ -1,4 +1,7 @@
 import { defaultBootstrapHttpPort, startBootstrap } from '../../bootstrap/bootstrap-node.ts'
+import { defaultHeadHttpPort, type RegionalHead, startRegionalHead } from '../../bootstrap/head/head.ts'
+import { loadRegionPolicy } from '../../bootstrap/head/policy.ts'
+import { RayHead } from '../../bootstrap/head/ray-head.ts'
 import { createLogger } from '../../mesh/logger.ts'
 import {
   type CommandContext,
@@ -20,6 +23,11 @@ reservations, the region's announcement in the DHT (refreshed), its certificate 
 /garage/region/1.0.0, and /metrics and /health over HTTP. The certificate must name this node's
 PeerId (see 'garage id'). SIGHUP re-reads the certificate; SIGINT or SIGTERM stop cleanly.
 
+With --policy FILE the node is also the region's head: it admits nodes (/garage/join/1.0.0) with
+assignments from the policy, keeps their telemetry, and routes OpenAI requests to them through the
+mesh; its HTTP API (/v1/chat/completions, /v1/completions, /v1/models, /metrics, /health) needs the
+token in <data dir>/head-api.token. docs/region.md describes the policy file.
+
 Options:
   --region NAME          the region this node announces (must match the certificate)
   --cert FILE            region certificate from 'garage authority issue'
@@ -30,6 +38,9 @@ Options:
   --http HOST:PORT       metrics and health endpoint (default: 127.0.0.1:${defaultBootstrapHttpPort})
   --max-reservations N   relay reservations held at once (default: 256)
   --announce-interval D  how often to re-announce the region (default: 10m)
+  --policy FILE          also run the regional head with this region policy (JSON)
+  --head-http HOST:PORT  the head's OpenAI API (default: 127.0.0.1:${defaultHeadHttpPort})
+  --ray-address ADDRESS  where the policy runs a Ray cluster: the address workers reach its head at
   --allow-private        dial private and loopback addresses (LAN, devnet, tests)
   --data-dir DIR         where the identity key lives (default: $GARAGE_DATA_DIR or the OS's data folder)`
 
@@ -46,6 +57,9 @@ export async function run(argv: string[], ctx: CommandContext): Promise<number> 
     'announce-interval': { type: 'string', default: '10m' },
     'allow-private': { type: 'boolean', default: false },
     'data-dir': { type: 'string' },
+    policy: { type: 'string' },
+    'head-http': { type: 'string' },
+    'ray-address': { type: 'string' },
   })
   if (values.region == null) throw new UsageError('--region is required')
   if (values.cert == null) throw new UsageError('--cert is required')
@@ -54,11 +68,17 @@ export async function run(argv: string[], ctx: CommandContext): Promise<number> 
   if (maxReservations != null && !(Number.isInteger(maxReservations) && maxReservations >= 0)) {
     throw new UsageError('--max-reservations must be a whole number')
   }
+  const headHttp = parseHostPort(values['head-http'] ?? `127.0.0.1:${defaultHeadHttpPort}`, '--head-http')
+  const policy = values.policy != null ? await loadRegionPolicy(values.policy) : null
+  if (policy != null && policy.region !== values.region) {
+    throw new UsageError(`the policy ${values.policy} is for region ${policy.region}, not ${values.region}`)
+  }
   const listen = splitList(values.listen)
   const announce = splitList(values.announce)
   const logger = createLogger()
+  const dataDir = values['data-dir'] ?? defaultDataDir(ctx.env)
   const node = await startBootstrap({
-    dataDir: values['data-dir'] ?? defaultDataDir(ctx.env),
+    dataDir,
     region: values.region,
     certPath: values.cert,
     ...(values.authority != null ? { authority: values.authority } : {}),
@@ -79,6 +99,38 @@ export async function run(argv: string[], ctx: CommandContext): Promise<number> 
         logger.error({ err: err.message }, 'certificate reload failed; keeping the old one'),
       )
   }
+  let head: RegionalHead | null = null
+  let ray: RayHead | null = null
+  if (policy != null) {
+    try {
+      if (policy.ray.enabled) {
+        // The region's Ray head runs in a container beside the head; its token goes only into
+        // assignments to nodes that opted in, when the policy marks the cluster trusted.
+        ray = new RayHead({
+          nodePeerId: node.peerId.toString(),
+          dataDir,
+          ...(values['ray-address'] != null ? { nodeIpAddress: values['ray-address'] } : {}),
+          logger,
+        })
+        const started = await ray.start()
+        print(ctx.stderr, `Ray head ready at ${started.address}`)
+      }
+      head = await startRegionalHead({
+        ray,
+        node: node.node,
+        region: node.region,
+        policy,
+        dataDir,
+        httpHost: headHttp.host,
+        httpPort: headHttp.port,
+        logger,
+      })
+    } catch (err) {
+      await ray?.stop()
+      await node.stop()
+      throw err
+    }
+  }
   process.on('SIGHUP', onHup)
   const cert = node.certificate()
   print(ctx.stdout, 'bootstrap node ready')
@@ -88,12 +140,18 @@ export async function run(argv: string[], ctx: CommandContext): Promise<number> 
   print(ctx.stdout, `  metrics    ${node.http.url}/metrics`)
   print(ctx.stdout, `  health     ${node.http.url}/health`)
   print(ctx.stdout, `  cert until ${cert.expiresAt.toISOString()}`)
+  if (head != null) {
+    print(ctx.stdout, `  head api   ${head.url}/v1 (token in ${dataDir}/head-api.token)`)
+    print(ctx.stdout, `  models     ${policy!.models.map((m) => m.name).join(', ')}`)
+  }
   await new Promise<void>((resolve) => {
     if (ctx.shutdown.aborted) resolve()
     ctx.shutdown.addEventListener('abort', () => resolve(), { once: true })
   })
   process.off('SIGHUP', onHup)
   print(ctx.stderr, 'stopping bootstrap node')
+  await head?.stop()
+  await ray?.stop()
   await node.stop()
   return 0
 }

@@ -1,26 +1,26 @@
 import { access, mkdir, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
-import { generateKeyPair } from '@libp2p/crypto/keys'
 import { peerIdFromPrivateKey } from '@libp2p/peer-id'
 import { type BootstrapNode, startBootstrap } from '../../bootstrap/bootstrap-node.ts'
-import { LlamaCppEngine } from '../../daemon/engines/llamacpp/engine.ts'
+import { type RegionalHead, startRegionalHead } from '../../bootstrap/head/head.ts'
+import { parseRegionPolicy, type RegionPolicy } from '../../bootstrap/head/policy.ts'
 import { writeTinyModel } from '../../daemon/engines/llamacpp/tiny-model.ts'
-import type { EngineHandle } from '../../daemon/engines/types.ts'
+import { probeHardware } from '../../daemon/hardware/probe.ts'
+import { NodeDaemon } from '../../daemon/node-daemon.ts'
 import { type Authority, initAuthority, loadAuthority } from '../../mesh/authority.ts'
 import { issueRegionCertificate } from '../../mesh/certificate.ts'
-import { type DiscoveredHead, RegionDiscovery } from '../../mesh/discovery.ts'
 import { loadOrCreateIdentity } from '../../mesh/identity.ts'
 import { createLogger } from '../../mesh/logger.ts'
-import { createMeshNode, type MeshNode } from '../../mesh/node.ts'
 import { type CommandContext, defaultDataDir, parseOptions, print, UsageError } from '../io.ts'
 
 export const usage = `Usage: garage devnet [--regions N] [--nodes N] [--data-dir DIR]
 
 Runs a whole Garage mesh on this machine, on loopback, with no GPU and no network: a federation
-authority, one bootstrap node per region (regions "local", "local-2", ...) with certificates it
-issues, and N nodes that discover their region through the DHT, each with an embedded llama.cpp
-engine serving the tiny model the project generates (made on first run). Prints a banner and writes the
-same facts to <data dir>/devnet.json. Ctrl-C stops everything.
+authority, one bootstrap node and regional head per region (regions "local", "local-2", ...) with
+certificates it issues, and N nodes that discover their region through the DHT, join its head and
+serve the tiny model the project generates (made on first run) on the embedded llama.cpp engine,
+reached through the mesh. Prints a banner and writes the same facts to <data dir>/devnet.json.
+Ctrl-C stops everything.
 
 Options:
   --regions N     regions to run (default: 1)
@@ -35,6 +35,9 @@ export interface DevnetInfo {
     bootstrapAddr: string
     metricsUrl: string
     healthUrl: string
+    /** The head's OpenAI API (bearer headToken). */
+    headUrl: string
+    headToken: string
   }>
   /** The tiny model every node's embedded engine serves. */
   model: { path: string; servedModelName: string }
@@ -46,6 +49,26 @@ export interface DevnetInfo {
     engineUrl: string
     engineKey: string
   }>
+}
+
+/** The devnet's region policy: every node serves the tiny model on the embedded engine. */
+export function devnetPolicy(region: string, nodes: number): RegionPolicy {
+  return parseRegionPolicy({
+    region,
+    models: [
+      {
+        name: devnetModelName,
+        engine: ['llamacpp'],
+        source: { gguf: 'garage-tiny' },
+        replicas: Math.max(1, nodes),
+        minVramMiB: 0,
+        minRamMiB: 16,
+        parallel: 2,
+        contextLength: 1024,
+      },
+    ],
+    ray: { enabled: false },
+  })
 }
 
 async function exists(path: string): Promise<boolean> {
@@ -62,14 +85,6 @@ export interface Devnet {
 
 export const devnetModelName = 'garage-tiny'
 
-interface DevnetNode {
-  node: MeshNode
-  discovery: RegionDiscovery
-  engine: LlamaCppEngine
-  chosen: DiscoveredHead | null
-  handle: EngineHandle | null
-}
-
 /** Starts the devnet; the CLI and tests share this. */
 export async function startDevnet(options: {
   dataDir: string
@@ -83,10 +98,11 @@ export async function startDevnet(options: {
     ? await loadAuthority(authorityDir)
     : await initAuthority(authorityDir)
   const bootstraps: BootstrapNode[] = []
-  const nodes: DevnetNode[] = []
+  const heads: RegionalHead[] = []
+  const nodes: NodeDaemon[] = []
   const stop = async (): Promise<void> => {
-    for (const n of nodes) n.discovery.stop()
-    await Promise.allSettled(nodes.flatMap((n) => [n.node.stop(), n.engine.stop()]))
+    await Promise.allSettled(nodes.map((n) => n.stop({ graceMs: 5_000 })))
+    await Promise.allSettled(heads.map((h) => h.stop()))
     await Promise.allSettled(bootstraps.map((b) => b.stop()))
   }
   try {
@@ -112,6 +128,16 @@ export async function startDevnet(options: {
           logger,
         }),
       )
+      heads.push(
+        await startRegionalHead({
+          node: bootstraps[i]!.node,
+          region: name,
+          policy: devnetPolicy(name, options.nodes),
+          dataDir,
+          httpPort: 0,
+          logger,
+        }),
+      )
     }
     await Promise.all(bootstraps.map((b) => b.announce().catch(() => {})))
     const bootstrapAddrs = bootstraps.map((b) => b.node.getMultiaddrs()[0]!.toString())
@@ -120,30 +146,25 @@ export async function startDevnet(options: {
       await mkdir(join(options.dataDir, 'models'), { recursive: true })
       await writeTinyModel(modelPath)
     }
+    // One probe for every node: they all share this machine.
+    const hardware = await probeHardware({ dataDir: options.dataDir, otherGpus: false })
     for (let i = 0; i < options.nodes; i++) {
-      const node = await createMeshNode({
-        privateKey: await generateKeyPair('Ed25519'),
-        listen: ['/ip4/127.0.0.1/tcp/0'],
-        bootstrap: bootstrapAddrs,
-        allowPrivateAddresses: true,
-      })
-      const discovery = new RegionDiscovery(node, { authority: authority.id })
-      const engine = new LlamaCppEngine()
-      nodes.push({ node, discovery, engine, chosen: null, handle: null })
-    }
-    await Promise.all(
-      nodes.map(async (n) => {
-        n.discovery.start()
-        n.chosen = await n.discovery.choose().catch(() => null)
-        // One thread per engine: a devnet's engines share this machine's cores.
-        n.handle = await n.engine.start({
-          model: modelPath,
-          servedModelName: devnetModelName,
+      nodes.push(
+        new NodeDaemon({
+          dataDir: join(options.dataDir, `node-${i + 1}`),
+          modelsDir: join(options.dataDir, 'models'),
+          authority: authority.id,
+          bootstrap: bootstrapAddrs,
+          listen: ['/ip4/127.0.0.1/tcp/0'],
+          allowPrivateAddresses: true,
+          hardware,
+          // One thread per engine: a devnet's engines share this machine's cores.
           threads: 1,
-          parallel: 2,
-        })
-      }),
-    )
+          logger,
+        }),
+      )
+    }
+    await Promise.all(nodes.map((n) => n.start()))
     const info: DevnetInfo = {
       authority: authority.id,
       regions: bootstraps.map((b, i) => ({
@@ -152,18 +173,23 @@ export async function startDevnet(options: {
         bootstrapAddr: bootstrapAddrs[i]!,
         metricsUrl: `${b.http.url}/metrics`,
         healthUrl: `${b.http.url}/health`,
+        headUrl: heads[i]!.url,
+        headToken: heads[i]!.apiToken,
       })),
       model: { path: modelPath, servedModelName: devnetModelName },
-      nodes: nodes.map((n) => ({
-        peerId: n.node.peerId.toString(),
-        region: n.chosen?.region ?? null,
-        head: n.chosen?.peerId ?? null,
-        rttMs: n.chosen?.rttMs ?? null,
-        engineUrl: n.handle!.baseUrl,
-        engineKey: n.handle!.apiKey,
-      })),
+      nodes: nodes.map((n) => {
+        const i = n.info()
+        return {
+          peerId: i.peerId!,
+          region: i.region,
+          head: i.head,
+          rttMs: i.rttMs,
+          engineUrl: i.engineUrl!,
+          engineKey: i.engineKey!,
+        }
+      }),
     }
-    // It holds engine keys: readable by this user only.
+    // It holds engine keys and head tokens: readable by this user only.
     await writeFile(join(options.dataDir, 'devnet.json'), `${JSON.stringify(info, null, 2)}\n`, {
       mode: 0o600,
     })
@@ -202,6 +228,7 @@ export async function run(argv: string[], ctx: CommandContext): Promise<number> 
       `  region      ${r.name}  head ${r.headPeerId}`,
       `    bootstrap ${r.bootstrapAddr}`,
       `    metrics   ${r.metricsUrl}`,
+      `    head api  ${r.headUrl}/v1`,
     ]),
     `  model       ${info.model.servedModelName} (${info.model.path})`,
     ...info.nodes.flatMap((n) => [
@@ -209,9 +236,9 @@ export async function run(argv: string[], ctx: CommandContext): Promise<number> 
       `    engine    ${n.engineUrl} (embedded llama.cpp, loopback only)`,
     ]),
     '',
-    'Try:',
+    'Try (through the head, the mesh and a node):',
     `  npx garage regions --allow-private --authority ${info.authority} --bootstrap ${info.regions[0]!.bootstrapAddr}`,
-    `  curl -s ${info.nodes[0]?.engineUrl ?? 'http://127.0.0.1:PORT'}/v1/chat/completions -H "Authorization: Bearer $(jq -r '.nodes[0].engineKey' ${join(dataDir, 'devnet.json')})" \\`,
+    `  curl -s ${info.regions[0]!.headUrl}/v1/chat/completions -H "Authorization: Bearer $(jq -r '.regions[0].headToken' ${join(dataDir, 'devnet.json')})" \\`,
     `    -H 'Content-Type: application/json' -d '{"model":"${info.model.servedModelName}","messages":[{"role":"user","content":"Hello"}],"max_tokens":16}'`,
     '',
     `Written to ${join(dataDir, 'devnet.json')}. Ctrl-C stops the devnet.`,

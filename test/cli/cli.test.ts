@@ -1,5 +1,5 @@
 import type { ChildProcess } from 'node:child_process'
-import { chmod, mkdtemp, rm, stat } from 'node:fs/promises'
+import { chmod, mkdtemp, rm, stat, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
@@ -267,5 +267,86 @@ describe('garage CLI', () => {
     ])
     expect(fast.code).toBe(1)
     expect(fast.stderr).toContain('announce interval must be between 10 s and 30 min')
+
+    // garage node: what it needs, said in one line each
+    const noAuthority = await garage(['node', '--bootstrap', '/ip4/127.0.0.1/tcp/1'])
+    expect(noAuthority.code).toBe(2)
+    expect(noAuthority.stderr).toContain('--authority is required')
+    const noBootstrap = await garage(['node', '--authority', authorityId])
+    expect(noBootstrap.code).toBe(2)
+    expect(noBootstrap.stderr).toContain('--bootstrap is required')
+    const threads = await garage([
+      'node',
+      '--authority',
+      authorityId,
+      '--bootstrap',
+      '/ip4/127.0.0.1/tcp/1',
+      '--threads',
+      '1.5',
+    ])
+    expect(threads.code).toBe(2)
+    expect(threads.stderr).toContain('--threads must be a whole number')
+
+    // garage bootstrap --policy: a broken policy names its field; another region's policy is refused
+    const policyPath = join(dir, 'policy.json')
+    await writeFile(
+      policyPath,
+      JSON.stringify({
+        region: 'eu-north',
+        models: [
+          {
+            name: 'm',
+            engine: ['llamacpp'],
+            source: { gguf: 'garage-tiny' },
+            replicas: 0,
+            minVramMiB: 0,
+            minRamMiB: 1,
+          },
+        ],
+      }),
+    )
+    const badPolicy = await garage([
+      'bootstrap',
+      '--region',
+      'eu-north',
+      '--cert',
+      cert,
+      '--data-dir',
+      join(dir, 'ttl-head'),
+      '--policy',
+      policyPath,
+    ])
+    expect(badPolicy.code).toBe(1)
+    expect(badPolicy.stderr).toContain('replicas')
+    expect(badPolicy.stderr.trim().split('\n')).toHaveLength(1)
+    await writeFile(
+      policyPath,
+      JSON.stringify({
+        region: 'us-east',
+        models: [
+          {
+            name: 'm',
+            engine: ['llamacpp'],
+            source: { gguf: 'garage-tiny' },
+            replicas: 1,
+            minVramMiB: 0,
+            minRamMiB: 1,
+          },
+        ],
+      }),
+    )
+    const otherRegion = await garage([
+      'bootstrap',
+      '--region',
+      'eu-north',
+      '--cert',
+      cert,
+      '--data-dir',
+      join(dir, 'ttl-head'),
+      '--policy',
+      policyPath,
+    ])
+    expect(otherRegion.code).toBe(2)
+    expect(otherRegion.stderr).toContain('is for region us-east, not eu-north')
   })
 })

@@ -12,7 +12,7 @@ describe('garage devnet (npm start)', () => {
     if (dir != null) await rm(dir, { recursive: true, force: true })
   })
 
-  it('brings up two regions and nodes that each choose a certified region, and writes devnet.json', async () => {
+  it('brings up two regions and nodes that join a certified region and serve through its head; writes devnet.json', async () => {
     dir = await mkdtemp(join(tmpdir(), 'garage-devnet-'))
     devnet = await startDevnet({ dataDir: dir, regions: 2, nodes: 3 })
     const written = JSON.parse(await readFile(join(dir, 'devnet.json'), 'utf8'))
@@ -25,5 +25,19 @@ describe('garage devnet (npm start)', () => {
     }
     const health = await fetch(written.regions[0].healthUrl)
     expect(health.status).toBe(200)
+    // A request through each region's head, the mesh and one of its nodes.
+    for (const region of written.regions) {
+      const served = written.nodes.filter((n: { region: string }) => n.region === region.name)
+      if (served.length === 0) continue
+      const res = await fetch(`${region.headUrl}/v1/completions`, {
+        method: 'POST',
+        headers: { authorization: `Bearer ${region.headToken}`, 'content-type': 'application/json' },
+        body: JSON.stringify({ model: 'garage-tiny', prompt: 'Hello', max_tokens: 4 }),
+      })
+      expect(res.status).toBe(200)
+      expect(served.map((n: { peerId: string }) => n.peerId)).toContain(res.headers.get('x-garage-node'))
+      const body = (await res.json()) as { usage: { completion_tokens: number } }
+      expect(body.usage.completion_tokens).toBe(4)
+    }
   })
 })

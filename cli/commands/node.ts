@@ -1,0 +1,107 @@
+import { defaultDrainGraceMs, NodeDaemon } from '../../daemon/node-daemon.ts'
+import { createLogger } from '../../mesh/logger.ts'
+import {
+  type CommandContext,
+  defaultDataDir,
+  parseDuration,
+  parseOptions,
+  print,
+  splitList,
+  UsageError,
+} from '../io.ts'
+import { garageVersion } from './version.ts'
+
+export const usage = `Usage: garage node --authority ID --bootstrap MULTIADDR [options]
+
+Runs a Garage node: probes the machine, finds its regional head through the DHT (certificates
+checked against the pinned authority), joins with a signed capability report, starts the engine
+the head assigns, reports telemetry every 2 s and serves requests that reach it over the mesh
+(/garage/infer/1.0.0, from its head only: this machine opens no port). SIGINT or SIGTERM drain
+(no new requests; in-flight ones finish within the grace period), leave the region and stop.
+
+Options:
+  --authority ID            the federation authority's id to trust (required)
+  --bootstrap MULTIADDR     a bootstrap node, repeatable (required)
+  --region NAME             join this region instead of the nearest
+  --listen MULTIADDR        listen address, repeatable (default: TCP and WebSockets, random ports)
+  --vram-cap MIB            the most GPU memory Garage may use (default: 90% of the largest GPU)
+  --ram-cap MIB             the most RAM a CPU model may use (default: 75% of RAM)
+  --threads N               CPU threads of the embedded engine (default: all cores but one)
+  --max-tokens-per-second N cap each sequence's speed (a volunteer's limit)
+  --drain-grace D           how long in-flight requests may finish on stop (default: ${defaultDrainGraceMs / 1000}s)
+  --ray                     agree to join the region's trusted Ray cluster when it runs one
+  --ray-node-ip ADDRESS     the address the region's Ray head reaches this machine at (LAN or VPN)
+  --allow-private           dial private and loopback addresses (LAN, devnet, tests)
+  --data-dir DIR            identity, models and state (default: $GARAGE_DATA_DIR or the OS's data folder)`
+
+function positive(text: string | undefined, what: string): number | undefined {
+  if (text == null) return undefined
+  const n = Number(text)
+  if (!Number.isFinite(n) || n <= 0) throw new UsageError(`${what} must be a positive number`)
+  return n
+}
+
+export async function run(argv: string[], ctx: CommandContext): Promise<number> {
+  const { values } = parseOptions(argv, {
+    authority: { type: 'string' },
+    bootstrap: { type: 'string', multiple: true },
+    region: { type: 'string' },
+    listen: { type: 'string', multiple: true },
+    'vram-cap': { type: 'string' },
+    'ram-cap': { type: 'string' },
+    threads: { type: 'string' },
+    'max-tokens-per-second': { type: 'string' },
+    'drain-grace': { type: 'string' },
+    ray: { type: 'boolean', default: false },
+    'ray-node-ip': { type: 'string' },
+    'allow-private': { type: 'boolean', default: false },
+    'data-dir': { type: 'string' },
+  })
+  if (values.authority == null) throw new UsageError('--authority is required')
+  const bootstrap = splitList(values.bootstrap)
+  if (bootstrap.length === 0) throw new UsageError('--bootstrap is required (at least one)')
+  const threads = positive(values.threads, '--threads')
+  if (threads != null && !Number.isInteger(threads)) throw new UsageError('--threads must be a whole number')
+  const listen = splitList(values.listen)
+  const vramCapMiB = positive(values['vram-cap'], '--vram-cap')
+  const ramCapMiB = positive(values['ram-cap'], '--ram-cap')
+  const maxTokensPerSecond = positive(values['max-tokens-per-second'], '--max-tokens-per-second')
+  const daemon = new NodeDaemon({
+    dataDir: values['data-dir'] ?? defaultDataDir(ctx.env),
+    authority: values.authority,
+    bootstrap,
+    ...(values.region != null ? { region: values.region } : {}),
+    ...(listen.length > 0 ? { listen } : {}),
+    allowPrivateAddresses: values['allow-private'],
+    ...(vramCapMiB != null ? { vramCapMiB } : {}),
+    ...(ramCapMiB != null ? { ramCapMiB } : {}),
+    ...(threads != null ? { threads } : {}),
+    ...(maxTokensPerSecond != null ? { maxTokensPerSecond } : {}),
+    drainGraceMs:
+      values['drain-grace'] != null
+        ? parseDuration(values['drain-grace'], '--drain-grace')
+        : defaultDrainGraceMs,
+    rayOptIn: values.ray,
+    ...(values['ray-node-ip'] != null ? { rayNodeIpAddress: values['ray-node-ip'] } : {}),
+    daemonVersion: await garageVersion(),
+    logger: createLogger(),
+  })
+  print(ctx.stderr, 'starting node: probing hardware, finding a region')
+  await daemon.start()
+  const info = daemon.info()
+  print(ctx.stdout, 'node serving')
+  print(ctx.stdout, `  peer id  ${info.peerId}`)
+  print(
+    ctx.stdout,
+    `  region   ${info.region} (head ${info.head}${info.rttMs != null ? `, ${info.rttMs} ms` : ''})`,
+  )
+  print(ctx.stdout, `  model    ${info.model}`)
+  print(ctx.stdout, `  engine   ${info.engineUrl} (loopback only)`)
+  await new Promise<void>((resolve) => {
+    if (ctx.shutdown.aborted) resolve()
+    ctx.shutdown.addEventListener('abort', () => resolve(), { once: true })
+  })
+  print(ctx.stderr, 'draining: finishing in-flight requests, then leaving the region')
+  await daemon.stop()
+  return 0
+}
