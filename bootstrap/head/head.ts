@@ -7,26 +7,26 @@ import { peerIdFromString } from '@libp2p/peer-id'
 import { Counter, Gauge, Histogram, Registry } from 'prom-client'
 import { ApiError, sendError } from '../../daemon/engines/openai-errors.ts'
 import { GarageError } from '../../mesh/errors.ts'
-import { InferConnectError, type InferResponse, sendInferRequest } from '../../mesh/infer-protocol.ts'
+import {
+  handleInferProtocol,
+  InferConnectError,
+  type InferResponse,
+  sendInferRequest,
+} from '../../mesh/infer-protocol.ts'
 import { handleJoinProtocol, JoinRefusedError } from '../../mesh/join-protocol.ts'
 import { type Logger, silentLogger } from '../../mesh/logger.ts'
 import type { MeshNode } from '../../mesh/node.ts'
 import { bearerMatches, readJsonBody } from '../../mesh/openai-http.ts'
+import { type AnswerSink, httpSink, inferSink, relayAnswer, sendApiError } from '../../mesh/openai-relay.ts'
 import { inferRequestBodyMaxBytes, JOIN_PROTOCOL, TELEMETRY_PROTOCOL } from '../../mesh/protocols.ts'
 import type { RayCredentials } from '../../mesh/region-messages.ts'
 import { loadOrCreateSecret } from '../../mesh/secret-file.ts'
 import { handleTelemetryProtocol } from '../../mesh/telemetry-protocol.ts'
-import {
-  countNonStreamed,
-  prepareUpstreamRequest,
-  StreamTokenCounter,
-  VerifiedThroughput,
-} from './accounting.ts'
+import { prepareUpstreamRequest, VerifiedThroughput } from '../../mesh/token-accounting.ts'
 import { chooseAssignment } from './assign.ts'
 import type { RegionPolicy } from './policy.ts'
 import { NodeRegistry } from './registry.ts'
 import { RegionalRouter } from './router.ts'
-import { SseSplitter } from './sse.ts'
 
 export interface RegionalHeadOptions {
   /** The head's libp2p node: its PeerId is the one the region certificate names. */
@@ -46,6 +46,8 @@ export interface RegionalHeadOptions {
   telemetryDeadlineMs?: number
   /** Nodes a request may try before its first byte (default 3). */
   maxAttempts?: number
+  /** PeerIds of the federation gateways allowed to send requests over /garage/infer/1.0.0. */
+  federationPeers?: string[]
   /** Timeouts of one hop to a node (tests shorten them). */
   firstByteTimeoutMs?: number
   idleTimeoutMs?: number
@@ -60,17 +62,28 @@ export interface RegionalHead {
   router: RegionalRouter
   verified: VerifiedThroughput
   metrics: Registry
-  /** Handles one OpenAI request as the HTTP API does (the federation's libp2p hop will use it too). */
+  /** Handles one request of the HTTP API. */
   serve(req: IncomingMessage, res: ServerResponse): Promise<void>
+  /** Trust another federation gateway from now on (its PeerId). */
+  allowFederation(peerId: string): void
   stop(): Promise<void>
 }
 
 export const defaultHeadHttpPort = 9471
 export const headApiTokenFile = 'head-api.token'
-/** A non-streamed answer is buffered to count its tokens; past this it is not an LLM answer. */
-const maxBufferedResponseBytes = 16 * 1024 * 1024
 /** Node answers that mean "try someone else" when nothing has reached the client yet. */
 const retryableStatuses = new Set([429, 500, 502, 503, 504])
+
+/** Reads and drops a response we will not relay, so its stream can be reused. */
+async function drainQuietly(response: InferResponse): Promise<void> {
+  try {
+    for await (const _ of response.body) {
+      // discarded
+    }
+  } catch {
+    // the stream is gone; nothing to reuse
+  }
+}
 
 /**
  * The regional head: admits nodes on /garage/join/1.0.0 with an assignment from the region policy,
@@ -255,6 +268,7 @@ export async function startRegionalHead(options: RegionalHeadOptions): Promise<R
     peer: string,
     path: string,
     body: Uint8Array,
+    requestId: string,
     signal: AbortSignal,
   ): Promise<InferResponse> => {
     return sendInferRequest(
@@ -263,7 +277,10 @@ export async function startRegionalHead(options: RegionalHeadOptions): Promise<R
       {
         method: 'POST',
         path,
-        headers: [['content-type', 'application/json']],
+        headers: [
+          ['content-type', 'application/json'],
+          ['x-request-id', requestId],
+        ],
         body,
       },
       {
@@ -274,16 +291,16 @@ export async function startRegionalHead(options: RegionalHeadOptions): Promise<R
     )
   }
 
-  const generate = async (
+  /** Answers one generation request from its parsed body: routes it to a node and relays the answer. */
+  const answer = async (
     kind: 'chat' | 'completion',
     path: string,
-    req: IncomingMessage,
-    res: ServerResponse,
+    raw: unknown,
+    sink: AnswerSink,
     requestId: string,
     seen: { model: string },
   ): Promise<void> => {
     const started = performance.now()
-    const raw = await readJsonBody(req, inferRequestBodyMaxBytes)
     const prepared = prepareUpstreamRequest(raw, kind)
     const model = prepared.model
     const known = router.models().some((m) => m.model === model)
@@ -302,26 +319,19 @@ export async function startRegionalHead(options: RegionalHeadOptions): Promise<R
       })
     }
     const body = Buffer.from(JSON.stringify(prepared.body))
-    const gone = new AbortController()
-    res.on('close', () => {
-      if (!res.writableFinished) gone.abort()
-    })
     const tried = new Set<string>()
     let lastError: ApiError | null = null
-    for (let i = 0; i < maxAttempts && !gone.signal.aborted; i++) {
+    for (let i = 0; i < maxAttempts && !sink.gone.aborted; i++) {
       const peer = router.pick(model, { exclude: tried })
       if (peer == null) break
       tried.add(peer)
       const ticket = router.begin(peer)
-      const hop = new AbortController()
-      const onGone = (): void => hop.abort()
-      gone.signal.addEventListener('abort', onGone, { once: true })
       let response: InferResponse
       try {
-        response = await attempt(peer, path, body, hop.signal)
+        response = await attempt(peer, path, body, requestId, sink.gone)
       } catch (err) {
-        gone.signal.removeEventListener('abort', onGone)
         ticket.end({ ok: false, completionTokens: 0 })
+        if (sink.gone.aborted) return
         router.failure(peer)
         const reason = (err as Error).name
         retries.inc({ reason })
@@ -332,9 +342,8 @@ export async function startRegionalHead(options: RegionalHeadOptions): Promise<R
         continue
       }
       if (retryableStatuses.has(response.status)) {
-        // Nothing reached the client yet: another node may take it (a full queue, a draining engine).
-        hop.abort()
-        gone.signal.removeEventListener('abort', onGone)
+        // Nothing reached the asker yet: another node may take it (a full queue, a draining engine).
+        void drainQuietly(response)
         ticket.end({ ok: false, completionTokens: 0 })
         if (response.status >= 500) router.failure(peer)
         retries.inc({ reason: `status_${response.status}` })
@@ -352,24 +361,43 @@ export async function startRegionalHead(options: RegionalHeadOptions): Promise<R
       const inFlight = (prepared.maxTokens ?? 4096) * prepared.n
       addPending(peer, inFlight)
       try {
-        const tokens = await relay(response, res, prepared, requestId, peer, () => ticket.firstByte())
-        ticket.end({ ok: true, completionTokens: tokens })
-        router.success(peer)
+        const outcome = await relayAnswer(
+          response,
+          sink,
+          prepared,
+          // Which volunteer served it: the federation credits it, and a consumer can cite it.
+          { 'x-request-id': requestId, 'x-garage-node': peer, 'x-garage-region': region },
+          () => ticket.firstByte(),
+        )
+        const tokens = outcome.completionTokens
         verified.add(peer, tokens)
         regionTokens.inc({ model }, tokens)
+        if (outcome.interrupted != null) {
+          streamErrors.inc()
+          ticket.end({ ok: false, completionTokens: tokens })
+          if (!sink.gone.aborted) {
+            router.failure(peer)
+            log.warn(
+              { requestId, node: peer, err: outcome.interrupted.message },
+              'stream failed after its first byte',
+            )
+          }
+        } else {
+          ticket.end({ ok: true, completionTokens: tokens })
+          router.success(peer)
+        }
         requests.inc({ model, status: String(response.status) })
       } catch (err) {
         ticket.end({ ok: false, completionTokens: 0 })
-        if (!gone.signal.aborted) router.failure(peer)
+        if (!sink.gone.aborted) router.failure(peer)
         throw err
       } finally {
         addPending(peer, -inFlight)
-        gone.signal.removeEventListener('abort', onGone)
         duration.observe({ model }, (performance.now() - started) / 1000)
       }
       return
     }
-    if (gone.signal.aborted) return
+    if (sink.gone.aborted) return
     throw (
       lastError ??
       new ApiError(503, `no node of region ${region} can take a ${model} request right now`, {
@@ -379,90 +407,75 @@ export async function startRegionalHead(options: RegionalHeadOptions): Promise<R
     )
   }
 
-  /** Passes a node's response to the client and returns the completion tokens the head verified. */
-  const relay = async (
-    response: InferResponse,
-    res: ServerResponse,
-    prepared: ReturnType<typeof prepareUpstreamRequest>,
-    requestId: string,
-    peer: string,
-    /** Called when decoding starts (a stream's head): the router times the node's speed from there. */
-    decodeStarted: () => void,
-  ): Promise<number> => {
-    const contentType = response.headers.find(([k]) => k.toLowerCase() === 'content-type')?.[1] ?? ''
-    const headers: Record<string, string> = {
-      'content-type': contentType || 'application/json',
-      'x-request-id': requestId,
-      // Which volunteer served it: for the consumer's support tickets and the tests' share counts.
-      'x-garage-node': peer,
-    }
-    if (!contentType.startsWith('text/event-stream')) {
-      const chunks: Uint8Array[] = []
-      let size = 0
-      for await (const chunk of response.body) {
-        size += chunk.byteLength
-        if (size > maxBufferedResponseBytes)
-          throw new Error(`node ${peer} sent a response over ${size} bytes`)
-        chunks.push(chunk)
-      }
-      const text = Buffer.concat(chunks)
-      let tokens = 0
-      if (response.status === 200) {
-        try {
-          tokens = countNonStreamed(JSON.parse(text.toString('utf8')), prepared.maxTokens, prepared.n)
-        } catch {
-          tokens = 0
-        }
-      }
-      res.writeHead(response.status, headers).end(text)
-      return tokens
-    }
-    decodeStarted()
-    res.writeHead(response.status, { ...headers, 'cache-control': 'no-cache', connection: 'keep-alive' })
-    res.flushHeaders()
-    const splitter = new SseSplitter()
-    const counter = new StreamTokenCounter({
-      clientWantsUsage: prepared.clientWantsUsage,
-      maxTokens: prepared.maxTokens,
-      n: prepared.n,
-    })
-    try {
-      for await (const chunk of response.body) {
-        let out = ''
-        for (const event of splitter.push(chunk)) {
-          if (counter.feed(event.data)) out += event.raw
-        }
-        if (out.length > 0 && !res.write(out)) {
-          await new Promise<void>((resolve) => {
-            const done = (): void => {
-              res.off('drain', done)
-              res.off('close', done)
-              resolve()
-            }
-            res.on('drain', done)
-            res.on('close', done)
-          })
-        }
-      }
-    } catch (err) {
-      // Past the first byte there is no retry: end the stream as OpenAI does, with an error event.
-      streamErrors.inc()
-      log.warn({ requestId, node: peer, err: (err as Error).message }, 'stream failed after its first byte')
-      if (!res.destroyed) {
-        const event = {
-          error: {
-            message: `the node serving this request failed mid-stream: ${(err as Error).message}`,
-            type: 'server_error',
-            param: null,
-            code: 'stream_interrupted',
+  /** What the region serves now, with load: /v1/models for local callers and the federation. */
+  const modelList = (): Record<string, unknown> => {
+    const created = Math.floor(Date.now() / 1000)
+    const snapshot = router.snapshot()
+    return {
+      object: 'list',
+      data: router.models().map((m) => {
+        const serving = snapshot.filter((n) => n.model === m.model && n.state === 'serving')
+        return {
+          id: m.model,
+          object: 'model',
+          created,
+          owned_by: 'garage',
+          garage: {
+            region,
+            nodes: m.nodes,
+            capacityTokensPerSecond: Math.round(serving.reduce((sum, n) => sum + n.capacity, 0) * 10) / 10,
+            inflight: serving.reduce((sum, n) => sum + n.inflight, 0),
+            slots: serving.reduce((sum, n) => sum + n.slots, 0),
           },
         }
-        res.end(`data: ${JSON.stringify(event)}\n\ndata: [DONE]\n\n`)
-      }
-      return counter.verifiedTokens()
+      }),
     }
-    res.end()
-    return counter.verifiedTokens()
+  }
+
+  const health = (): Record<string, unknown> => {
+    const states: Record<string, number> = { starting: 0, serving: 0, paused: 0, draining: 0 }
+    for (const n of registry.nodes()) states[n.state] = (states[n.state] ?? 0) + 1
+    return {
+      status: 'ok',
+      region,
+      head: self,
+      nodes: states,
+      models: router.models(),
+      flagged: registry
+        .nodes()
+        .filter((n) => verified.flagged(n.peerId))
+        .map((n) => n.peerId),
+    }
+  }
+
+  /** One OpenAI request, from either front: routes, answers, counts; errors become OpenAI errors. */
+  const dispatch = async (
+    method: string,
+    path: string,
+    body: () => Promise<unknown>,
+    sink: AnswerSink,
+    requestId: string,
+  ): Promise<void> => {
+    const seen = { model: 'unknown' }
+    try {
+      if (path === '/v1/models' && method === 'GET') {
+        await sink.head(200, { 'content-type': 'application/json', 'x-request-id': requestId })
+        await sink.end(JSON.stringify(modelList()))
+        return
+      }
+      const kind = path === '/v1/chat/completions' ? 'chat' : path === '/v1/completions' ? 'completion' : null
+      if (kind == null) throw new ApiError(404, `no such endpoint: ${method} ${path}`, { code: 'not_found' })
+      if (method !== 'POST') throw new ApiError(405, `${path} takes POST`, { code: 'method_not_allowed' })
+      await answer(kind, path, await body(), sink, requestId, seen)
+    } catch (err) {
+      const e =
+        err instanceof ApiError
+          ? err
+          : new ApiError(500, `internal error: ${(err as Error).message}`, { code: 'internal_error' })
+      if (!(err instanceof ApiError)) log.error({ err, requestId }, 'head request failed')
+      requests.inc({ model: seen.model, status: String(e.status) })
+      await sendApiError(sink, e, { 'x-request-id': requestId }).catch(() => {})
+    }
   }
 
   const serve = async (req: IncomingMessage, res: ServerResponse): Promise<void> => {
@@ -470,21 +483,7 @@ export async function startRegionalHead(options: RegionalHeadOptions): Promise<R
     res.setHeader('x-request-id', requestId)
     const path = (req.url ?? '/').split('?')[0] ?? '/'
     if (path === '/health' && req.method === 'GET') {
-      const states: Record<string, number> = { starting: 0, serving: 0, paused: 0, draining: 0 }
-      for (const n of registry.nodes()) states[n.state] = (states[n.state] ?? 0) + 1
-      res.writeHead(200, { 'content-type': 'application/json' }).end(
-        JSON.stringify({
-          status: 'ok',
-          region,
-          head: self,
-          nodes: states,
-          models: router.models(),
-          flagged: registry
-            .nodes()
-            .filter((n) => verified.flagged(n.peerId))
-            .map((n) => n.peerId),
-        }),
-      )
+      res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify(health()))
       return
     }
     if (path === '/metrics' && req.method === 'GET') {
@@ -492,51 +491,59 @@ export async function startRegionalHead(options: RegionalHeadOptions): Promise<R
       return
     }
     if (!bearerMatches(req.headers.authorization, apiToken)) {
-      throw new ApiError(
-        401,
-        `a valid bearer token is required (the head's token is in ${headApiTokenFile})`,
-        {
+      sendError(
+        res,
+        new ApiError(401, `a valid bearer token is required (the head's token is in ${headApiTokenFile})`, {
           code: 'invalid_api_key',
-        },
-      )
-    }
-    if (path === '/v1/models' && req.method === 'GET') {
-      const created = Math.floor(Date.now() / 1000)
-      res.writeHead(200, { 'content-type': 'application/json' }).end(
-        JSON.stringify({
-          object: 'list',
-          data: router.models().map((m) => ({
-            id: m.model,
-            object: 'model',
-            created,
-            owned_by: 'garage',
-            garage: { region, nodes: m.nodes },
-          })),
         }),
       )
       return
     }
-    const kind = path === '/v1/chat/completions' ? 'chat' : path === '/v1/completions' ? 'completion' : null
-    if (kind == null)
-      throw new ApiError(404, `no such endpoint: ${req.method} ${path}`, { code: 'not_found' })
-    if (req.method !== 'POST') throw new ApiError(405, `${path} takes POST`, { code: 'method_not_allowed' })
-    const seen = { model: 'unknown' }
-    try {
-      await generate(kind, path, req, res, requestId, seen)
-    } catch (err) {
-      if (err instanceof ApiError) requests.inc({ model: seen.model, status: String(err.status) })
-      throw err
-    }
+    await dispatch(
+      req.method ?? 'GET',
+      path,
+      () => readJsonBody(req, inferRequestBodyMaxBytes),
+      httpSink(res),
+      requestId,
+    )
   }
+
+  // The federation reaches the head over the mesh: the same API on /garage/infer/1.0.0, for the
+  // federation peers this head was told to trust only.
+  const federation = new Set(options.federationPeers ?? [])
+  const unhandleInfer = await handleInferProtocol(node, {
+    allow: (peer) => federation.has(peer.toString()),
+    async handle(request, reply, signal) {
+      const requestId =
+        request.headers.find(([k]) => k.toLowerCase() === 'x-request-id')?.[1]?.slice(0, 128) ?? randomUUID()
+      const path = request.path.split('?')[0] ?? '/'
+      const parse = async (): Promise<unknown> => {
+        try {
+          return JSON.parse(
+            Buffer.from(request.body.buffer, request.body.byteOffset, request.body.byteLength).toString(
+              'utf8',
+            ),
+          )
+        } catch (err) {
+          throw new ApiError(400, `the request body is not valid JSON: ${(err as Error).message}`, {
+            code: 'invalid_json',
+          })
+        }
+      }
+      await dispatch(request.method, path, parse, inferSink(reply, signal), requestId)
+    },
+    onRejected(peer, reason) {
+      log.debug({ peer: peer.toString(), err: reason.message }, 'infer stream refused')
+    },
+  })
 
   const server: Server = createServer((req, res) => {
     serve(req, res).catch((err: unknown) => {
-      const e =
-        err instanceof ApiError
-          ? err
-          : new ApiError(500, `internal error: ${(err as Error).message}`, { code: 'internal_error' })
-      if (!(err instanceof ApiError)) log.error({ err }, 'head request failed')
-      sendError(res, e)
+      log.error({ err }, 'head request failed')
+      sendError(
+        res,
+        new ApiError(500, `internal error: ${(err as Error).message}`, { code: 'internal_error' }),
+      )
     })
   })
   server.headersTimeout = 10_000
@@ -553,6 +560,7 @@ export async function startRegionalHead(options: RegionalHeadOptions): Promise<R
     })
   } catch (err) {
     registry.stop()
+    await unhandleInfer()
     await node.unhandle([JOIN_PROTOCOL, TELEMETRY_PROTOCOL])
     throw new GarageError(
       `the head cannot listen for HTTP on ${host}: ${(err as Error).message}`,
@@ -575,10 +583,14 @@ export async function startRegionalHead(options: RegionalHeadOptions): Promise<R
     verified,
     metrics,
     serve,
+    allowFederation: (peerId) => {
+      federation.add(peerId)
+    },
     async stop() {
       if (stopped) return
       stopped = true
       registry.stop()
+      await unhandleInfer().catch(() => {})
       await node.unhandle([JOIN_PROTOCOL, TELEMETRY_PROTOCOL]).catch(() => {})
       server.closeAllConnections()
       await new Promise<void>((resolve) => server.close(() => resolve()))

@@ -1,11 +1,11 @@
 import { describe, expect, it } from 'vitest'
+import { SseSplitter } from '../../mesh/sse.ts'
 import {
   countNonStreamed,
   prepareUpstreamRequest,
   StreamTokenCounter,
   VerifiedThroughput,
-} from '../../bootstrap/head/accounting.ts'
-import { SseSplitter } from '../../bootstrap/head/sse.ts'
+} from '../../mesh/token-accounting.ts'
 
 const chunk = (v: unknown): string => `data: ${JSON.stringify(v)}\n\n`
 const delta = (content: string): string =>

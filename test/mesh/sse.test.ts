@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest'
-import { type SseEvent, SseSplitter } from '../../bootstrap/head/sse.ts'
+import { type SseEvent, SseSplitter } from '../../mesh/sse.ts'
 
 const utf8 = new TextEncoder()
 

@@ -25,7 +25,7 @@
  * re-run samples, which is a different check.
  */
 import { Buffer } from 'node:buffer'
-import { ApiError } from '../../daemon/engines/openai-errors.ts'
+import { ApiError } from '../daemon/engines/openai-errors.ts'
 
 /** A request the head refuses before any node sees it; the HTTP layer sends it as a 400. */
 export class BadRequestError extends ApiError {
