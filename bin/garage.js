@@ -9,5 +9,15 @@ if (major < 22 || (major === 22 && minor < 18)) {
   )
   process.exit(1)
 }
+// node:sqlite (the federation's store) warns that it is experimental on every run: drop that one
+// warning and hand every other to Node's own printer, so they look and redirect as Node makes them.
+const [nodeWarningPrinter] = process.listeners('warning')
+if (nodeWarningPrinter != null) {
+  process.removeListener('warning', nodeWarningPrinter)
+  process.on('warning', (warning) => {
+    if (warning?.name === 'ExperimentalWarning' && /\bSQLite\b/.test(warning.message)) return
+    nodeWarningPrinter.call(process, warning)
+  })
+}
 const { main } = await import('../cli/main.ts')
 process.exitCode = await main(process.argv.slice(2))

@@ -24,6 +24,10 @@ export const commands: Record<string, CommandSpec> = {
     summary: 'Run a node: join the nearest region, serve the model it assigns over the mesh',
     load: () => import('./commands/node.ts'),
   },
+  federation: {
+    summary: 'Run the federation gateway: the public OpenAI API across regions',
+    load: () => import('./commands/federation.ts'),
+  },
   regions: {
     summary: 'Discover regional heads and show their certificates and RTT',
     load: () => import('./commands/regions.ts'),
@@ -35,6 +39,14 @@ export const commands: Record<string, CommandSpec> = {
   model: {
     summary: "Models: write Garage's tiny test model, pull a real GGUF, inspect a GGUF file",
     load: () => import('./commands/model.ts'),
+  },
+  keys: {
+    summary: 'API keys of the federation gateway: create (printed once), list, revoke',
+    load: () => import('./commands/keys.ts'),
+  },
+  ledger: {
+    summary: "The federation gateway's usage per API key and credits per node",
+    load: () => import('./commands/ledger.ts'),
   },
   devnet: {
     summary: 'Run a whole mesh on this machine (what npm start runs)',

@@ -62,7 +62,7 @@ export const migrations: readonly string[] = [
   `,
 ]
 
-export interface OpenFederationDbOptions {
+export interface OpenFederationStoreOptions {
   /** false: refuse a data dir that has no database yet (read-only commands; catches a mistyped --data-dir). */
   create?: boolean
 }
@@ -76,7 +76,7 @@ export function federationDbPath(dataDir: string): string {
  * Opens `<dataDir>/federation.db` (mode 0600, WAL, busy timeout) and brings its schema up to date.
  * Several processes may open it at once: a gateway and `garage keys` run side by side.
  */
-export function openFederationDb(dataDir: string, options: OpenFederationDbOptions = {}): DatabaseSync {
+export function openFederationStore(dataDir: string, options: OpenFederationStoreOptions = {}): DatabaseSync {
   const path = federationDbPath(dataDir)
   prepareFile(dataDir, path, options.create ?? true)
   let db: DatabaseSync

@@ -41,6 +41,7 @@ Options:
   --policy FILE          also run the regional head with this region policy (JSON)
   --head-http HOST:PORT  the head's OpenAI API (default: 127.0.0.1:${defaultHeadHttpPort})
   --ray-address ADDRESS  where the policy runs a Ray cluster: the address workers reach its head at
+  --federation PEER_ID   a federation gateway allowed to send requests to this head, repeatable
   --allow-private        dial private and loopback addresses (LAN, devnet, tests)
   --data-dir DIR         where the identity key lives (default: $GARAGE_DATA_DIR or the OS's data folder)`
 
@@ -60,6 +61,7 @@ export async function run(argv: string[], ctx: CommandContext): Promise<number> 
     policy: { type: 'string' },
     'head-http': { type: 'string' },
     'ray-address': { type: 'string' },
+    federation: { type: 'string', multiple: true },
   })
   if (values.region == null) throw new UsageError('--region is required')
   if (values.cert == null) throw new UsageError('--cert is required')
@@ -117,6 +119,7 @@ export async function run(argv: string[], ctx: CommandContext): Promise<number> 
       }
       head = await startRegionalHead({
         ray,
+        federationPeers: splitList(values.federation),
         node: node.node,
         region: node.region,
         policy,

@@ -7,27 +7,32 @@ import { parseRegionPolicy, type RegionPolicy } from '../../bootstrap/head/polic
 import { writeTinyModel } from '../../daemon/engines/llamacpp/tiny-model.ts'
 import { probeHardware } from '../../daemon/hardware/probe.ts'
 import { NodeDaemon } from '../../daemon/node-daemon.ts'
+import { type Federation, startFederation } from '../../federation/gateway.ts'
 import { type Authority, initAuthority, loadAuthority } from '../../mesh/authority.ts'
 import { issueRegionCertificate } from '../../mesh/certificate.ts'
 import { loadOrCreateIdentity } from '../../mesh/identity.ts'
 import { createLogger } from '../../mesh/logger.ts'
 import { type CommandContext, defaultDataDir, parseOptions, print, UsageError } from '../io.ts'
 
-export const usage = `Usage: garage devnet [--regions N] [--nodes N] [--data-dir DIR]
+export const usage = `Usage: garage devnet [--regions N] [--nodes N] [--port N] [--data-dir DIR]
 
 Runs a whole Garage mesh on this machine, on loopback, with no GPU and no network: a federation
 authority, one bootstrap node and regional head per region (regions "local", "local-2", ...) with
 certificates it issues, and N nodes that discover their region through the DHT, join its head and
 serve the tiny model the project generates (made on first run) on the embedded llama.cpp engine,
-reached through the mesh. Prints a banner and writes the same facts to <data dir>/devnet.json.
-Ctrl-C stops everything.
+and the federation gateway on 127.0.0.1:<port> with a fresh dev API key: any OpenAI SDK pointed at
+it reaches the nodes through a head and the mesh. Prints a banner and writes the same facts to
+<data dir>/devnet.json (mode 0600: it holds keys). Ctrl-C or SIGTERM stops everything.
 
 Options:
   --regions N     regions to run (default: 1)
   --nodes N       nodes to start (default: 2)
+  --port N        the federation's port on 127.0.0.1 (default: 8080; 0 picks a free one)
   --data-dir DIR  where devnet keys and state live (default: <Garage data dir>/devnet)`
 
 export interface DevnetInfo {
+  /** The public API: base URL (…/v1 is the OpenAI base), a dev API key, the admin token. */
+  federation: { url: string; apiKey: string; adminToken: string; peerId: string }
   authority: string
   regions: Array<{
     name: string
@@ -46,6 +51,7 @@ export interface DevnetInfo {
     region: string | null
     head: string | null
     rttMs: number | null
+    model: string | null
     engineUrl: string
     engineKey: string
   }>
@@ -80,8 +86,15 @@ async function exists(path: string): Promise<boolean> {
 
 export interface Devnet {
   info: DevnetInfo
+  federation: Federation
+  bootstraps: BootstrapNode[]
+  heads: RegionalHead[]
+  nodes: NodeDaemon[]
   stop(): Promise<void>
 }
+
+/** Name of the API key each devnet start makes (the previous one is revoked). */
+export const devnetKeyName = 'devnet'
 
 export const devnetModelName = 'garage-tiny'
 
@@ -90,6 +103,8 @@ export async function startDevnet(options: {
   dataDir: string
   regions: number
   nodes: number
+  /** Federation port on 127.0.0.1; 0 picks a free one. */
+  port: number
 }): Promise<Devnet> {
   // The banner is the devnet's output; logs only when something goes wrong (GARAGE_LOG_LEVEL=info for more).
   const logger = createLogger('garage-devnet', 'warn')
@@ -100,7 +115,9 @@ export async function startDevnet(options: {
   const bootstraps: BootstrapNode[] = []
   const heads: RegionalHead[] = []
   const nodes: NodeDaemon[] = []
+  let federation: Federation | null = null
   const stop = async (): Promise<void> => {
+    await federation?.stop().catch(() => {})
     await Promise.allSettled(nodes.map((n) => n.stop({ graceMs: 5_000 })))
     await Promise.allSettled(heads.map((h) => h.stop()))
     await Promise.allSettled(bootstraps.map((b) => b.stop()))
@@ -141,6 +158,19 @@ export async function startDevnet(options: {
     }
     await Promise.all(bootstraps.map((b) => b.announce().catch(() => {})))
     const bootstrapAddrs = bootstraps.map((b) => b.node.getMultiaddrs()[0]!.toString())
+    federation = await startFederation({
+      dataDir: join(options.dataDir, 'federation'),
+      authority: authority.id,
+      bootstrap: bootstrapAddrs,
+      listen: ['/ip4/127.0.0.1/tcp/0'],
+      allowPrivateAddresses: true,
+      httpPort: options.port,
+      logger,
+    })
+    for (const h of heads) h.allowFederation(federation.peerId.toString())
+    for (const k of federation.keys.list())
+      if (k.name === devnetKeyName && k.revokedAt == null) federation.keys.revoke(k.id)
+    const devKey = federation.keys.create({ name: devnetKeyName })
     const modelPath = join(options.dataDir, 'models', 'garage-tiny.gguf')
     if (!(await exists(modelPath))) {
       await mkdir(join(options.dataDir, 'models'), { recursive: true })
@@ -155,6 +185,8 @@ export async function startDevnet(options: {
           modelsDir: join(options.dataDir, 'models'),
           authority: authority.id,
           bootstrap: bootstrapAddrs,
+          // Spread over the regions in turn, so each region has nodes (all RTTs are equal here).
+          region: bootstraps[i % bootstraps.length]!.region,
           listen: ['/ip4/127.0.0.1/tcp/0'],
           allowPrivateAddresses: true,
           hardware,
@@ -165,7 +197,15 @@ export async function startDevnet(options: {
       )
     }
     await Promise.all(nodes.map((n) => n.start()))
+    // The gateway sees the regions' models at its next refresh; the devnet is up once it does.
+    await federation.directory.refresh()
     const info: DevnetInfo = {
+      federation: {
+        url: federation.url,
+        apiKey: devKey.key,
+        adminToken: federation.adminToken,
+        peerId: federation.peerId.toString(),
+      },
       authority: authority.id,
       regions: bootstraps.map((b, i) => ({
         name: b.region,
@@ -184,6 +224,7 @@ export async function startDevnet(options: {
           region: i.region,
           head: i.head,
           rttMs: i.rttMs,
+          model: i.model,
           engineUrl: i.engineUrl!,
           engineKey: i.engineKey!,
         }
@@ -193,7 +234,7 @@ export async function startDevnet(options: {
     await writeFile(join(options.dataDir, 'devnet.json'), `${JSON.stringify(info, null, 2)}\n`, {
       mode: 0o600,
     })
-    return { info, stop }
+    return { info, federation, bootstraps, heads, nodes, stop }
   } catch (err) {
     await stop()
     throw err
@@ -207,47 +248,78 @@ function positiveInt(text: string, what: string): number {
   return n
 }
 
+/** One status line: nodes by state and the tokens per second they report. */
+function statusLine(devnet: Devnet): string {
+  let serving = 0
+  let other = 0
+  let tps = 0
+  for (const h of devnet.heads) {
+    for (const n of h.registry.nodes()) {
+      if (n.state === 'serving') serving++
+      else other++
+      tps += n.telemetry?.tokensPerSecond ?? 0
+    }
+  }
+  return `nodes: ${serving} serving${other > 0 ? `, ${other} other` : ''} | ${tps.toFixed(1)} tok/s`
+}
+
 export async function run(argv: string[], ctx: CommandContext): Promise<number> {
   const { values } = parseOptions(argv, {
     regions: { type: 'string', default: '1' },
     nodes: { type: 'string', default: '2' },
+    port: { type: 'string', default: '8080' },
     'data-dir': { type: 'string' },
   })
   const dataDir = values['data-dir'] ?? join(defaultDataDir(ctx.env), 'devnet')
   await mkdir(dataDir, { recursive: true, mode: 0o700 })
   const regions = positiveInt(values.regions, '--regions')
   if (regions < 1) throw new UsageError('--regions must be at least 1')
+  const port = Number(values.port)
+  if (!Number.isInteger(port) || port < 0 || port > 65_535) throw new UsageError('--port must be 0-65535')
   print(ctx.stderr, `starting devnet: ${regions} region(s), ${values.nodes} node(s), data in ${dataDir}`)
-  const devnet = await startDevnet({ dataDir, regions, nodes: positiveInt(values.nodes, '--nodes') })
+  const devnet = await startDevnet({ dataDir, regions, nodes: positiveInt(values.nodes, '--nodes'), port })
   const { info } = devnet
+  const base = `${info.federation.url}/v1`
   const lines = [
     '',
     'Garage devnet is up.',
+    '',
+    `  OpenAI base URL  ${base}`,
+    `  API key          ${info.federation.apiKey}`,
+    `  model            ${info.model.servedModelName}`,
+    '',
+    '  curl:',
+    `    curl -s ${base}/chat/completions -H "Authorization: Bearer ${info.federation.apiKey}" \\`,
+    `      -H 'Content-Type: application/json' -d '{"model":"${info.model.servedModelName}","messages":[{"role":"user","content":"Hello"}],"max_tokens":16}'`,
+    '  any OpenAI SDK:',
+    `    OPENAI_BASE_URL=${base} OPENAI_API_KEY=${info.federation.apiKey}`,
+    '',
     `  authority   ${info.authority}`,
     ...info.regions.flatMap((r) => [
       `  region      ${r.name}  head ${r.headPeerId}`,
       `    bootstrap ${r.bootstrapAddr}`,
-      `    metrics   ${r.metricsUrl}`,
-      `    head api  ${r.headUrl}/v1`,
+      `    head api  ${r.headUrl}/v1  metrics ${r.metricsUrl}`,
     ]),
-    `  model       ${info.model.servedModelName} (${info.model.path})`,
     ...info.nodes.flatMap((n) => [
       `  node        ${n.peerId} -> ${n.region ?? 'no region found'}${n.rttMs != null ? ` (${n.rttMs} ms)` : ''}`,
       `    engine    ${n.engineUrl} (embedded llama.cpp, loopback only)`,
     ]),
-    '',
-    'Try (through the head, the mesh and a node):',
-    `  npx garage regions --allow-private --authority ${info.authority} --bootstrap ${info.regions[0]!.bootstrapAddr}`,
-    `  curl -s ${info.regions[0]!.headUrl}/v1/chat/completions -H "Authorization: Bearer $(jq -r '.regions[0].headToken' ${join(dataDir, 'devnet.json')})" \\`,
-    `    -H 'Content-Type: application/json' -d '{"model":"${info.model.servedModelName}","messages":[{"role":"user","content":"Hello"}],"max_tokens":16}'`,
+    `  ledger      npx garage ledger --data-dir ${join(dataDir, 'federation')}`,
     '',
     `Written to ${join(dataDir, 'devnet.json')}. Ctrl-C stops the devnet.`,
   ]
   print(ctx.stdout, lines.join('\n'))
+  // A live status line where a person watches; nothing in logs or pipes.
+  const live = (ctx.stderr as NodeJS.WriteStream).isTTY === true
+  const timer = live
+    ? setInterval(() => ctx.stderr.write(`\r\x1b[2K${statusLine(devnet)}`), 2_000)
+    : undefined
   await new Promise<void>((resolve) => {
     if (ctx.shutdown.aborted) resolve()
     ctx.shutdown.addEventListener('abort', () => resolve(), { once: true })
   })
+  clearInterval(timer)
+  if (live) ctx.stderr.write('\n')
   print(ctx.stderr, 'stopping devnet')
   await devnet.stop()
   return 0

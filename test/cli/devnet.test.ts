@@ -14,7 +14,7 @@ describe('garage devnet (npm start)', () => {
 
   it('brings up two regions and nodes that join a certified region and serve through its head; writes devnet.json', async () => {
     dir = await mkdtemp(join(tmpdir(), 'garage-devnet-'))
-    devnet = await startDevnet({ dataDir: dir, regions: 2, nodes: 3 })
+    devnet = await startDevnet({ dataDir: dir, regions: 2, nodes: 3, port: 0 })
     const written = JSON.parse(await readFile(join(dir, 'devnet.json'), 'utf8'))
     expect(written).toEqual(devnet.info)
     expect(written.regions.map((r: { name: string }) => r.name)).toEqual(['local', 'local-2'])

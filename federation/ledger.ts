@@ -1,0 +1,337 @@
+import type { DatabaseSync, SQLInputValue, SQLOutputValue } from 'node:sqlite'
+import { GarageError } from '../mesh/errors.ts'
+import { type Logger, silentLogger } from '../mesh/logger.ts'
+import { inTransaction } from './store.ts'
+
+/** How long a record may wait in memory before it is written (at most this much is lost in a crash). */
+export const ledgerFlushIntervalMs = 1_000
+
+export class LedgerClosedError extends GarageError {}
+export class LedgerDateError extends GarageError {}
+
+/** One answered request, as the gateway saw it. */
+export interface UsageRecord {
+  keyId: string
+  model: string
+  /** The region whose head routed the request. */
+  region: string
+  /** PeerId of the node that served it; null or '' when none is known (nothing is credited). */
+  node: string | null
+  promptTokens: number
+  /** Counted by the head and gateway as they proxied the stream, not claimed by the node. */
+  completionTokens: number
+  /** When it was answered (default: now); it counts in this instant's UTC day. */
+  at?: Date | number
+}
+
+/** A range of UTC days, both ends included: a Date (its UTC day) or "YYYY-MM-DD". */
+export interface LedgerRange {
+  since?: Date | string
+  until?: Date | string
+}
+
+export interface KeyUsage {
+  keyId: string
+  /** null when the key is not in this database. */
+  keyName: string | null
+  model: string
+  requests: number
+  promptTokens: number
+  completionTokens: number
+}
+
+export interface NodeCredit {
+  node: string
+  region: string
+  model: string
+  requests: number
+  /** Completion tokens the node served, as verified by its head and the gateway. */
+  completionTokens: number
+}
+
+export interface LedgerTotals {
+  requests: number
+  promptTokens: number
+  completionTokens: number
+  /** Requests and tokens credited to nodes (requests no node served are not credited). */
+  creditedRequests: number
+  creditedTokens: number
+}
+
+export interface UsageLedgerOptions {
+  now?: () => number
+  flushIntervalMs?: number
+  /** Where a failed background flush is reported (it is retried on the next interval). */
+  logger?: Logger
+}
+
+interface PendingUsage {
+  day: string
+  keyId: string
+  model: string
+  requests: number
+  promptTokens: number
+  completionTokens: number
+}
+
+interface PendingCredit {
+  day: string
+  node: string
+  model: string
+  region: string
+  requests: number
+  completionTokens: number
+}
+
+/** The UTC day of an instant, "YYYY-MM-DD": the ledger's bucket. */
+export function utcDay(at: Date | number): string {
+  const date = at instanceof Date ? at : new Date(at)
+  if (Number.isNaN(date.getTime())) throw new LedgerDateError(`${String(at)} is not a date`, 'LEDGER_DATE')
+  return date.toISOString().slice(0, 10)
+}
+
+/** "YYYY-MM-DD" or an ISO date-time → its UTC day; anything else is a LedgerDateError. */
+export function parseLedgerDay(text: string): string {
+  if (/^\d{4}-\d{2}-\d{2}$/.test(text)) {
+    const day = utcDay(new Date(`${text}T00:00:00Z`))
+    if (day === text) return day
+  } else if (/^\d{4}-\d{2}-\d{2}T/.test(text)) {
+    const date = new Date(text)
+    if (!Number.isNaN(date.getTime())) return utcDay(date)
+  }
+  throw new LedgerDateError(`${JSON.stringify(text)} is not a date like 2025-01-31`, 'LEDGER_DATE')
+}
+
+function dayOf(value: Date | string): string {
+  return typeof value === 'string' ? parseLedgerDay(value) : utcDay(value)
+}
+
+function tokenCount(value: number, what: string): number {
+  if (!Number.isSafeInteger(value) || value < 0)
+    throw new RangeError(`${what} must be a whole number of at least 0, not ${value}`)
+  return value
+}
+
+const n = (v: SQLOutputValue | undefined): number => Number(v ?? 0)
+
+/**
+ * Usage per API key and credits per node, per model and UTC day, in the federation database.
+ * record() only adds to an in-memory sum; one transaction writes the sums a second later (and on
+ * flush() or close()), so the request path never waits for SQLite. Rows are added to, never
+ * replaced, so several gateway processes can share the file.
+ */
+export class UsageLedger {
+  private readonly db: DatabaseSync
+  private readonly now: () => number
+  private readonly flushIntervalMs: number
+  private readonly log: Logger
+  private usage = new Map<string, PendingUsage>()
+  private credits = new Map<string, PendingCredit>()
+  private timer: NodeJS.Timeout | null = null
+  private closed = false
+
+  constructor(db: DatabaseSync, options: UsageLedgerOptions = {}) {
+    this.db = db
+    this.now = options.now ?? Date.now
+    this.flushIntervalMs = options.flushIntervalMs ?? ledgerFlushIntervalMs
+    this.log = options.logger ?? silentLogger
+  }
+
+  record(entry: UsageRecord): void {
+    if (this.closed) throw new LedgerClosedError('the usage ledger is closed', 'LEDGER_CLOSED')
+    const prompt = tokenCount(entry.promptTokens, 'promptTokens')
+    const completion = tokenCount(entry.completionTokens, 'completionTokens')
+    const day = utcDay(entry.at ?? this.now())
+    const usageKey = `${day}\u0000${entry.keyId}\u0000${entry.model}`
+    const usage = this.usage.get(usageKey) ?? {
+      day,
+      keyId: entry.keyId,
+      model: entry.model,
+      requests: 0,
+      promptTokens: 0,
+      completionTokens: 0,
+    }
+    usage.requests++
+    usage.promptTokens += prompt
+    usage.completionTokens += completion
+    this.usage.set(usageKey, usage)
+    if (entry.node != null && entry.node !== '') {
+      const creditKey = `${day}\u0000${entry.node}\u0000${entry.model}\u0000${entry.region}`
+      const credit = this.credits.get(creditKey) ?? {
+        day,
+        node: entry.node,
+        model: entry.model,
+        region: entry.region,
+        requests: 0,
+        completionTokens: 0,
+      }
+      credit.requests++
+      credit.completionTokens += completion
+      this.credits.set(creditKey, credit)
+    }
+    this.schedule()
+  }
+
+  /** Sums recorded but not yet written (one per key, model and day, and per node, model, region and day). */
+  get pending(): number {
+    return this.usage.size + this.credits.size
+  }
+
+  /** Writes every pending sum in one transaction; on failure they stay pending, are retried a second later, and the error is thrown. */
+  flush(): void {
+    if (this.timer != null) {
+      clearTimeout(this.timer)
+      this.timer = null
+    }
+    if (this.pending === 0) return
+    try {
+      this.write()
+    } catch (err) {
+      this.schedule()
+      throw err
+    }
+    this.usage = new Map()
+    this.credits = new Map()
+  }
+
+  private write(): void {
+    inTransaction(this.db, () => {
+      const addUsage = this.db.prepare(
+        `INSERT INTO usage_daily (day, key_id, model, requests, prompt_tokens, completion_tokens)
+         VALUES (?, ?, ?, ?, ?, ?)
+         ON CONFLICT (day, key_id, model) DO UPDATE SET
+           requests = requests + excluded.requests,
+           prompt_tokens = prompt_tokens + excluded.prompt_tokens,
+           completion_tokens = completion_tokens + excluded.completion_tokens`,
+      )
+      for (const u of this.usage.values())
+        addUsage.run(u.day, u.keyId, u.model, u.requests, u.promptTokens, u.completionTokens)
+      const addCredit = this.db.prepare(
+        `INSERT INTO node_credits_daily (day, node, model, region, requests, completion_tokens)
+         VALUES (?, ?, ?, ?, ?, ?)
+         ON CONFLICT (day, node, model, region) DO UPDATE SET
+           requests = requests + excluded.requests,
+           completion_tokens = completion_tokens + excluded.completion_tokens`,
+      )
+      for (const c of this.credits.values())
+        addCredit.run(c.day, c.node, c.model, c.region, c.requests, c.completionTokens)
+    })
+  }
+
+  /** Flushes and stops; record() afterwards throws LedgerClosedError. The database stays open (its owner closes it). */
+  close(): void {
+    if (this.closed) return
+    this.flush()
+    this.closed = true
+  }
+
+  /** Usage per key and model over the range (pending records included), by key name then model. */
+  usageByKey(query: LedgerRange & { keyId?: string } = {}): KeyUsage[] {
+    this.flush()
+    const { where, params } = rangeFilter(query, 'u.day')
+    if (query.keyId != null) {
+      where.push('u.key_id = ?')
+      params.push(query.keyId)
+    }
+    return this.db
+      .prepare(
+        `SELECT u.key_id, k.name, u.model, SUM(u.requests) AS requests,
+                SUM(u.prompt_tokens) AS prompt_tokens, SUM(u.completion_tokens) AS completion_tokens
+         FROM usage_daily u LEFT JOIN api_keys k ON k.id = u.key_id
+         ${where.length > 0 ? `WHERE ${where.join(' AND ')}` : ''}
+         GROUP BY u.key_id, u.model
+         ORDER BY k.name, u.key_id, u.model`,
+      )
+      .all(...params)
+      .map((r) => ({
+        keyId: String(r.key_id),
+        keyName: r.name == null ? null : String(r.name),
+        model: String(r.model),
+        requests: n(r.requests),
+        promptTokens: n(r.prompt_tokens),
+        completionTokens: n(r.completion_tokens),
+      }))
+  }
+
+  /** Credits per node, region and model over the range (pending records included). */
+  creditsByNode(query: LedgerRange & { node?: string } = {}): NodeCredit[] {
+    this.flush()
+    const { where, params } = rangeFilter(query, 'day')
+    if (query.node != null) {
+      where.push('node = ?')
+      params.push(query.node)
+    }
+    return this.db
+      .prepare(
+        `SELECT node, region, model, SUM(requests) AS requests, SUM(completion_tokens) AS completion_tokens
+         FROM node_credits_daily
+         ${where.length > 0 ? `WHERE ${where.join(' AND ')}` : ''}
+         GROUP BY node, region, model
+         ORDER BY node, region, model`,
+      )
+      .all(...params)
+      .map((r) => ({
+        node: String(r.node),
+        region: String(r.region),
+        model: String(r.model),
+        requests: n(r.requests),
+        completionTokens: n(r.completion_tokens),
+      }))
+  }
+
+  /** Everything over the range: what keys used and what nodes were credited. */
+  totals(range: LedgerRange = {}): LedgerTotals {
+    this.flush()
+    const usage = rangeFilter(range, 'day')
+    const credit = rangeFilter(range, 'day')
+    const u = this.db
+      .prepare(
+        `SELECT SUM(requests) AS requests, SUM(prompt_tokens) AS prompt_tokens, SUM(completion_tokens) AS completion_tokens
+         FROM usage_daily ${usage.where.length > 0 ? `WHERE ${usage.where.join(' AND ')}` : ''}`,
+      )
+      .get(...usage.params)
+    const c = this.db
+      .prepare(
+        `SELECT SUM(requests) AS requests, SUM(completion_tokens) AS completion_tokens
+         FROM node_credits_daily ${credit.where.length > 0 ? `WHERE ${credit.where.join(' AND ')}` : ''}`,
+      )
+      .get(...credit.params)
+    return {
+      requests: n(u?.requests),
+      promptTokens: n(u?.prompt_tokens),
+      completionTokens: n(u?.completion_tokens),
+      creditedRequests: n(c?.requests),
+      creditedTokens: n(c?.completion_tokens),
+    }
+  }
+
+  /** One timer per batch, made by the first record after a flush: an idle gateway has none. */
+  private schedule(): void {
+    if (this.timer != null) return
+    this.timer = setTimeout(() => {
+      this.timer = null
+      try {
+        this.flush()
+      } catch (err) {
+        // flush() kept the sums and set the next try.
+        this.log.warn({ err, pending: this.pending }, 'usage ledger flush failed; retrying')
+      }
+    }, this.flushIntervalMs)
+    // Pending sums must not keep a stopping process alive: close() writes them.
+    this.timer.unref()
+  }
+}
+
+function rangeFilter(range: LedgerRange, column: string): { where: string[]; params: SQLInputValue[] } {
+  const where: string[] = []
+  const params: SQLInputValue[] = []
+  if (range.since != null) {
+    where.push(`${column} >= ?`)
+    params.push(dayOf(range.since))
+  }
+  if (range.until != null) {
+    where.push(`${column} <= ?`)
+    params.push(dayOf(range.until))
+  }
+  return { where, params }
+}

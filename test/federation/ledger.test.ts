@@ -1,0 +1,223 @@
+import { mkdtemp, rm } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import type { DatabaseSync } from 'node:sqlite'
+import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest'
+import { ApiKeyStore } from '../../federation/keys.ts'
+import {
+  ledgerFlushIntervalMs,
+  parseLedgerDay,
+  UsageLedger,
+  type UsageRecord,
+} from '../../federation/ledger.ts'
+import { openFederationStore } from '../../federation/store.ts'
+
+const nodeA = '12D3KooWAaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa'
+const nodeB = '12D3KooWBbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb'
+
+describe('UsageLedger', () => {
+  let dir: string
+  const dbs: DatabaseSync[] = []
+  let db: DatabaseSync
+  let clock: number
+  let ledger: UsageLedger
+
+  const open = (): DatabaseSync => {
+    const d = openFederationStore(dir)
+    dbs.push(d)
+    return d
+  }
+  const rows = (table: string): unknown[] =>
+    db
+      .prepare(`SELECT * FROM ${table} ORDER BY 1, 2, 3`)
+      .all()
+      .map((r) => ({ ...r }))
+  const entry = (over: Partial<UsageRecord> = {}): UsageRecord => ({
+    keyId: 'key_a',
+    model: 'garage-tiny',
+    region: 'eu-north',
+    node: nodeA,
+    promptTokens: 10,
+    completionTokens: 20,
+    ...over,
+  })
+
+  beforeEach(async () => {
+    dir = await mkdtemp(join(tmpdir(), 'garage-ledger-'))
+    db = open()
+    clock = Date.parse('2025-03-01T12:00:00Z')
+    ledger = new UsageLedger(db, { now: () => clock })
+  })
+  afterEach(async () => {
+    vi.useRealTimers()
+    ledger.close()
+    for (const d of dbs.splice(0)) if (d.isOpen) d.close()
+    await rm(dir, { recursive: true, force: true })
+  })
+
+  it('sums records in memory and writes them in one flush, one row per key, model and day', () => {
+    for (let i = 0; i < 100; i++) ledger.record(entry())
+    ledger.record(entry({ keyId: 'key_b', node: nodeB, promptTokens: 1, completionTokens: 2 }))
+    ledger.record(entry({ model: 'other', node: null }))
+    expect(rows('usage_daily')).toEqual([])
+    expect(ledger.pending).toBe(5)
+    ledger.flush()
+    expect(ledger.pending).toBe(0)
+    expect(rows('usage_daily')).toEqual([
+      {
+        day: '2025-03-01',
+        key_id: 'key_a',
+        model: 'garage-tiny',
+        requests: 100,
+        prompt_tokens: 1000,
+        completion_tokens: 2000,
+      },
+      {
+        day: '2025-03-01',
+        key_id: 'key_a',
+        model: 'other',
+        requests: 1,
+        prompt_tokens: 10,
+        completion_tokens: 20,
+      },
+      {
+        day: '2025-03-01',
+        key_id: 'key_b',
+        model: 'garage-tiny',
+        requests: 1,
+        prompt_tokens: 1,
+        completion_tokens: 2,
+      },
+    ])
+    // A request no node served is billed but credits nobody.
+    expect(rows('node_credits_daily')).toEqual([
+      {
+        day: '2025-03-01',
+        node: nodeA,
+        model: 'garage-tiny',
+        region: 'eu-north',
+        requests: 100,
+        completion_tokens: 2000,
+      },
+      {
+        day: '2025-03-01',
+        node: nodeB,
+        model: 'garage-tiny',
+        region: 'eu-north',
+        requests: 1,
+        completion_tokens: 2,
+      },
+    ])
+    // The next flush adds to the rows.
+    ledger.record(entry())
+    ledger.flush()
+    expect(ledger.usageByKey({ keyId: 'key_a' })[0]).toMatchObject({ model: 'garage-tiny', requests: 101 })
+  })
+
+  it('flushes by itself a second after the first record of a batch', () => {
+    vi.useFakeTimers({ toFake: ['setTimeout', 'clearTimeout'] })
+    ledger.record(entry())
+    vi.advanceTimersByTime(ledgerFlushIntervalMs - 1)
+    expect(rows('usage_daily')).toHaveLength(0)
+    vi.advanceTimersByTime(1)
+    expect(rows('usage_daily')).toHaveLength(1)
+    expect(vi.getTimerCount()).toBe(0)
+  })
+
+  it('counts each record in its UTC day', () => {
+    ledger.record(entry({ at: Date.parse('2025-03-01T23:59:59.999Z') }))
+    ledger.record(entry({ at: new Date('2025-03-02T00:00:00.000Z'), completionTokens: 5 }))
+    // 01:30 in UTC+2 is still the 1st in UTC.
+    ledger.record(entry({ at: Date.parse('2025-03-02T01:30:00+02:00'), completionTokens: 7 }))
+    const day1 = ledger.usageByKey({ since: '2025-03-01', until: '2025-03-01' })
+    const day2 = ledger.usageByKey({ since: '2025-03-02', until: '2025-03-02' })
+    expect(day1).toEqual([expect.objectContaining({ requests: 2, completionTokens: 27 })])
+    expect(day2).toEqual([expect.objectContaining({ requests: 1, completionTokens: 5 })])
+    expect(ledger.creditsByNode({ since: new Date('2025-03-02T12:00:00Z') })).toEqual([
+      { node: nodeA, region: 'eu-north', model: 'garage-tiny', requests: 1, completionTokens: 5 },
+    ])
+    expect(ledger.totals({ until: '2025-03-01' })).toEqual({
+      requests: 2,
+      promptTokens: 20,
+      completionTokens: 27,
+      creditedRequests: 2,
+      creditedTokens: 27,
+    })
+  })
+
+  it('answers usage per key (with its name) and credits per node, filtered', () => {
+    const keys = new ApiKeyStore(db, { now: () => clock })
+    const alice = keys.create({ name: 'alice' })
+    ledger.record(entry({ keyId: alice.id }))
+    ledger.record(
+      entry({ keyId: alice.id, node: nodeB, region: 'us-east', promptTokens: 3, completionTokens: 4 }),
+    )
+    ledger.record(entry({ keyId: 'key_gone' }))
+    expect(ledger.usageByKey()).toEqual([
+      {
+        keyId: 'key_gone',
+        keyName: null,
+        model: 'garage-tiny',
+        requests: 1,
+        promptTokens: 10,
+        completionTokens: 20,
+      },
+      {
+        keyId: alice.id,
+        keyName: 'alice',
+        model: 'garage-tiny',
+        requests: 2,
+        promptTokens: 13,
+        completionTokens: 24,
+      },
+    ])
+    expect(ledger.usageByKey({ keyId: alice.id })).toHaveLength(1)
+    expect(ledger.creditsByNode()).toEqual([
+      { node: nodeA, region: 'eu-north', model: 'garage-tiny', requests: 2, completionTokens: 40 },
+      { node: nodeB, region: 'us-east', model: 'garage-tiny', requests: 1, completionTokens: 4 },
+    ])
+    expect(ledger.creditsByNode({ node: nodeB })).toHaveLength(1)
+    expect(ledger.usageByKey({ since: '2025-03-02' })).toEqual([])
+    expect(ledger.totals()).toMatchObject({ requests: 3, creditedTokens: 44 })
+  })
+
+  it('survives a restart, and two ledgers on one file add up', () => {
+    ledger.record(entry())
+    ledger.close()
+    db.close()
+    db = open()
+    ledger = new UsageLedger(db, { now: () => clock })
+    const other = new UsageLedger(open(), { now: () => clock })
+    ledger.record(entry())
+    other.record(entry())
+    other.close()
+    expect(ledger.totals()).toMatchObject({ requests: 3, completionTokens: 60, creditedRequests: 3 })
+  })
+
+  it('keeps the sums when a flush fails, and writes them on the next', () => {
+    db.exec('PRAGMA busy_timeout = 0')
+    const other = open()
+    ledger.record(entry())
+    other.exec('BEGIN IMMEDIATE')
+    expect(() => ledger.flush()).toThrow(/locked/)
+    expect(ledger.pending).toBe(2)
+    other.exec('ROLLBACK')
+    ledger.record(entry())
+    ledger.flush()
+    expect(ledger.totals()).toMatchObject({ requests: 2, completionTokens: 40 })
+  })
+
+  it('refuses bad records and records after close', () => {
+    expect(() => ledger.record(entry({ promptTokens: -1 }))).toThrow(RangeError)
+    expect(() => ledger.record(entry({ completionTokens: 1.5 }))).toThrow(RangeError)
+    ledger.close()
+    expect(() => ledger.record(entry())).toThrow(expect.objectContaining({ name: 'LedgerClosedError' }))
+  })
+
+  it('parses days for queries', () => {
+    expect(parseLedgerDay('2025-01-31')).toBe('2025-01-31')
+    expect(parseLedgerDay('2025-01-31T23:30:00-02:00')).toBe('2025-02-01')
+    for (const bad of ['2025-02-30', 'yesterday', '31/01/2025', ''])
+      expect(() => parseLedgerDay(bad)).toThrow(expect.objectContaining({ name: 'LedgerDateError' }))
+  })
+})
