@@ -1,94 +1,28 @@
-import { type ChildProcess, spawn } from 'node:child_process'
-import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
-import { Agent, request } from 'node:http'
-import { tmpdir } from 'node:os'
-import { join } from 'node:path'
-import { createInterface } from 'node:readline'
-import { fileURLToPath } from 'node:url'
-import { peerIdFromPrivateKey } from '@libp2p/peer-id'
-import { LlamaCppEngine } from '../daemon/engines/llamacpp/engine.ts'
-import { writeTinyModel } from '../daemon/engines/llamacpp/tiny-model.ts'
-import { initAuthority } from '../mesh/authority.ts'
-import { issueRegionCertificate } from '../mesh/certificate.ts'
-import { loadOrCreateIdentity } from '../mesh/identity.ts'
+import {
+  type BenchCluster,
+  latencyBatch as batch,
+  closeClient,
+  post,
+  startBenchCluster,
+  type Target,
+  tinyModel,
+} from './cluster.ts'
 import { percentile, progress, table, writeResult } from './report.ts'
 
 /**
- * What the mesh hop costs: the same requests sent straight to a node's engine and through the
- * regional head (client → head HTTP → libp2p /garage/infer/1.0.0 → node daemon → engine), side by
- * side in one run. Latency with max_tokens 1 (the engine's work is minimal), then streamed
- * throughput with long answers.
+ * What the mesh hop costs: the same requests sent straight to an engine and through the regional
+ * head (client → head HTTP → libp2p /garage/infer/1.0.0 → node daemon → engine), side by side in
+ * one run. Latency with max_tokens 1 (the engine's work is minimal), then streamed throughput with
+ * long answers. The head and the node are `garage` processes, as on real machines.
  */
 const latencyConcurrencies = [1, 16]
 const latencyRounds = 12
 const requestsPerWorker = 8
 const streamRounds = 7
 const streamTokens = 256
-const parallel = 16
-const contextLength = 512
-const tinyModel = 'garage-tiny'
-const garageBin = fileURLToPath(new URL('../bin/garage.js', import.meta.url))
 
-interface Target {
-  url: string
-  key: string
-}
-
-const agent = new Agent({ keepAlive: true, maxSockets: 64 })
-
-function post(
-  target: Target,
-  path: string,
-  body: Record<string, unknown>,
-): Promise<{ ms: number; text: string }> {
-  const payload = JSON.stringify(body)
-  const started = performance.now()
-  return new Promise((resolve, reject) => {
-    const req = request(
-      `${target.url}${path}`,
-      {
-        method: 'POST',
-        agent,
-        headers: {
-          authorization: `Bearer ${target.key}`,
-          'content-type': 'application/json',
-          'content-length': Buffer.byteLength(payload),
-        },
-      },
-      (res) => {
-        const chunks: Buffer[] = []
-        res.on('data', (c: Buffer) => chunks.push(c))
-        res.on('end', () => {
-          const text = Buffer.concat(chunks).toString('utf8')
-          if (res.statusCode !== 200) reject(new Error(`${target.url} answered ${res.statusCode}: ${text}`))
-          else resolve({ ms: performance.now() - started, text })
-        })
-        res.on('error', reject)
-      },
-    )
-    req.on('error', reject)
-    req.end(payload)
-  })
-}
-
-/** `concurrency` workers each sending `requestsPerWorker` one-token completions; their latencies. */
-async function latencyBatch(target: Target, concurrency: number, round: number): Promise<number[]> {
-  const out: number[] = []
-  await Promise.all(
-    Array.from({ length: concurrency }, async (_, w) => {
-      for (let i = 0; i < requestsPerWorker; i++) {
-        const r = await post(target, '/v1/completions', {
-          model: tinyModel,
-          prompt: `r${round} w${w} i${i}`,
-          max_tokens: 1,
-          temperature: 0,
-        })
-        out.push(r.ms)
-      }
-    }),
-  )
-  return out
-}
+const latencyBatch = (target: Target, concurrency: number, round: number): Promise<number[]> =>
+  batch(target, concurrency, requestsPerWorker, round)
 
 /** One long streamed completion; completion tokens per second. */
 async function streamOnce(target: Target, round: number): Promise<number> {
@@ -113,137 +47,12 @@ function median(xs: number[]): number {
   return percentile(xs, 50)
 }
 
-/** Spawns `garage ARGS` and resolves with its stdout lines once one of them matches `ready`. */
-async function spawnGarage(args: string[], ready: RegExp, children: ChildProcess[]): Promise<string[]> {
-  const child = spawn(process.execPath, [garageBin, ...args], {
-    env: { ...process.env, GARAGE_LOG_LEVEL: 'warn' },
-    stdio: ['ignore', 'pipe', 'pipe'],
-  })
-  children.push(child)
-  const lines: string[] = []
-  let stderr = ''
-  child.stderr!.on('data', (d: Buffer) => {
-    stderr += d.toString()
-  })
-  await new Promise<void>((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`garage ${args[0]} not ready: ${stderr}`)), 60_000)
-    createInterface({ input: child.stdout! }).on('line', (line) => {
-      lines.push(line)
-      if (ready.test(line)) {
-        clearTimeout(timer)
-        resolve()
-      }
-    })
-    child.once('exit', (code) => {
-      clearTimeout(timer)
-      reject(new Error(`garage ${args[0]} exited with ${code}: ${stderr}`))
-    })
-  })
-  return lines
-}
-
-function field(lines: string[], name: string): string {
-  const line = lines.find((l) => l.trim().startsWith(name))
-  if (line == null) throw new Error(`no ${name} in ${lines.join('\n')}`)
-  return line.trim().slice(name.length).trim().split(/\s+/)[0]!
-}
-
 export async function run(): Promise<Record<string, unknown>> {
-  const dir = await mkdtemp(join(tmpdir(), 'garage-bench-proxy-'))
-  const children: ChildProcess[] = []
-  const direct = new LlamaCppEngine()
+  let cluster: BenchCluster | undefined
   try {
-    // The head and the node run as the real commands, each in its own process, as on real machines;
-    // this process is only the client.
-    progress('starting a bootstrap node with its regional head, and one node, as garage processes')
-    const authority = await initAuthority(join(dir, 'authority'))
-    const headDir = join(dir, 'head')
-    const headId = peerIdFromPrivateKey(await loadOrCreateIdentity(headDir)).toString()
-    const certPath = join(headDir, 'region.cert')
-    await writeFile(
-      certPath,
-      await issueRegionCertificate(authority.key, {
-        region: 'bench',
-        head: headId,
-        addrs: [],
-        ttlMs: 86_400_000,
-      }),
-    )
-    const policy = {
-      region: 'bench',
-      models: [
-        {
-          name: tinyModel,
-          engine: ['llamacpp'],
-          source: { gguf: 'garage-tiny' },
-          replicas: 1,
-          minVramMiB: 0,
-          minRamMiB: 16,
-          parallel,
-          contextLength,
-        },
-      ],
-      ray: { enabled: false },
-    }
-    await writeFile(join(dir, 'policy.json'), JSON.stringify(policy))
-    const head = await spawnGarage(
-      [
-        'bootstrap',
-        '--region',
-        'bench',
-        '--cert',
-        certPath,
-        '--authority',
-        authority.id,
-        '--listen',
-        '/ip4/127.0.0.1/tcp/0',
-        '--allow-private',
-        '--http',
-        '127.0.0.1:0',
-        '--policy',
-        join(dir, 'policy.json'),
-        '--head-http',
-        '127.0.0.1:0',
-        '--data-dir',
-        headDir,
-      ],
-      /head api/,
-      children,
-    )
-    const headUrl = field(head, 'head api').replace(/\/v1$/, '')
-    const headToken = (await readFile(join(headDir, 'head-api.token'), 'utf8')).trim()
-    const nodeDir = join(dir, 'node')
-    await mkdir(join(nodeDir, 'models'), { recursive: true })
-    const modelPath = join(nodeDir, 'models', 'garage-tiny.gguf')
-    await writeTinyModel(modelPath)
-    await spawnGarage(
-      [
-        'node',
-        '--authority',
-        authority.id,
-        '--bootstrap',
-        field(head, 'address'),
-        '--listen',
-        '/ip4/127.0.0.1/tcp/0',
-        '--allow-private',
-        '--threads',
-        '1',
-        '--data-dir',
-        nodeDir,
-      ],
-      /engine/,
-      children,
-    )
-    // "Direct" is an identical engine (same model, slots, context, threads) the client calls itself.
-    const handle = await direct.start({
-      model: modelPath,
-      servedModelName: tinyModel,
-      parallel,
-      contextLength,
-      threads: 1,
-    })
-    const directTarget: Target = { url: handle.baseUrl, key: handle.apiKey }
-    const viaHead: Target = { url: headUrl, key: headToken }
+    cluster = await startBenchCluster({ parallel: 16, contextLength: 512, federation: false })
+    const directTarget = cluster.direct
+    const viaHead = cluster.head
     // Warm both paths: connections, the engine's buffers, the router's view of the node.
     await latencyBatch(directTarget, 4, -1)
     await latencyBatch(viaHead, 4, -1)
@@ -328,19 +137,7 @@ export async function run(): Promise<Record<string, unknown>> {
     )
     return result
   } finally {
-    agent.destroy()
-    await direct.stop()
-    // SIGTERM: the node drains and leaves, the head stops; both exit on their own.
-    await Promise.all(
-      children.map(
-        (c) =>
-          new Promise<void>((resolve) => {
-            if (c.exitCode != null) return resolve()
-            c.once('exit', () => resolve())
-            c.kill('SIGTERM')
-          }),
-      ),
-    )
-    await rm(dir, { recursive: true, force: true })
+    closeClient()
+    await cluster?.stop()
   }
 }

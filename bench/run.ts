@@ -5,6 +5,7 @@ const benchmarks: Record<string, () => Promise<{ run: () => Promise<Record<strin
   mesh: () => import('./mesh.ts'),
   engine: () => import('./engine.ts'),
   'mesh-proxy': () => import('./mesh-proxy.ts'),
+  gateway: () => import('./gateway.ts'),
 }
 
 const wanted = process.argv.slice(2)

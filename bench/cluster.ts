@@ -1,0 +1,301 @@
+import { type ChildProcess, spawn } from 'node:child_process'
+import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
+import { Agent, request } from 'node:http'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { createInterface } from 'node:readline'
+import { fileURLToPath } from 'node:url'
+import { peerIdFromPrivateKey } from '@libp2p/peer-id'
+import { LlamaCppEngine } from '../daemon/engines/llamacpp/engine.ts'
+import { writeTinyModel } from '../daemon/engines/llamacpp/tiny-model.ts'
+import { ApiKeyStore } from '../federation/keys.ts'
+import { openFederationStore } from '../federation/store.ts'
+import { initAuthority } from '../mesh/authority.ts'
+import { issueRegionCertificate } from '../mesh/certificate.ts'
+import { loadOrCreateIdentity } from '../mesh/identity.ts'
+import { progress } from './report.ts'
+
+/**
+ * The system as deployed, for benchmarks: `garage bootstrap --policy` (head), `garage node` and,
+ * when asked, `garage federation`, each its own process, as on real machines; plus an identical
+ * engine the benchmark calls directly. This process is only the client.
+ */
+
+export const tinyModel = 'garage-tiny'
+const garageBin = fileURLToPath(new URL('../bin/garage.js', import.meta.url))
+
+export interface Target {
+  url: string
+  key: string
+}
+
+export interface BenchCluster {
+  /** An engine like the node's (same model, slots, context, threads), called without any hop. */
+  direct: Target
+  head: Target
+  federation: Target | null
+  stop(): Promise<void>
+}
+
+/** Spawns `garage ARGS` and resolves with its stdout lines once one of them matches `ready`. */
+async function spawnGarage(args: string[], ready: RegExp, children: ChildProcess[]): Promise<string[]> {
+  const child = spawn(process.execPath, [garageBin, ...args], {
+    env: { ...process.env, GARAGE_LOG_LEVEL: 'warn' },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  })
+  children.push(child)
+  const lines: string[] = []
+  let stderr = ''
+  child.stderr!.on('data', (d: Buffer) => {
+    stderr += d.toString()
+  })
+  await new Promise<void>((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`garage ${args[0]} not ready: ${stderr}`)), 60_000)
+    createInterface({ input: child.stdout! }).on('line', (line) => {
+      lines.push(line)
+      if (ready.test(line)) {
+        clearTimeout(timer)
+        resolve()
+      }
+    })
+    child.once('exit', (code) => {
+      clearTimeout(timer)
+      reject(new Error(`garage ${args[0]} exited with ${code}: ${stderr}`))
+    })
+  })
+  return lines
+}
+
+function field(lines: string[], name: string): string {
+  const line = lines.find((l) => l.trim().startsWith(name))
+  if (line == null) throw new Error(`no ${name} in ${lines.join('\n')}`)
+  return line.trim().slice(name.length).trim().split(/\s+/)[0]!
+}
+
+export async function startBenchCluster(options: {
+  parallel: number
+  contextLength: number
+  federation: boolean
+}): Promise<BenchCluster> {
+  const dir = await mkdtemp(join(tmpdir(), 'garage-bench-cluster-'))
+  const children: ChildProcess[] = []
+  const direct = new LlamaCppEngine()
+  const stop = async (): Promise<void> => {
+    await direct.stop()
+    // SIGTERM: the node drains and leaves, the head and the gateway stop; each exits on its own.
+    await Promise.all(
+      children.map(
+        (c) =>
+          new Promise<void>((resolve) => {
+            if (c.exitCode != null || c.signalCode != null) return resolve()
+            c.once('exit', () => resolve())
+            c.kill('SIGTERM')
+          }),
+      ),
+    )
+    await rm(dir, { recursive: true, force: true })
+  }
+  try {
+    progress(
+      `starting a head, a node${options.federation ? ' and the federation gateway' : ''} as garage processes`,
+    )
+    const authority = await initAuthority(join(dir, 'authority'))
+    const headDir = join(dir, 'head')
+    const headId = peerIdFromPrivateKey(await loadOrCreateIdentity(headDir)).toString()
+    const certPath = join(headDir, 'region.cert')
+    await writeFile(
+      certPath,
+      await issueRegionCertificate(authority.key, {
+        region: 'bench',
+        head: headId,
+        addrs: [],
+        ttlMs: 86_400_000,
+      }),
+    )
+    const fedDir = join(dir, 'federation')
+    const fedId = peerIdFromPrivateKey(await loadOrCreateIdentity(fedDir)).toString()
+    const policy = {
+      region: 'bench',
+      models: [
+        {
+          name: tinyModel,
+          engine: ['llamacpp'],
+          source: { gguf: 'garage-tiny' },
+          replicas: 1,
+          minVramMiB: 0,
+          minRamMiB: 16,
+          parallel: options.parallel,
+          contextLength: options.contextLength,
+        },
+      ],
+      ray: { enabled: false },
+    }
+    await writeFile(join(dir, 'policy.json'), JSON.stringify(policy))
+    const head = await spawnGarage(
+      [
+        'bootstrap',
+        '--region',
+        'bench',
+        '--cert',
+        certPath,
+        '--authority',
+        authority.id,
+        '--listen',
+        '/ip4/127.0.0.1/tcp/0',
+        '--allow-private',
+        '--http',
+        '127.0.0.1:0',
+        '--policy',
+        join(dir, 'policy.json'),
+        '--head-http',
+        '127.0.0.1:0',
+        '--federation',
+        fedId,
+        '--data-dir',
+        headDir,
+      ],
+      /head api/,
+      children,
+    )
+    const headTarget: Target = {
+      url: field(head, 'head api').replace(/\/v1$/, ''),
+      key: (await readFile(join(headDir, 'head-api.token'), 'utf8')).trim(),
+    }
+    const bootstrapAddr = field(head, 'address')
+    const nodeDir = join(dir, 'node')
+    await mkdir(join(nodeDir, 'models'), { recursive: true })
+    const modelPath = join(nodeDir, 'models', 'garage-tiny.gguf')
+    await writeTinyModel(modelPath)
+    await spawnGarage(
+      [
+        'node',
+        '--authority',
+        authority.id,
+        '--bootstrap',
+        bootstrapAddr,
+        '--listen',
+        '/ip4/127.0.0.1/tcp/0',
+        '--allow-private',
+        '--threads',
+        '1',
+        '--data-dir',
+        nodeDir,
+      ],
+      /engine/,
+      children,
+    )
+    let federation: Target | null = null
+    if (options.federation) {
+      const db = openFederationStore(fedDir)
+      const key = new ApiKeyStore(db).create({ name: 'bench' }).key
+      db.close()
+      const lines = await spawnGarage(
+        [
+          'federation',
+          '--authority',
+          authority.id,
+          '--bootstrap',
+          bootstrapAddr,
+          '--listen',
+          '/ip4/127.0.0.1/tcp/0',
+          '--allow-private',
+          '--http',
+          '127.0.0.1:0',
+          '--data-dir',
+          fedDir,
+        ],
+        /admin/,
+        children,
+      )
+      federation = { url: field(lines, 'api').replace(/\/v1$/, ''), key }
+      // Ready once the gateway sees the region's model.
+      const deadline = Date.now() + 30_000
+      for (;;) {
+        const res = await fetch(`${federation.url}/v1/models`, {
+          headers: { authorization: `Bearer ${key}` },
+        })
+        const body = (await res.json()) as { data?: Array<{ id: string }> }
+        if (body.data?.some((m) => m.id === tinyModel)) break
+        if (Date.now() > deadline) throw new Error('the federation never saw the region')
+        await new Promise((r) => setTimeout(r, 250))
+      }
+    }
+    const handle = await direct.start({
+      model: modelPath,
+      servedModelName: tinyModel,
+      parallel: options.parallel,
+      contextLength: options.contextLength,
+      threads: 1,
+    })
+    return { direct: { url: handle.baseUrl, key: handle.apiKey }, head: headTarget, federation, stop }
+  } catch (err) {
+    await stop()
+    throw err
+  }
+}
+
+const agent = new Agent({ keepAlive: true, maxSockets: 128 })
+
+/** One POST with a keep-alive client; resolves with its latency and body, rejects on non-200. */
+export function post(
+  target: Target,
+  path: string,
+  body: Record<string, unknown>,
+): Promise<{ ms: number; text: string }> {
+  const payload = JSON.stringify(body)
+  const started = performance.now()
+  return new Promise((resolve, reject) => {
+    const req = request(
+      `${target.url}${path}`,
+      {
+        method: 'POST',
+        agent,
+        headers: {
+          authorization: `Bearer ${target.key}`,
+          'content-type': 'application/json',
+          'content-length': Buffer.byteLength(payload),
+        },
+      },
+      (res) => {
+        const chunks: Buffer[] = []
+        res.on('data', (c: Buffer) => chunks.push(c))
+        res.on('end', () => {
+          const text = Buffer.concat(chunks).toString('utf8')
+          if (res.statusCode !== 200) reject(new Error(`${target.url} answered ${res.statusCode}: ${text}`))
+          else resolve({ ms: performance.now() - started, text })
+        })
+        res.on('error', reject)
+      },
+    )
+    req.on('error', reject)
+    req.end(payload)
+  })
+}
+
+/** `concurrency` workers each sending `perWorker` one-token completions; their latencies. */
+export async function latencyBatch(
+  target: Target,
+  concurrency: number,
+  perWorker: number,
+  round: number,
+): Promise<number[]> {
+  const out: number[] = []
+  await Promise.all(
+    Array.from({ length: concurrency }, async (_, w) => {
+      for (let i = 0; i < perWorker; i++) {
+        const r = await post(target, '/v1/completions', {
+          model: tinyModel,
+          prompt: `r${round} w${w} i${i}`,
+          max_tokens: 1,
+          temperature: 0,
+        })
+        out.push(r.ms)
+      }
+    }),
+  )
+  return out
+}
+
+export function closeClient(): void {
+  agent.destroy()
+}
