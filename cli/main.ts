@@ -77,8 +77,10 @@ export function defaultContext(): CommandContext {
     }
     controller.abort()
   }
-  process.once('SIGINT', stop)
-  process.once('SIGTERM', stop)
+  // `on`, not `once`: signal-exit (pulled in by execa) re-raises a signal when it finds no other
+  // listener left, which would kill us in the middle of a clean stop.
+  process.on('SIGINT', stop)
+  process.on('SIGTERM', stop)
   return { stdout: process.stdout, stderr: process.stderr, env: process.env, shutdown: controller.signal }
 }
 

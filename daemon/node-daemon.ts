@@ -8,7 +8,7 @@ import { type DiscoveredHead, RegionDiscovery } from '../mesh/discovery.ts'
 import { GarageError } from '../mesh/errors.ts'
 import { loadOrCreateIdentity } from '../mesh/identity.ts'
 import { JoinRefusedError, requestJoin, requestLeave } from '../mesh/join-protocol.ts'
-import { type Logger, silentLogger } from '../mesh/logger.ts'
+import { type Logger, type LogTail, silentLogger } from '../mesh/logger.ts'
 import { createMeshNode, type MeshNode } from '../mesh/node.ts'
 import type {
   Assignment,
@@ -18,6 +18,7 @@ import type {
   TelemetryReport,
 } from '../mesh/region-messages.ts'
 import { sendTelemetry, TelemetryReporter } from '../mesh/telemetry-protocol.ts'
+import type { ControlEvents, ControlTarget, NodeSettings, NodeStatus } from './control/types.ts'
 import { LlamaCppEngine } from './engines/llamacpp/engine.ts'
 import { pullGgufModel } from './engines/llamacpp/gguf-pull.ts'
 import { writeTinyModel } from './engines/llamacpp/tiny-model.ts'
@@ -34,9 +35,36 @@ export class NodeJoinError extends GarageError {}
 
 export type NodeDaemonState = 'stopped' | 'starting' | NodeServingState | 'stopping'
 
-export interface NodeDaemonEvents {
-  state: CustomEvent<{ state: NodeDaemonState; reason?: string }>
+export interface NodeDaemonEvents extends ControlEvents {
   joined: CustomEvent<{ head: string; region: string; assignment: Assignment }>
+  /** The engine let go of the model (and the GPU) for a pause: how long it took from the pause. */
+  released: CustomEvent<{ ms: number; reasons: string[] }>
+}
+
+/** Sums a cumulative counter that may restart (a rejoin) into a per-UTC-day total. */
+class DailyTotal {
+  private day = ''
+  private today = 0
+  private last = 0
+
+  feed(cumulative: number, now = new Date()): void {
+    const day = now.toISOString().slice(0, 10)
+    if (day !== this.day) {
+      this.day = day
+      this.today = 0
+    }
+    this.today += cumulative >= this.last ? cumulative - this.last : cumulative
+    this.last = cumulative
+  }
+
+  /** A counter that restarts from zero (a new join) must not count its first value twice. */
+  restart(): void {
+    this.last = 0
+  }
+
+  value(now = new Date()): number {
+    return now.toISOString().slice(0, 10) === this.day ? this.today : 0
+  }
 }
 
 export interface NodeDaemonOptions {
@@ -71,7 +99,30 @@ export interface NodeDaemonOptions {
   daemonVersion?: string
   /** For tests: make the engine (default: the embedded llama.cpp engine). */
   createEngine?: (assignment: Assignment) => Engine
+  /**
+   * How long requests in flight may run when the node pauses before the engine is stopped (the
+   * GPU must be free within 2 s of a game starting).
+   */
+  pauseGraceMs?: number
+  /** Where `logs()` reads from (the CLI passes the tail its logger writes to). */
+  logTail?: LogTail
+  /** User settings in force at start (the control API changes them later). */
+  settings?: NodeSettings
+  /** Persists settings changed through the control API. */
+  saveSettings?: (settings: NodeSettings) => Promise<void>
 }
+
+export const defaultPauseGraceMs = 1_000
+
+export const defaultNodeSettings: NodeSettings = Object.freeze({
+  games: [],
+  schedule: [],
+  vramCapMiB: null,
+  maxGpuTemperatureC: null,
+  pauseOnBattery: true,
+  idleOnlyMinutes: null,
+  resumeAfterSeconds: 30,
+}) as NodeSettings
 
 export const defaultDrainGraceMs = 30_000
 const joinTimeoutMs = 15_000
@@ -131,7 +182,7 @@ async function exists(path: string): Promise<boolean> {
  * `garage node`: probe → discovery → join → engine → telemetry → serve over /garage/infer/1.0.0.
  * stop() drains (no new requests, in-flight ones finish within the grace period) and leaves.
  */
-export class NodeDaemon extends TypedEventEmitter<NodeDaemonEvents> {
+export class NodeDaemon extends TypedEventEmitter<NodeDaemonEvents> implements ControlTarget {
   private readonly options: NodeDaemonOptions
   private readonly log: Logger
   private current: NodeDaemonState = 'stopped'
@@ -151,11 +202,24 @@ export class NodeDaemon extends TypedEventEmitter<NodeDaemonEvents> {
   private lastRate = { at: 0, tokens: 0, perSecond: 0 }
   private rejoining: Promise<void> | null = null
   private rayWorker: RayWorker | null = null
+  /** Why the node is paused: 'user' and/or host-policy reasons. Paused while any remains. */
+  private readonly pauseReasons = new Map<string, string[]>()
+  private pausedUntil: Date | null = null
+  private pauseTimer: NodeJS.Timeout | null = null
+  private readonly startedAt = Date.now()
+  private readonly tokensToday = new DailyTotal()
+  private readonly creditsToday = new DailyTotal()
+  private currentSettings: NodeSettings
+  private statsTimer: NodeJS.Timeout | null = null
+  /** Pause and resume run one at a time, in order. */
+  private transitions: Promise<void> = Promise.resolve()
+  private idleSeconds: number | null = null
 
   constructor(options: NodeDaemonOptions) {
     super()
     this.options = options
     this.log = (options.logger ?? silentLogger).child({ component: 'daemon' })
+    this.currentSettings = { ...defaultNodeSettings, ...options.settings }
   }
 
   get state(): NodeDaemonState {
@@ -197,7 +261,61 @@ export class NodeDaemon extends TypedEventEmitter<NodeDaemonEvents> {
     if (state === this.current) return
     this.current = state
     this.log.info({ state, reason }, 'node state')
-    this.safeDispatchEvent('state', { detail: { state, ...(reason != null ? { reason } : {}) } })
+    this.safeDispatchEvent('state', { detail: this.status() })
+  }
+
+  /** The control API's view: state, where, what, how fast, what it earned today. */
+  status(): NodeStatus {
+    const gpu = this.hardware?.gpus[0]
+    const reasons = [...this.pauseReasons.values()].flat()
+    return {
+      state: this.current,
+      reason: this.current === 'paused' && reasons.length > 0 ? reasons.join(', ') : null,
+      pausedUntil: this.pausedUntil?.toISOString() ?? null,
+      peerId: this.peerId,
+      region: this.head?.region ?? null,
+      head: this.head?.peerId ?? null,
+      model: this.assignment?.model ?? null,
+      engine:
+        this.assignment != null ? { kind: this.assignment.engine, url: this.handle?.baseUrl ?? null } : null,
+      gpu:
+        gpu != null
+          ? {
+              name: gpu.name,
+              vramMiB: gpu.vramTotalMiB,
+              utilizationPct: gpu.utilizationPct,
+              temperatureC: gpu.temperatureC,
+            }
+          : null,
+      tokensPerSecond: Math.max(0, Math.round(this.lastRate.perSecond * 10) / 10),
+      tokensToday: this.tokensToday.value(),
+      creditsToday: this.creditsToday.value(),
+      uptimeSeconds: Math.round((Date.now() - this.startedAt) / 1000),
+    }
+  }
+
+  settings(): NodeSettings {
+    return { ...this.currentSettings }
+  }
+
+  async updateSettings(patch: Partial<NodeSettings>): Promise<NodeSettings> {
+    this.currentSettings = { ...this.currentSettings, ...patch }
+    await this.options.saveSettings?.(this.currentSettings)
+    this.log.info({ settings: Object.keys(patch) }, 'settings changed')
+    return this.settings()
+  }
+
+  logs(lines: number): string[] {
+    return this.options.logTail?.last(lines) ?? []
+  }
+
+  reportIdle(seconds: number): void {
+    this.idleSeconds = seconds
+  }
+
+  /** Seconds without user input, as the tray app last reported (null: unknown). */
+  get userIdleSeconds(): number | null {
+    return this.idleSeconds
   }
 
   async start(): Promise<void> {
@@ -249,6 +367,19 @@ export class NodeDaemon extends TypedEventEmitter<NodeDaemonEvents> {
       })
       this.setState('serving')
       this.reporter.start()
+      // 1 Hz numbers for the dashboard's chart.
+      this.statsTimer = setInterval(() => {
+        const st = this.status()
+        this.safeDispatchEvent('stats', {
+          detail: {
+            tokensPerSecond: st.tokensPerSecond,
+            tokensToday: st.tokensToday,
+            creditsToday: st.creditsToday,
+            at: new Date().toISOString(),
+          },
+        })
+      }, 1_000)
+      this.statsTimer.unref()
     } catch (err) {
       await this.teardown()
       this.setState('stopped', (err as Error).message)
@@ -261,6 +392,7 @@ export class NodeDaemon extends TypedEventEmitter<NodeDaemonEvents> {
     const full: TelemetryReport = { v: 1, seq: ++this.seq, ...report }
     return sendTelemetry(this.node, peerIdFromString(this.assignment.head) as PeerId, full, {
       signal: AbortSignal.timeout(5_000),
+      onVerified: (tokens) => this.creditsToday.feed(tokens),
     })
   }
 
@@ -317,6 +449,9 @@ export class NodeDaemon extends TypedEventEmitter<NodeDaemonEvents> {
       prompt: m?.['vllm:prompt_tokens_total'] ?? 0,
     }
     this.lastRate = { at: performance.now(), tokens: 0, perSecond: 0 }
+    // Both cumulative counts start again from zero with this join.
+    this.tokensToday.restart()
+    this.creditsToday.restart()
   }
 
   private async startEngine(assignment: Assignment): Promise<void> {
@@ -432,6 +567,7 @@ export class NodeDaemon extends TypedEventEmitter<NodeDaemonEvents> {
   private async collect(): Promise<Omit<TelemetryReport, 'v' | 'seq'>> {
     const m = await this.engine?.metrics().catch(() => null)
     const tokensTotal = Math.max(0, (m?.['vllm:generation_tokens_total'] ?? 0) - this.baseline.generation)
+    if (m != null) this.tokensToday.feed(tokensTotal)
     const now = performance.now()
     const elapsed = (now - this.lastRate.at) / 1000
     if (elapsed >= 1) {
@@ -496,17 +632,96 @@ export class NodeDaemon extends TypedEventEmitter<NodeDaemonEvents> {
       .catch((err: Error) => this.log.debug({ err: err.message }, 'telemetry not delivered'))
   }
 
-  /** Takes no new requests (the head stops routing here); in-flight ones finish. */
-  async pause(reason: string): Promise<void> {
-    if (this.current !== 'serving') return
-    this.setState('paused', reason)
-    await this.reportNow()
+  /**
+   * Pauses the node: the head stops routing here at once, requests in flight get up to the pause
+   * grace period, then the engine stops and frees the GPU. Several sources may hold a pause (the
+   * user, a game, the schedule); the node resumes when none does. `source` 'user' takes
+   * minutes/until; host policies pass their own source and reasons.
+   */
+  async pause(
+    options: { minutes?: number; until?: Date; reason?: string; source?: string } = {},
+  ): Promise<void> {
+    const source = options.source ?? 'user'
+    this.pauseReasons.set(source, [options.reason ?? (source === 'user' ? 'paused by you' : source)])
+    if (source === 'user') {
+      if (this.pauseTimer != null) clearTimeout(this.pauseTimer)
+      this.pauseTimer = null
+      const until =
+        options.until ?? (options.minutes != null ? new Date(Date.now() + options.minutes * 60_000) : null)
+      this.pausedUntil = until
+      if (until != null) {
+        this.pauseTimer = setTimeout(() => void this.resume(), Math.max(0, until.getTime() - Date.now()))
+        this.pauseTimer.unref()
+      }
+    }
+    await this.transition()
   }
 
-  async resume(): Promise<void> {
-    if (this.current !== 'paused') return
-    this.setState('serving')
+  /** Lifts a pause (the user's by default); the node serves again when no other pause holds. */
+  async resume(options: { source?: string } = {}): Promise<void> {
+    const source = options.source ?? 'user'
+    this.pauseReasons.delete(source)
+    if (source === 'user') {
+      if (this.pauseTimer != null) clearTimeout(this.pauseTimer)
+      this.pauseTimer = null
+      this.pausedUntil = null
+    }
+    await this.transition()
+  }
+
+  /** Moves between serving and paused to match the pause reasons, one move at a time. */
+  private transition(): Promise<void> {
+    const next = this.transitions.then(async () => {
+      const wantPaused = this.pauseReasons.size > 0
+      if (wantPaused && this.current === 'serving') await this.enterPause()
+      else if (wantPaused && this.current === 'paused')
+        this.safeDispatchEvent('state', { detail: this.status() })
+      else if (!wantPaused && this.current === 'paused') await this.leavePause()
+    })
+    this.transitions = next.catch((err: Error) => {
+      this.log.error({ err: err.message }, 'pause or resume failed')
+    })
+    return next
+  }
+
+  private async enterPause(): Promise<void> {
+    const started = performance.now()
+    const reasons = [...this.pauseReasons.values()].flat()
+    this.setState('paused', reasons.join(', '))
+    // The head learns at once, not at the next tick: nothing new is routed here from now on.
     await this.reportNow()
+    let timer: NodeJS.Timeout | undefined
+    await Promise.race([
+      this.infer?.idle() ?? Promise.resolve(),
+      new Promise<void>((resolve) => {
+        timer = setTimeout(resolve, this.options.pauseGraceMs ?? defaultPauseGraceMs)
+      }),
+    ])
+    clearTimeout(timer)
+    // Free the GPU: the engine process exits and takes the model with it.
+    const engine = this.engine
+    this.engine = null
+    this.handle = null
+    await engine?.stop()
+    const ms = Math.round(performance.now() - started)
+    this.log.info({ ms, reasons }, 'paused: the engine released the model')
+    this.safeDispatchEvent('released', { detail: { ms, reasons } })
+  }
+
+  private async leavePause(): Promise<void> {
+    this.log.info('resuming: starting the engine and joining again')
+    this.setState('starting')
+    try {
+      if (this.assignment != null) await this.startEngine(this.assignment)
+      await this.join()
+      this.setState('serving')
+      await this.reportNow()
+    } catch (err) {
+      // Stay paused-but-wanting-to-serve: the next resume or rejoin retries.
+      this.log.error({ err: (err as Error).message }, 'could not resume')
+      this.setState('paused', `could not resume: ${(err as Error).message}`)
+      throw err
+    }
   }
 
   /** Stop taking requests, let in-flight ones finish (up to the grace period), leave, stop. */
@@ -542,6 +757,9 @@ export class NodeDaemon extends TypedEventEmitter<NodeDaemonEvents> {
   }
 
   private async teardown(): Promise<void> {
+    if (this.pauseTimer != null) clearTimeout(this.pauseTimer)
+    if (this.statsTimer != null) clearInterval(this.statsTimer)
+    this.statsTimer = null
     this.reporter?.stop()
     this.reporter = null
     this.discovery?.stop()

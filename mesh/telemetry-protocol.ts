@@ -100,14 +100,27 @@ export function parseTelemetryReport(value: unknown): TelemetryReport {
 }
 
 export interface TelemetryHandlerInit {
-  /** Records a report from `peer`; 'not_joined' tells the node to join again. */
-  onReport: (report: TelemetryReport, peer: PeerId) => TelemetryAck | Promise<TelemetryAck>
+  /**
+   * Records a report from `peer`; 'not_joined' tells the node to join again. A head may answer with
+   * the completion tokens it verified for the node since it joined (the node shows them as credits).
+   */
+  onReport: (
+    report: TelemetryReport,
+    peer: PeerId,
+  ) => TelemetryAck | VerifiedAck | Promise<TelemetryAck | VerifiedAck>
   /** A malformed, oversized or stalled report; its stream was reset. */
   onBadRequest?: (err: Error, peer: PeerId) => void
   timeoutMs?: number
 }
 
-function ackMessage(ack: TelemetryAck): Record<string, unknown> {
+/** An 'ok' answer that also carries the head's verified token count for the node. */
+export interface VerifiedAck {
+  ack: 'ok'
+  verified: number
+}
+
+function ackMessage(ack: TelemetryAck | VerifiedAck): Record<string, unknown> {
+  if (typeof ack === 'object') return { v: 1, ok: true, verified: Math.max(0, Math.floor(ack.verified)) }
   return ack === 'ok' ? { v: 1, ok: true } : { v: 1, ok: false, code: 'not_joined' }
 }
 
@@ -146,14 +159,24 @@ export async function handleTelemetryProtocol(node: MeshNode, init: TelemetryHan
   )
 }
 
-function parseAck(value: unknown): TelemetryAck {
+function parseAck(value: unknown): { ack: TelemetryAck; verified: number | null } {
   if (isPlainObject(value) && value.v === 1) {
     const keys = Object.keys(value).sort().join(',')
-    if (keys === 'ok,v' && value.ok === true) return 'ok'
-    if (keys === 'code,ok,v' && value.ok === false && value.code === 'not_joined') return 'not_joined'
+    if (keys === 'ok,v' && value.ok === true) return { ack: 'ok', verified: null }
+    if (
+      keys === 'ok,v,verified' &&
+      value.ok === true &&
+      Number.isSafeInteger(value.verified) &&
+      (value.verified as number) >= 0
+    ) {
+      return { ack: 'ok', verified: value.verified as number }
+    }
+    if (keys === 'code,ok,v' && value.ok === false && value.code === 'not_joined') {
+      return { ack: 'not_joined', verified: null }
+    }
   }
   throw new TelemetryProtocolError(
-    'telemetry answer must be { v: 1, ok: true } or { v: 1, ok: false, code: "not_joined" }',
+    'telemetry answer must be { v: 1, ok: true [, verified] } or { v: 1, ok: false, code: "not_joined" }',
   )
 }
 
@@ -162,7 +185,7 @@ export async function sendTelemetry(
   node: MeshNode,
   head: PeerId,
   report: TelemetryReport,
-  options: AbortOptions = {},
+  options: AbortOptions & { onVerified?: (tokens: number) => void } = {},
 ): Promise<TelemetryAck> {
   const bytes = encodeCanonical(parseTelemetryReport(report))
   if (bytes.byteLength > telemetryReportMaxBytes) {
@@ -182,8 +205,9 @@ export async function sendTelemetry(
   try {
     const lp = lpStream(stream, { maxDataLength: telemetryAckMaxBytes })
     await lp.write(bytes, { signal })
-    const ack = parseAck(decodeCanonical((await lp.read({ signal })).subarray()))
+    const { ack, verified } = parseAck(decodeCanonical((await lp.read({ signal })).subarray()))
     await stream.close({ signal })
+    if (verified != null) options.onVerified?.(verified)
     return ack
   } catch (err) {
     stream.abort(err as Error)

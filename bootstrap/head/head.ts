@@ -26,6 +26,7 @@ import { prepareUpstreamRequest, VerifiedThroughput } from '../../mesh/token-acc
 import { chooseAssignment } from './assign.ts'
 import type { RegionPolicy } from './policy.ts'
 import { NodeRegistry } from './registry.ts'
+import { mark } from '../../mesh/tmp-trace.ts'
 import { RegionalRouter } from './router.ts'
 
 export interface RegionalHeadOptions {
@@ -255,7 +256,8 @@ export async function startRegionalHead(options: RegionalHeadOptions): Promise<R
           'node claims more tokens than the head proxied for it (over 10%): flagged',
         )
       } else if (change != null) log.info({ node: id }, 'node claims are within bounds again')
-      return 'ok'
+      // The node shows what the head verified as its credits.
+      return { ack: 'ok', verified: verified.verified(id) }
     },
     onBadRequest(err, peer) {
       log.debug({ node: peer.toString(), err: err.message }, 'bad telemetry report')
@@ -328,7 +330,9 @@ export async function startRegionalHead(options: RegionalHeadOptions): Promise<R
       const ticket = router.begin(peer)
       let response: InferResponse
       try {
+        mark('H.send', requestId)
         response = await attempt(peer, path, body, requestId, sink.gone)
+        mark('H.head', requestId)
       } catch (err) {
         ticket.end({ ok: false, completionTokens: 0 })
         if (sink.gone.aborted) return
@@ -369,6 +373,7 @@ export async function startRegionalHead(options: RegionalHeadOptions): Promise<R
           { 'x-request-id': requestId, 'x-garage-node': peer, 'x-garage-region': region },
           () => ticket.firstByte(),
         )
+        mark('H.done', requestId)
         const tokens = outcome.completionTokens
         verified.add(peer, tokens)
         regionTokens.inc({ model }, tokens)
@@ -516,6 +521,7 @@ export async function startRegionalHead(options: RegionalHeadOptions): Promise<R
     async handle(request, reply, signal) {
       const requestId =
         request.headers.find(([k]) => k.toLowerCase() === 'x-request-id')?.[1]?.slice(0, 128) ?? randomUUID()
+      mark('H.in', requestId)
       const path = request.path.split('?')[0] ?? '/'
       const parse = async (): Promise<unknown> => {
         try {

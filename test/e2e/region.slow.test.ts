@@ -217,8 +217,10 @@ describe('a region: a head and three nodes on the embedded engine, over the mesh
 
   it('routes nothing to a paused node, and a draining node finishes its streams before its engine stops', async () => {
     const paused = fast[1]!
-    await paused.pause('test')
+    await paused.pause({ reason: 'test' })
     await region.nodeState(paused.peerId!, 'paused')
+    // Paused means the engine let go of the model: no engine process, no engine URL.
+    expect(paused.info().engineUrl).toBeNull()
     const whilePaused = await load(region, 24, 8, (i) => ({
       prompt: `p${i}`,
       max_tokens: 8,
