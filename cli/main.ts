@@ -48,6 +48,26 @@ export const commands: Record<string, CommandSpec> = {
     summary: "The federation gateway's usage per API key and credits per node",
     load: () => import('./commands/ledger.ts'),
   },
+  status: {
+    summary: "Show the running node's state, model, GPU, speed, tokens and credits today",
+    load: () => import('./commands/status.ts'),
+  },
+  pause: {
+    summary: 'Pause the running node (for N minutes, until a time, or until resumed)',
+    load: () => import('./commands/pause.ts'),
+  },
+  resume: {
+    summary: 'Resume the running node after garage pause',
+    load: () => import('./commands/resume.ts'),
+  },
+  settings: {
+    summary: "Show or change the running node's settings: games, schedule, VRAM and temperature caps",
+    load: () => import('./commands/settings.ts'),
+  },
+  logs: {
+    summary: "Print the running node's last log lines; --follow for new ones",
+    load: () => import('./commands/logs.ts'),
+  },
   devnet: {
     summary: 'Run a whole mesh on this machine (what npm start runs)',
     load: () => import('./commands/devnet.ts'),

@@ -18,6 +18,7 @@ import type {
   TelemetryReport,
 } from '../mesh/region-messages.ts'
 import { sendTelemetry, TelemetryReporter } from '../mesh/telemetry-protocol.ts'
+import { defaultSettings } from './control/settings.ts'
 import type { ControlEvents, ControlTarget, NodeSettings, NodeStatus } from './control/types.ts'
 import { LlamaCppEngine } from './engines/llamacpp/engine.ts'
 import { pullGgufModel } from './engines/llamacpp/gguf-pull.ts'
@@ -29,6 +30,8 @@ import { nvidiaGpuArgs, parseNvidiaGpus } from './hardware/nvidia.ts'
 import { probeHardware } from './hardware/probe.ts'
 import { runTool } from './hardware/run.ts'
 import type { HardwareReport } from './hardware/types.ts'
+import { HostPolicyMonitor, type HostPolicyState } from './host/monitor.ts'
+import { createHostSampler, type HostSampler } from './host/sampler.ts'
 import { type InferMeshServer, serveInferOverMesh } from './infer-handler.ts'
 
 export class NodeJoinError extends GarageError {}
@@ -110,19 +113,15 @@ export interface NodeDaemonOptions {
   settings?: NodeSettings
   /** Persists settings changed through the control API. */
   saveSettings?: (settings: NodeSettings) => Promise<void>
+  /** Pause when a game runs, on battery, outside the schedule... (default on; docs/host-policies.md). */
+  hostPolicies?: boolean
+  /** How often the host is sampled (default 500 ms: a game must free the GPU within 2 s). */
+  hostPolicyIntervalMs?: number
 }
 
 export const defaultPauseGraceMs = 1_000
 
-export const defaultNodeSettings: NodeSettings = Object.freeze({
-  games: [],
-  schedule: [],
-  vramCapMiB: null,
-  maxGpuTemperatureC: null,
-  pauseOnBattery: true,
-  idleOnlyMinutes: null,
-  resumeAfterSeconds: 30,
-}) as NodeSettings
+export const defaultNodeSettings: NodeSettings = Object.freeze(defaultSettings()) as NodeSettings
 
 export const defaultDrainGraceMs = 30_000
 const joinTimeoutMs = 15_000
@@ -214,6 +213,8 @@ export class NodeDaemon extends TypedEventEmitter<NodeDaemonEvents> implements C
   /** Pause and resume run one at a time, in order. */
   private transitions: Promise<void> = Promise.resolve()
   private idleSeconds: number | null = null
+  private hostSampler: HostSampler | null = null
+  private hostMonitor: HostPolicyMonitor | null = null
 
   constructor(options: NodeDaemonOptions) {
     super()
@@ -311,6 +312,41 @@ export class NodeDaemon extends TypedEventEmitter<NodeDaemonEvents> implements C
 
   reportIdle(seconds: number): void {
     this.idleSeconds = seconds
+    this.hostSampler?.idle.report(seconds)
+  }
+
+  /** What the host policies see now (for status displays and tests). */
+  hostPolicy(): HostPolicyState | null {
+    return this.hostMonitor?.current() ?? null
+  }
+
+  /** Watches the host: a game, the schedule, battery, temperature, idle-only mode pause the node. */
+  private startHostPolicies(): void {
+    if (this.options.hostPolicies === false) return
+    const sampler = createHostSampler({
+      nvidia: this.hardware?.nvidia.status === 'ok',
+      // The engine's own work on the GPU must not count as "someone else is using it".
+      ourPids: () => {
+        const pid = (this.engine as { pid?: number | null } | null)?.pid
+        return pid != null ? [pid] : []
+      },
+      settings: () => this.currentSettings,
+    })
+    const monitor = new HostPolicyMonitor({
+      sample: (o) => sampler.sample(o),
+      settings: () => this.currentSettings,
+      ...(this.options.hostPolicyIntervalMs != null ? { intervalMs: this.options.hostPolicyIntervalMs } : {}),
+      logger: this.log,
+    })
+    monitor.addEventListener('pause', (evt) => {
+      void this.pause({ source: 'host', reason: evt.detail.reasons.join(', ') }).catch(() => {})
+    })
+    monitor.addEventListener('resume', () => {
+      void this.resume({ source: 'host' }).catch(() => {})
+    })
+    this.hostSampler = sampler
+    this.hostMonitor = monitor
+    monitor.start()
   }
 
   /** Seconds without user input, as the tray app last reported (null: unknown). */
@@ -380,6 +416,7 @@ export class NodeDaemon extends TypedEventEmitter<NodeDaemonEvents> implements C
         })
       }, 1_000)
       this.statsTimer.unref()
+      this.startHostPolicies()
     } catch (err) {
       await this.teardown()
       this.setState('stopped', (err as Error).message)
@@ -402,7 +439,10 @@ export class NodeDaemon extends TypedEventEmitter<NodeDaemonEvents> implements C
     const head = this.head!
     if (head.region == null) throw new NodeJoinError(`head ${head.peerId} has no region`, 'NO_REGION')
     const report = capabilityFromHardware(node.peerId.toString(), head.region, this.hardware!, {
-      ...(this.options.vramCapMiB != null ? { vramCapMiB: this.options.vramCapMiB } : {}),
+      // The user's VRAM cap (settings) wins over the command line's; it sizes the engine's memory.
+      ...((this.currentSettings.vramCapMiB ?? this.options.vramCapMiB) != null
+        ? { vramCapMiB: (this.currentSettings.vramCapMiB ?? this.options.vramCapMiB)! }
+        : {}),
       ...(this.options.ramCapMiB != null ? { ramCapMiB: this.options.ramCapMiB } : {}),
       rayOptIn: this.options.rayOptIn === true,
       daemonVersion: this.options.daemonVersion ?? '0.1.0',
@@ -701,11 +741,13 @@ export class NodeDaemon extends TypedEventEmitter<NodeDaemonEvents> implements C
     // Free the GPU: the engine process exits and takes the model with it.
     const engine = this.engine
     this.engine = null
-    this.handle = null
     await engine?.stop()
+    this.handle = null
     const ms = Math.round(performance.now() - started)
     this.log.info({ ms, reasons }, 'paused: the engine released the model')
     this.safeDispatchEvent('released', { detail: { ms, reasons } })
+    // Watchers (the dashboard, the tray) see the engine gone.
+    this.safeDispatchEvent('state', { detail: this.status() })
   }
 
   private async leavePause(): Promise<void> {
@@ -760,6 +802,10 @@ export class NodeDaemon extends TypedEventEmitter<NodeDaemonEvents> implements C
     if (this.pauseTimer != null) clearTimeout(this.pauseTimer)
     if (this.statsTimer != null) clearInterval(this.statsTimer)
     this.statsTimer = null
+    await this.hostMonitor?.stop().catch(() => {})
+    this.hostMonitor = null
+    await Promise.resolve(this.hostSampler?.close()).catch(() => {})
+    this.hostSampler = null
     this.reporter?.stop()
     this.reporter = null
     this.discovery?.stop()

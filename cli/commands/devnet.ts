@@ -4,6 +4,7 @@ import { peerIdFromPrivateKey } from '@libp2p/peer-id'
 import { type BootstrapNode, startBootstrap } from '../../bootstrap/bootstrap-node.ts'
 import { type RegionalHead, startRegionalHead } from '../../bootstrap/head/head.ts'
 import { parseRegionPolicy, type RegionPolicy } from '../../bootstrap/head/policy.ts'
+import { type ControlServer, startControlServer } from '../../daemon/control/server.ts'
 import { writeTinyModel } from '../../daemon/engines/llamacpp/tiny-model.ts'
 import { probeHardware } from '../../daemon/hardware/probe.ts'
 import { NodeDaemon } from '../../daemon/node-daemon.ts'
@@ -54,6 +55,9 @@ export interface DevnetInfo {
     model: string | null
     engineUrl: string
     engineKey: string
+    /** The node's control API and dashboard (open `${controlUrl}/#token=${controlToken}`). */
+    controlUrl: string
+    controlToken: string
   }>
 }
 
@@ -115,10 +119,12 @@ export async function startDevnet(options: {
   const bootstraps: BootstrapNode[] = []
   const heads: RegionalHead[] = []
   const nodes: NodeDaemon[] = []
+  const controls: ControlServer[] = []
   let federation: Federation | null = null
   const stop = async (): Promise<void> => {
     await federation?.stop().catch(() => {})
     await Promise.allSettled(nodes.map((n) => n.stop({ graceMs: 5_000 })))
+    await Promise.allSettled(controls.map((c) => c.close()))
     await Promise.allSettled(heads.map((h) => h.stop()))
     await Promise.allSettled(bootstraps.map((b) => b.stop()))
   }
@@ -196,6 +202,9 @@ export async function startDevnet(options: {
         }),
       )
     }
+    for (const [i, n] of nodes.entries()) {
+      controls.push(await startControlServer(n, { dataDir: join(options.dataDir, `node-${i + 1}`), logger }))
+    }
     await Promise.all(nodes.map((n) => n.start()))
     // The gateway sees the regions' models at its next refresh; the devnet is up once it does.
     await federation.directory.refresh()
@@ -217,8 +226,9 @@ export async function startDevnet(options: {
         headToken: heads[i]!.apiToken,
       })),
       model: { path: modelPath, servedModelName: devnetModelName },
-      nodes: nodes.map((n) => {
+      nodes: nodes.map((n, index) => {
         const i = n.info()
+        const control = controls[index]!
         return {
           peerId: i.peerId!,
           region: i.region,
@@ -227,6 +237,8 @@ export async function startDevnet(options: {
           model: i.model,
           engineUrl: i.engineUrl!,
           engineKey: i.engineKey!,
+          controlUrl: control.url,
+          controlToken: control.token,
         }
       }),
     }
@@ -303,6 +315,7 @@ export async function run(argv: string[], ctx: CommandContext): Promise<number> 
     ...info.nodes.flatMap((n) => [
       `  node        ${n.peerId} -> ${n.region ?? 'no region found'}${n.rttMs != null ? ` (${n.rttMs} ms)` : ''}`,
       `    engine    ${n.engineUrl} (embedded llama.cpp, loopback only)`,
+      `    dashboard ${n.controlUrl}/#token=${n.controlToken}`,
     ]),
     `  ledger      npx garage ledger --data-dir ${join(dataDir, 'federation')}`,
     '',

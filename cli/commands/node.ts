@@ -1,9 +1,12 @@
+import { startControlServer } from '../../daemon/control/server.ts'
+import { loadSettings, saveSettings } from '../../daemon/control/settings.ts'
 import { defaultDrainGraceMs, NodeDaemon } from '../../daemon/node-daemon.ts'
-import { createLogger } from '../../mesh/logger.ts'
+import { createLogger, LogTail } from '../../mesh/logger.ts'
 import {
   type CommandContext,
   defaultDataDir,
   parseDuration,
+  parseHostPort,
   parseOptions,
   print,
   splitList,
@@ -31,6 +34,11 @@ Options:
   --drain-grace D           how long in-flight requests may finish on stop (default: ${defaultDrainGraceMs / 1000}s)
   --ray                     agree to join the region's trusted Ray cluster when it runs one
   --ray-node-ip ADDRESS     the address the region's Ray head reaches this machine at (LAN or VPN)
+  --control HOST:PORT       the local control API and dashboard (default: 127.0.0.1, a random port;
+                            the URL is in <data dir>/control.json, the token in control.token)
+  --control-allow-remote    let --control bind a non-loopback address (anyone who can reach it and
+                            holds the token can pause the node and read its logs)
+  --no-host-policies        do not pause for games, battery, schedule or temperature
   --allow-private           dial private and loopback addresses (LAN, devnet, tests)
   --data-dir DIR            identity, models and state (default: $GARAGE_DATA_DIR or the OS's data folder)`
 
@@ -55,6 +63,9 @@ export async function run(argv: string[], ctx: CommandContext): Promise<number> 
     ray: { type: 'boolean', default: false },
     'ray-node-ip': { type: 'string' },
     'allow-private': { type: 'boolean', default: false },
+    control: { type: 'string' },
+    'control-allow-remote': { type: 'boolean', default: false },
+    'no-host-policies': { type: 'boolean', default: false },
     'data-dir': { type: 'string' },
   })
   if (values.authority == null) throw new UsageError('--authority is required')
@@ -66,8 +77,17 @@ export async function run(argv: string[], ctx: CommandContext): Promise<number> 
   const vramCapMiB = positive(values['vram-cap'], '--vram-cap')
   const ramCapMiB = positive(values['ram-cap'], '--ram-cap')
   const maxTokensPerSecond = positive(values['max-tokens-per-second'], '--max-tokens-per-second')
+  const control =
+    values.control != null ? parseHostPort(values.control, '--control') : { host: '127.0.0.1', port: 0 }
+  const dataDir = values['data-dir'] ?? defaultDataDir(ctx.env)
+  const logTail = new LogTail()
+  const logger = createLogger('garage', 'info', logTail)
   const daemon = new NodeDaemon({
-    dataDir: values['data-dir'] ?? defaultDataDir(ctx.env),
+    dataDir,
+    settings: await loadSettings(dataDir),
+    saveSettings: (s) => saveSettings(dataDir, s),
+    logTail,
+    hostPolicies: !values['no-host-policies'],
     authority: values.authority,
     bootstrap,
     ...(values.region != null ? { region: values.region } : {}),
@@ -84,10 +104,24 @@ export async function run(argv: string[], ctx: CommandContext): Promise<number> 
     rayOptIn: values.ray,
     ...(values['ray-node-ip'] != null ? { rayNodeIpAddress: values['ray-node-ip'] } : {}),
     daemonVersion: await garageVersion(),
-    logger: createLogger(),
+    logger,
   })
+  // The control API comes up first: the tray app and `garage status` can watch the start.
+  const server = await startControlServer(daemon, {
+    dataDir,
+    host: control.host,
+    port: control.port,
+    allowRemote: values['control-allow-remote'],
+    logger,
+  })
+  if (server.warning != null) print(ctx.stderr, `warning: ${server.warning}`)
   print(ctx.stderr, 'starting node: probing hardware, finding a region')
-  await daemon.start()
+  try {
+    await daemon.start()
+  } catch (err) {
+    await server.close()
+    throw err
+  }
   const info = daemon.info()
   print(ctx.stdout, 'node serving')
   print(ctx.stdout, `  peer id  ${info.peerId}`)
@@ -97,11 +131,13 @@ export async function run(argv: string[], ctx: CommandContext): Promise<number> 
   )
   print(ctx.stdout, `  model    ${info.model}`)
   print(ctx.stdout, `  engine   ${info.engineUrl} (loopback only)`)
+  print(ctx.stdout, `  control  ${server.url}/ (dashboard; token in ${server.tokenPath})`)
   await new Promise<void>((resolve) => {
     if (ctx.shutdown.aborted) resolve()
     ctx.shutdown.addEventListener('abort', () => resolve(), { once: true })
   })
   print(ctx.stderr, 'draining: finishing in-flight requests, then leaving the region')
   await daemon.stop()
+  await server.close()
   return 0
 }

@@ -95,6 +95,8 @@ export async function startTestRegion(
         hardware,
         threads: 1,
         drainGraceMs: 20_000,
+        // A test's nodes ignore this machine's processes unless the test is about that.
+        hostPolicies: false,
         ...extra,
       })
       mesh.track(() => daemon.stop({ graceMs: 2_000 }))
