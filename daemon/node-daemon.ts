@@ -213,6 +213,8 @@ export class NodeDaemon extends TypedEventEmitter<NodeDaemonEvents> implements C
   /** Pause and resume run one at a time, in order. */
   private transitions: Promise<void> = Promise.resolve()
   private idleSeconds: number | null = null
+  /** Why the node entered its current state (a failed start says what failed). */
+  private stateReason: string | null = null
   private hostSampler: HostSampler | null = null
   private hostMonitor: HostPolicyMonitor | null = null
 
@@ -261,6 +263,7 @@ export class NodeDaemon extends TypedEventEmitter<NodeDaemonEvents> implements C
   private setState(state: NodeDaemonState, reason?: string): void {
     if (state === this.current) return
     this.current = state
+    this.stateReason = reason ?? null
     this.log.info({ state, reason }, 'node state')
     this.safeDispatchEvent('state', { detail: this.status() })
   }
@@ -271,7 +274,7 @@ export class NodeDaemon extends TypedEventEmitter<NodeDaemonEvents> implements C
     const reasons = [...this.pauseReasons.values()].flat()
     return {
       state: this.current,
-      reason: this.current === 'paused' && reasons.length > 0 ? reasons.join(', ') : null,
+      reason: this.current === 'paused' && reasons.length > 0 ? reasons.join(', ') : this.stateReason,
       pausedUntil: this.pausedUntil?.toISOString() ?? null,
       peerId: this.peerId,
       region: this.head?.region ?? null,
