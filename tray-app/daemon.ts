@@ -3,6 +3,7 @@ import { createWriteStream, existsSync } from 'node:fs'
 import { readFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
+import { daemonEnv } from '../daemon/launch.ts'
 import { GarageError } from '../mesh/errors.ts'
 import { type ControlEndpoint, isProcessAlive, readControlEndpoint } from './control-client.ts'
 
@@ -201,7 +202,7 @@ export class NodeProcess {
   constructor(command: GarageCommand, args: string[], options: { logFile: string; env?: NodeJS.ProcessEnv }) {
     const log = createWriteStream(options.logFile, { flags: 'w', mode: 0o600 })
     this.child = spawn(command.file, [...command.args, ...args], {
-      env: { ...(options.env ?? process.env), ...command.env },
+      env: { ...(options.env ?? process.env), ...daemonEnv(options.env ?? process.env), ...command.env },
       stdio: ['ignore', 'pipe', 'pipe'],
       windowsHide: true,
     })
