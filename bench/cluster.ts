@@ -8,6 +8,7 @@ import { fileURLToPath } from 'node:url'
 import { peerIdFromPrivateKey } from '@libp2p/peer-id'
 import { LlamaCppEngine } from '../daemon/engines/llamacpp/engine.ts'
 import { writeTinyModel } from '../daemon/engines/llamacpp/tiny-model.ts'
+import { daemonEnv } from '../daemon/launch.ts'
 import { ApiKeyStore } from '../federation/keys.ts'
 import { openFederationStore } from '../federation/store.ts'
 import { initAuthority } from '../mesh/authority.ts'
@@ -34,13 +35,16 @@ export interface BenchCluster {
   direct: Target
   head: Target
   federation: Target | null
+  /** The `garage node` process: its pid, and its data dir (control.json, control.token). */
+  node: { pid: number; dataDir: string }
   stop(): Promise<void>
 }
 
 /** Spawns `garage ARGS` and resolves with its stdout lines once one of them matches `ready`. */
 async function spawnGarage(args: string[], ready: RegExp, children: ChildProcess[]): Promise<string[]> {
   const child = spawn(process.execPath, [garageBin, ...args], {
-    env: { ...process.env, GARAGE_LOG_LEVEL: 'warn' },
+    // Each process started the way its launcher starts it (the node daemon with its V8 options).
+    env: { ...process.env, GARAGE_LOG_LEVEL: 'warn', ...(args[0] === 'node' ? daemonEnv() : {}) },
     stdio: ['ignore', 'pipe', 'pipe'],
   })
   children.push(child)
@@ -227,7 +231,15 @@ export async function startBenchCluster(options: {
       contextLength: options.contextLength,
       threads: 1,
     })
-    return { direct: { url: handle.baseUrl, key: handle.apiKey }, head: headTarget, federation, stop }
+    const nodePid = children.at(1)?.pid
+    if (nodePid == null) throw new Error('the node process has no pid')
+    return {
+      direct: { url: handle.baseUrl, key: handle.apiKey },
+      head: headTarget,
+      federation,
+      node: { pid: nodePid, dataDir: nodeDir },
+      stop,
+    }
   } catch (err) {
     await stop()
     throw err

@@ -6,6 +6,7 @@ const benchmarks: Record<string, () => Promise<{ run: () => Promise<Record<strin
   engine: () => import('./engine.ts'),
   'mesh-proxy': () => import('./mesh-proxy.ts'),
   gateway: () => import('./gateway.ts'),
+  footprint: () => import('./footprint.ts'),
 }
 
 const wanted = process.argv.slice(2)
