@@ -26,7 +26,6 @@ import { prepareUpstreamRequest, VerifiedThroughput } from '../../mesh/token-acc
 import { chooseAssignment } from './assign.ts'
 import type { RegionPolicy } from './policy.ts'
 import { NodeRegistry } from './registry.ts'
-import { mark } from '../../mesh/tmp-trace.ts'
 import { RegionalRouter } from './router.ts'
 
 export interface RegionalHeadOptions {
@@ -330,9 +329,7 @@ export async function startRegionalHead(options: RegionalHeadOptions): Promise<R
       const ticket = router.begin(peer)
       let response: InferResponse
       try {
-        mark('H.send', requestId)
         response = await attempt(peer, path, body, requestId, sink.gone)
-        mark('H.head', requestId)
       } catch (err) {
         ticket.end({ ok: false, completionTokens: 0 })
         if (sink.gone.aborted) return
@@ -373,7 +370,6 @@ export async function startRegionalHead(options: RegionalHeadOptions): Promise<R
           { 'x-request-id': requestId, 'x-garage-node': peer, 'x-garage-region': region },
           () => ticket.firstByte(),
         )
-        mark('H.done', requestId)
         const tokens = outcome.completionTokens
         verified.add(peer, tokens)
         regionTokens.inc({ model }, tokens)
@@ -521,7 +517,6 @@ export async function startRegionalHead(options: RegionalHeadOptions): Promise<R
     async handle(request, reply, signal) {
       const requestId =
         request.headers.find(([k]) => k.toLowerCase() === 'x-request-id')?.[1]?.slice(0, 128) ?? randomUUID()
-      mark('H.in', requestId)
       const path = request.path.split('?')[0] ?? '/'
       const parse = async (): Promise<unknown> => {
         try {
