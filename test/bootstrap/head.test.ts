@@ -4,60 +4,14 @@ import { peerIdFromString } from '@libp2p/peer-id'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { type RegionalHead, startRegionalHead } from '../../bootstrap/head/head.ts'
 import { parseRegionPolicy } from '../../bootstrap/head/policy.ts'
-import type { HardwareReport } from '../../daemon/hardware/types.ts'
 import { capabilityFromHardware } from '../../daemon/node-daemon.ts'
 import { signCapabilityReport } from '../../mesh/capability-report.ts'
 import { requestJoin } from '../../mesh/join-protocol.ts'
 import { createMeshNode, type MeshNode } from '../../mesh/node.ts'
+import { cpuOnlyMachine } from '../helpers/hardware.ts'
 import { dialAddr, TestMesh } from '../helpers/mesh.ts'
 
-/** A CPU-only machine with 16 GiB of RAM, as the probe would report it. */
-const machine = {
-  gpus: [],
-  nvidia: { tool: 'nvidia-smi', status: 'not-installed', message: null, gpus: [] },
-  amd: { tool: 'rocm-smi', status: 'not-installed', message: null, gpus: [] },
-  system: {
-    os: {
-      platform: 'linux',
-      distro: 'Debian',
-      distroId: 'debian',
-      release: '13',
-      kernel: '6.1',
-      arch: 'x64',
-    },
-    wsl2: false,
-    cpu: { model: 'test', cores: 8, threads: 16 },
-    memory: { totalMiB: 16_384, freeMiB: 8_192 },
-    disk: { path: '/', totalMiB: null, freeMiB: null },
-  },
-  computeApps: [],
-  containers: {
-    podman: {
-      name: 'podman',
-      installed: false,
-      version: null,
-      reachable: false,
-      rootless: null,
-      nvidiaRuntime: false,
-      cdiEnabled: false,
-      message: null,
-    },
-    docker: {
-      name: 'docker',
-      installed: false,
-      version: null,
-      reachable: false,
-      rootless: null,
-      nvidiaRuntime: false,
-      cdiEnabled: false,
-      message: null,
-    },
-  },
-  nvidiaContainer: { cdiSpecFiles: [], cdiDevices: [], toolkitInstalled: false },
-  llama: { gpu: [], available: true, message: null },
-  probedAt: new Date().toISOString(),
-  durationMs: 1,
-} as unknown as HardwareReport
+const machine = cpuOnlyMachine()
 
 const rayCredentials = { address: '10.1.2.3:6379', token: 'cluster-token-for-tests' }
 
