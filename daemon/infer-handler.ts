@@ -189,6 +189,7 @@ export async function serveInferOverMesh(
     const secure = url.protocol === 'https:'
     const prefix = url.pathname.endsWith('/') ? url.pathname.slice(0, -1) : url.pathname
     return new Promise((resolve, reject) => {
+      signal.throwIfAborted()
       const req = (secure ? https : http).request({
         protocol: url.protocol,
         hostname: url.hostname.startsWith('[') ? url.hostname.slice(1, -1) : url.hostname,
@@ -197,9 +198,14 @@ export async function serveInferOverMesh(
         path: `${prefix}${request.path}`,
         headers: engineRequestHeaders(request.headers, engine.apiKey, request.body.byteLength),
         agent: secure ? httpsAgent : httpAgent,
-        // Aborting destroys the socket: the engine sees the client leave and stops generating.
-        signal,
       })
+      // Aborting destroys the socket: the engine sees the client leave and stops generating. (A
+      // listener of our own: http's `signal` option costs more than the rest of this request.)
+      const onAbort = (): void => {
+        req.destroy(signal.reason as Error)
+      }
+      signal.addEventListener('abort', onAbort, { once: true })
+      req.once('close', () => signal.removeEventListener('abort', onAbort))
       req.once('response', resolve)
       req.once('error', reject)
       req.end(request.body.byteLength > 0 ? request.body : undefined)

@@ -11,7 +11,7 @@ import { loadOrCreateIdentity } from '../mesh/identity.ts'
 import { InferConnectError, type InferResponse, sendInferRequest } from '../mesh/infer-protocol.ts'
 import { type Logger, silentLogger } from '../mesh/logger.ts'
 import { createMeshNode, type MeshNode } from '../mesh/node.ts'
-import { bearerMatches, readJsonBody } from '../mesh/openai-http.ts'
+import { bearerMatches, readJsonBodyBytes, upstreamBody } from '../mesh/openai-http.ts'
 import { httpSink, relayAnswer } from '../mesh/openai-relay.ts'
 import { inferRequestBodyMaxBytes } from '../mesh/protocols.ts'
 import { loadOrCreateSecret } from '../mesh/secret-file.ts'
@@ -174,6 +174,18 @@ export async function startFederation(options: FederationOptions): Promise<Feder
     },
   })
 
+  /** Heads' PeerIds, parsed once (a base58 decode and a key each time otherwise). */
+  const headIds = new Map<string, PeerId>()
+  const headPeerId = (head: string): PeerId => {
+    let id = headIds.get(head)
+    if (id == null) {
+      if (headIds.size >= 1024) headIds.clear()
+      id = peerIdFromString(head) as PeerId
+      headIds.set(head, id)
+    }
+    return id
+  }
+
   const authenticate = (req: IncomingMessage): KeyInfo => {
     const m = /^Bearer (.+)$/.exec(header(req, 'authorization') ?? '')
     const key = m?.[1] != null ? keys.authenticate(m[1]) : null
@@ -196,16 +208,18 @@ export async function startFederation(options: FederationOptions): Promise<Feder
     labels: { model: string; region: string },
   ): Promise<void> => {
     const started = performance.now()
-    const prepared = prepareUpstreamRequest(await readJsonBody(req, inferRequestBodyMaxBytes), kind)
+    const raw = await readJsonBodyBytes(req, inferRequestBodyMaxBytes)
+    const prepared = prepareUpstreamRequest(raw.json, kind)
     const model = prepared.model
-    if (!directory.modelsUnion().some((m) => m.model === model)) {
+    // What modelsUnion() lists, without building it.
+    if (!directory.regions().some((r) => r.reachable && (r.models.get(model)?.nodes ?? 0) > 0)) {
       throw federationError('model_not_found', `no region serves the model ${JSON.stringify(model)} now`, {
         param: 'model',
       })
     }
     labels.model = model
     const prefer = header(req, 'x-garage-region')
-    const body = Buffer.from(JSON.stringify(prepared.body))
+    const body = upstreamBody(raw.bytes, prepared)
     const sink = httpSink(res)
     const tried = new Set<string>()
     let lastError: ApiError | null = null
@@ -220,7 +234,7 @@ export async function startFederation(options: FederationOptions): Promise<Feder
       try {
         response = await sendInferRequest(
           node,
-          peerIdFromString(head) as PeerId,
+          headPeerId(head),
           {
             method: 'POST',
             path,

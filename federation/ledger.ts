@@ -129,6 +129,8 @@ export class UsageLedger {
   private credits = new Map<string, PendingCredit>()
   private timer: NodeJS.Timeout | null = null
   private closed = false
+  private day = ''
+  private dayStartMs = Number.NaN
 
   constructor(db: DatabaseSync, options: UsageLedgerOptions = {}) {
     this.db = db
@@ -141,7 +143,7 @@ export class UsageLedger {
     if (this.closed) throw new LedgerClosedError('the usage ledger is closed', 'LEDGER_CLOSED')
     const prompt = tokenCount(entry.promptTokens, 'promptTokens')
     const completion = tokenCount(entry.completionTokens, 'completionTokens')
-    const day = utcDay(entry.at ?? this.now())
+    const day = entry.at != null ? utcDay(entry.at) : this.today()
     const usageKey = `${day}\u0000${entry.keyId}\u0000${entry.model}`
     const usage = this.usage.get(usageKey) ?? {
       day,
@@ -170,6 +172,15 @@ export class UsageLedger {
       this.credits.set(creditKey, credit)
     }
     this.schedule()
+  }
+
+  /** The current UTC day, formatted once per day rather than once per request. */
+  private today(): string {
+    const now = this.now()
+    if (now >= this.dayStartMs && now < this.dayStartMs + 86_400_000) return this.day
+    this.day = utcDay(now)
+    this.dayStartMs = Math.floor(now / 86_400_000) * 86_400_000
+    return this.day
   }
 
   /** Sums recorded but not yet written (one per key, model and day, and per node, model, region and day). */

@@ -72,11 +72,14 @@ export class RateLimiter {
     this.maybeSweep(now)
     const w = this.window(key.id, now)
     const { rpm, tpm, concurrency } = key.limits
-    const requests = use(w, w.requests, now)
-    const tokens = use(w, w.tokens, now)
+    // A dimension without a limit is neither checked nor reported: no need to sum its window.
+    const requests = rpm != null ? use(w, w.requests, now) : null
+    const tokens = tpm != null ? use(w, w.tokens, now) : null
     let refusal: { reason: RateLimitReason; waitMs: number } | null = null
-    if (rpm != null && requests.total >= rpm) refusal = { reason: 'rpm', waitMs: requests.msUntilBelow(rpm) }
-    else if (tpm != null && tokens.total >= tpm) refusal = { reason: 'tpm', waitMs: tokens.msUntilBelow(tpm) }
+    if (requests != null && rpm != null && requests.total >= rpm)
+      refusal = { reason: 'rpm', waitMs: requests.msUntilBelow(rpm) }
+    else if (tokens != null && tpm != null && tokens.total >= tpm)
+      refusal = { reason: 'tpm', waitMs: tokens.msUntilBelow(tpm) }
     // No way to know when a request in flight ends: one second is a polite guess.
     else if (concurrency != null && w.inFlight >= concurrency)
       refusal = { reason: 'concurrency', waitMs: 1000 }
@@ -98,7 +101,7 @@ export class RateLimiter {
       w.inFlight--
       w.lastActivityMs = Math.max(w.lastActivityMs, this.now())
     }
-    const after = use(w, w.requests, now)
+    const after = rpm != null ? use(w, w.requests, now) : null
     return { ok: true, release, headers: headers(key.limits, after, tokens, now) }
   }
 
@@ -191,19 +194,19 @@ function use(w: KeyWindow, counts: Uint32Array | Float64Array, now: number): Win
 /** OpenAI's x-ratelimit-* headers, for the limits the key has (an unlimited dimension sends none). */
 function headers(
   limits: Readonly<KeyLimits>,
-  requests: WindowUse,
-  tokens: WindowUse,
+  requests: WindowUse | null,
+  tokens: WindowUse | null,
   now: number,
 ): RateLimitHeaders {
   const out: RateLimitHeaders = {}
   const resetMs = (u: WindowUse): number =>
     u.newestSecond == null ? 0 : (u.newestSecond + windowSeconds) * 1000 - now
-  if (limits.rpm != null) {
+  if (limits.rpm != null && requests != null) {
     out['x-ratelimit-limit-requests'] = String(limits.rpm)
     out['x-ratelimit-remaining-requests'] = String(Math.max(0, limits.rpm - requests.total))
     out['x-ratelimit-reset-requests'] = formatResetDuration(resetMs(requests))
   }
-  if (limits.tpm != null) {
+  if (limits.tpm != null && tokens != null) {
     out['x-ratelimit-limit-tokens'] = String(limits.tpm)
     out['x-ratelimit-remaining-tokens'] = String(Math.max(0, limits.tpm - tokens.total))
     out['x-ratelimit-reset-tokens'] = formatResetDuration(resetMs(tokens))

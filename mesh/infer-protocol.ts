@@ -364,6 +364,229 @@ function checkHeaders(value: unknown): Array<[string, string]> {
   return value as Array<[string, string]>
 }
 
+// The request and response heads are encoded and read here directly: a generic codec (and the
+// re-encoding that proves its input canonical) cost more than the rest of a hop's framing. The bytes
+// are exactly what encodeCanonical writes (map keys sorted by length, then bytewise; shortest heads).
+// Reading accepts only that form, with ASCII text; anything else goes to the generic decoder, which
+// accepts or names the fault as before.
+
+const cborMap = 5
+const cborArray = 4
+const cborText = 3
+const cborUint = 0
+
+function cborKey(name: string): Uint8Array {
+  return Uint8Array.from([(cborText << 5) | name.length, ...Buffer.from(name, 'latin1')])
+}
+const keyPath = cborKey('path')
+const keyMethod = cborKey('method')
+const keyStatus = cborKey('status')
+const keyHeaders = cborKey('headers')
+
+function cborHeadLength(n: number): number {
+  return n < 24 ? 1 : n < 0x100 ? 2 : n < 0x10000 ? 3 : 5
+}
+
+function writeCborHead(out: Buffer, o: number, major: number, n: number): number {
+  const m = major << 5
+  if (n < 24) {
+    out[o] = m | n
+    return o + 1
+  }
+  if (n < 0x100) {
+    out[o] = m | 24
+    out[o + 1] = n
+    return o + 2
+  }
+  if (n < 0x10000) {
+    out[o] = m | 25
+    out.writeUInt16BE(n, o + 1)
+    return o + 3
+  }
+  out[o] = m | 26
+  out.writeUInt32BE(n, o + 1)
+  return o + 5
+}
+
+/** Sizes the texts of a head; `sizes` gets each text's UTF-8 length in order. */
+function textSize(text: string, sizes: number[]): number {
+  const n = Buffer.byteLength(text, 'utf8')
+  sizes.push(n)
+  return cborHeadLength(n) + n
+}
+
+function headersSize(headers: Array<[string, string]>, sizes: number[]): number {
+  let size = cborHeadLength(headers.length)
+  for (const [name, value] of headers) size += 1 + textSize(name, sizes) + textSize(value, sizes)
+  return size
+}
+
+class HeadWriter {
+  readonly out: Buffer
+  o = 0
+  private next = 0
+  private readonly sizes: number[]
+
+  constructor(size: number, sizes: number[]) {
+    this.out = Buffer.allocUnsafe(size)
+    this.sizes = sizes
+  }
+
+  raw(bytes: Uint8Array): void {
+    this.out.set(bytes, this.o)
+    this.o += bytes.byteLength
+  }
+
+  head(major: number, n: number): void {
+    this.o = writeCborHead(this.out, this.o, major, n)
+  }
+
+  text(text: string): void {
+    const n = this.sizes[this.next++]!
+    this.head(cborText, n)
+    this.o += this.out.write(text, this.o, n, 'utf8')
+  }
+
+  headers(headers: Array<[string, string]>): void {
+    this.head(cborArray, headers.length)
+    for (const [name, value] of headers) {
+      this.head(cborArray, 2)
+      this.text(name)
+      this.text(value)
+    }
+  }
+}
+
+/** encodeCanonical({ method, path, headers }), for checked fields. */
+function encodeRequestHeadCbor(method: string, path: string, headers: Array<[string, string]>): Uint8Array {
+  const sizes: number[] = []
+  const size =
+    1 +
+    keyPath.byteLength +
+    textSize(path, sizes) +
+    keyMethod.byteLength +
+    textSize(method, sizes) +
+    keyHeaders.byteLength +
+    headersSize(headers, sizes)
+  const w = new HeadWriter(size, sizes)
+  w.head(cborMap, 3)
+  w.raw(keyPath)
+  w.text(path)
+  w.raw(keyMethod)
+  w.text(method)
+  w.raw(keyHeaders)
+  w.headers(headers)
+  return w.out
+}
+
+/** encodeCanonical({ status, headers }), for checked fields. */
+function encodeResponseHeadCbor(status: number, headers: Array<[string, string]>): Uint8Array {
+  const sizes: number[] = []
+  const size =
+    1 + keyStatus.byteLength + cborHeadLength(status) + keyHeaders.byteLength + headersSize(headers, sizes)
+  const w = new HeadWriter(size, sizes)
+  w.head(cborMap, 2)
+  w.raw(keyStatus)
+  w.head(cborUint, status)
+  w.raw(keyHeaders)
+  w.headers(headers)
+  return w.out
+}
+
+/** Reads one canonical head map; every method answers null (or -1) for what it does not expect. */
+class HeadReader {
+  private o = 0
+  private readonly bytes: Buffer
+
+  constructor(payload: Uint8Array) {
+    this.bytes = Buffer.from(payload.buffer, payload.byteOffset, payload.byteLength)
+  }
+
+  get done(): boolean {
+    return this.o === this.bytes.byteLength
+  }
+
+  /** The argument of a head of `major`, only in its shortest form; -1 otherwise. */
+  head(major: number): number {
+    const b = this.bytes
+    const o = this.o
+    if (o >= b.byteLength || b[o]! >> 5 !== major) return -1
+    const info = b[o]! & 31
+    let n: number
+    let length: number
+    if (info < 24) {
+      n = info
+      length = 1
+    } else if (info === 24 && o + 2 <= b.byteLength) {
+      n = b[o + 1]!
+      length = n < 24 ? -1 : 2
+    } else if (info === 25 && o + 3 <= b.byteLength) {
+      n = b.readUInt16BE(o + 1)
+      length = n < 0x100 ? -1 : 3
+    } else if (info === 26 && o + 5 <= b.byteLength) {
+      n = b.readUInt32BE(o + 1)
+      length = n < 0x10000 ? -1 : 5
+    } else return -1
+    if (length < 0) return -1
+    this.o = o + length
+    return n
+  }
+
+  key(key: Uint8Array): boolean {
+    const b = this.bytes
+    if (this.o + key.byteLength > b.byteLength) return false
+    for (let i = 0; i < key.byteLength; i++) if (b[this.o + i] !== key[i]) return false
+    this.o += key.byteLength
+    return true
+  }
+
+  /** ASCII text; other text is left to the generic decoder. */
+  ascii(): string | null {
+    const n = this.head(cborText)
+    const start = this.o
+    const end = start + n
+    if (n < 0 || end > this.bytes.byteLength) return null
+    for (let i = start; i < end; i++) if (this.bytes[i]! >= 0x80) return null
+    this.o = end
+    return this.bytes.toString('latin1', start, end)
+  }
+
+  headers(): Array<[string, string]> | null {
+    const count = this.head(cborArray)
+    if (count < 0 || count > this.bytes.byteLength) return null
+    const headers: Array<[string, string]> = []
+    for (let i = 0; i < count; i++) {
+      if (this.head(cborArray) !== 2) return null
+      const name = this.ascii()
+      if (name == null) return null
+      const value = this.ascii()
+      if (value == null) return null
+      headers.push([name, value])
+    }
+    return headers
+  }
+}
+
+function readRequestHead(payload: Uint8Array): { method: string; path: string; headers: unknown } | null {
+  const r = new HeadReader(payload)
+  if (r.head(cborMap) !== 3 || !r.key(keyPath)) return null
+  const path = r.ascii()
+  if (path == null || !r.key(keyMethod)) return null
+  const method = r.ascii()
+  if (method == null || !r.key(keyHeaders)) return null
+  const headers = r.headers()
+  return headers != null && r.done ? { method, path, headers } : null
+}
+
+function readResponseHead(payload: Uint8Array): { status: number; headers: unknown } | null {
+  const r = new HeadReader(payload)
+  if (r.head(cborMap) !== 2 || !r.key(keyStatus)) return null
+  const status = r.head(cborUint)
+  if (status < 0 || !r.key(keyHeaders)) return null
+  const headers = r.headers()
+  return headers != null && r.done ? { status, headers } : null
+}
+
 function decodeMap(payload: Uint8Array, keys: string[], what: string): Record<string, unknown> {
   let value: unknown
   try {
@@ -390,7 +613,7 @@ function checkRequestHead(method: unknown, path: unknown, headers: unknown): Inf
 }
 
 function decodeRequestHead(payload: Uint8Array): InferRequest {
-  const map = decodeMap(payload, ['method', 'path', 'headers'], 'request head')
+  const map = readRequestHead(payload) ?? decodeMap(payload, ['method', 'path', 'headers'], 'request head')
   return checkRequestHead(map.method, map.path, map.headers)
 }
 
@@ -402,7 +625,7 @@ function checkStatus(status: unknown): number {
 }
 
 function decodeResponseHead(payload: Uint8Array): { status: number; headers: Array<[string, string]> } {
-  const map = decodeMap(payload, ['status', 'headers'], 'response head')
+  const map = readResponseHead(payload) ?? decodeMap(payload, ['status', 'headers'], 'response head')
   return { status: checkStatus(map.status), headers: checkHeaders(map.headers) }
 }
 
@@ -428,7 +651,7 @@ function encodeRequest(request: InferRequest): Uint8Array {
       `request body of ${bodyBytes} bytes is over ${inferRequestBodyMaxBytes}`,
     )
   }
-  const head = encodeCanonical({ method: request.method, path: request.path, headers: request.headers })
+  const head = encodeRequestHeadCbor(request.method, request.path, request.headers)
   if (head.byteLength > inferHeadMaxBytes) {
     throw new InferRequestInvalidError(
       `request head of ${head.byteLength} bytes is over ${inferHeadMaxBytes}`,
@@ -502,78 +725,98 @@ function abortReason(signal: AbortSignal): Error {
 // Head side
 // ---------------------------------------------------------------------------------------------
 
-interface IdleStream {
-  stream: Stream
-  since: number
-  detach: () => void
+/**
+ * The head's end of one stream, across the exchanges it carries: its listeners are added once and
+ * hand each event to the exchange in progress, or, while the stream waits in the pool, retire it.
+ */
+class InferChannel {
+  readonly stream: Stream
+  /** The exchange in progress. */
+  call: InferCall | null = null
+  /** Set while the stream waits in the pool. */
+  idle: { pool: InferStreamPool; peer: string; since: number } | null = null
+
+  constructor(stream: Stream) {
+    this.stream = stream
+    stream.addEventListener('message', this.onMessage)
+    stream.addEventListener('end', this.onEnd)
+    stream.addEventListener('close', this.onClose)
+    stream.addEventListener('remoteCloseWrite', this.onRemoteCloseWrite)
+  }
+
+  private readonly onMessage = (evt: StreamMessageEvent): void => {
+    if (this.call != null) {
+      this.call.onMessage(evt)
+    } else if (this.idle != null) {
+      // Nothing may arrive between exchanges.
+      this.idle.pool.remove(this)
+      this.stream.abort(new InferProtocolError('data on an idle stream'))
+    }
+  }
+
+  private readonly onEnd = (): void => {
+    this.call?.onEnd()
+  }
+
+  private readonly onClose = (evt: StreamCloseEvent): void => {
+    if (this.call != null) this.call.onClose(evt)
+    else this.idle?.pool.remove(this)
+  }
+
+  private readonly onRemoteCloseWrite = (): void => {
+    // A node that closes its side takes the stream out of the pool.
+    if (this.call != null || this.idle == null) return
+    this.idle.pool.remove(this)
+    closeQuietly(this.stream)
+  }
 }
 
 /** Finished streams per node, kept for the next request: saves the stream open and protocol negotiation. */
 class InferStreamPool {
-  private readonly idle = new Map<string, IdleStream[]>()
+  private readonly idle = new Map<string, InferChannel[]>()
   private sweeper: NodeJS.Timeout | null = null
 
-  acquire(peer: string): Stream | null {
+  acquire(peer: string): InferChannel | null {
     const list = this.idle.get(peer)
     while (list != null && list.length > 0) {
-      const entry = list.pop()!
-      entry.detach()
-      if (reusable(entry.stream)) return entry.stream
-      closeQuietly(entry.stream)
+      const channel = list.pop()!
+      channel.idle = null
+      if (reusable(channel.stream)) return channel
+      closeQuietly(channel.stream)
     }
     return null
   }
 
-  /** `delivering` is the message event being dispatched as the stream comes back: it is not news. */
-  release(peer: string, stream: Stream, delivering: Event | null): void {
+  release(peer: string, channel: InferChannel): void {
     let list = this.idle.get(peer)
     if (list == null) {
       list = []
       this.idle.set(peer, list)
     }
-    if (list.length >= inferIdleStreamsPerPeer || !reusable(stream)) {
-      closeQuietly(stream)
+    if (list.length >= inferIdleStreamsPerPeer || !reusable(channel.stream)) {
+      closeQuietly(channel.stream)
       return
     }
-    const entries = list
-    const drop = (): void => {
-      entry.detach()
-      const i = entries.indexOf(entry)
-      if (i >= 0) entries.splice(i, 1)
-    }
-    // Nothing may arrive between exchanges; a node that closes or resets the stream takes it out.
-    const onMessage = (evt: Event): void => {
-      if (evt === delivering) return
-      drop()
-      stream.abort(new InferProtocolError('data on an idle stream'))
-    }
-    const onRemoteClose = (): void => {
-      drop()
-      closeQuietly(stream)
-    }
-    const entry: IdleStream = {
-      stream,
-      since: Date.now(),
-      detach: () => {
-        stream.removeEventListener('message', onMessage)
-        stream.removeEventListener('remoteCloseWrite', onRemoteClose)
-        stream.removeEventListener('close', drop)
-      },
-    }
-    stream.addEventListener('message', onMessage)
-    stream.addEventListener('remoteCloseWrite', onRemoteClose)
-    stream.addEventListener('close', drop)
-    list.push(entry)
+    channel.idle = { pool: this, peer, since: Date.now() }
+    list.push(channel)
     this.sweeper ??= setInterval(this.sweep, inferKeepAliveMs / 2).unref()
+  }
+
+  remove(channel: InferChannel): void {
+    const peer = channel.idle?.peer
+    channel.idle = null
+    const list = peer != null ? this.idle.get(peer) : undefined
+    const i = list?.indexOf(channel) ?? -1
+    if (i >= 0) list!.splice(i, 1)
   }
 
   private readonly sweep = (): void => {
     const now = Date.now()
     for (const [peer, list] of this.idle) {
-      for (const entry of list.filter((e) => now - e.since >= inferKeepAliveMs)) {
-        entry.detach()
-        list.splice(list.indexOf(entry), 1)
-        closeQuietly(entry.stream)
+      for (const channel of list.filter((c) => now - (c.idle?.since ?? now) >= inferKeepAliveMs)) {
+        channel.idle = null
+        list.splice(list.indexOf(channel), 1)
+        closeQuietly(channel.stream)
       }
       if (list.length === 0) this.idle.delete(peer)
     }
@@ -596,7 +839,7 @@ function poolOf(node: MeshNode): InferStreamPool {
 }
 
 type CallState = 'head' | 'body' | 'done' | 'failed'
-type Release = (stream: Stream, delivering: Event | null) => void
+type Release = (channel: InferChannel) => void
 
 /** The head's end of one exchange: sends the request, parses the response, paces the reader. */
 class InferCall {
@@ -619,10 +862,11 @@ class InferCall {
   private readonly idleTimeoutMs: number
   /** Where a cleanly finished stream goes for the next request; null closes it. */
   private readonly release: Release | null
-  private delivering: Event | null = null
+  private readonly channel: InferChannel
 
-  constructor(stream: Stream, options: SendInferOptions, release: Release | null) {
-    this.stream = stream
+  constructor(channel: InferChannel, options: SendInferOptions, release: Release | null) {
+    this.channel = channel
+    this.stream = channel.stream
     this.signal = options.signal
     this.firstByteTimeoutMs = options.firstByteTimeoutMs ?? inferFirstByteTimeoutMs
     this.idleTimeoutMs = options.idleTimeoutMs ?? inferIdleTimeoutMs
@@ -633,13 +877,10 @@ class InferCall {
   /** Sends the request; resolves with the response head. */
   start(wire: Uint8Array): Promise<InferResponse> {
     const stream = this.stream
-    stream.addEventListener('message', this.onMessage)
-    stream.addEventListener('end', this.onEnd)
-    stream.addEventListener('close', this.onClose)
+    this.channel.call = this
     this.signal?.addEventListener('abort', this.onAbort, { once: true })
     this.timer = setTimeout(this.onFirstByteTimeout, this.firstByteTimeoutMs)
     try {
-      // The muxer sends what its window allows now and the rest as the node reads: nothing to await.
       stream.send(wire)
     } catch (err) {
       this.fail(
@@ -717,27 +958,23 @@ class InferCall {
     return false
   }
 
-  private readonly onMessage = (evt: StreamMessageEvent): void => {
+  onMessage(evt: StreamMessageEvent): void {
     if (this.state === 'done' || this.state === 'failed') return
-    // A listener the pool adds while this event is dispatched may still be handed it.
-    this.delivering = evt
     try {
       this.decoder.feed(evt.data)
     } catch (err) {
       const e = err as Error
       this.fail(this.state === 'body' ? new InferStreamError('protocol_error', e.message, { cause: e }) : e)
-    } finally {
-      this.delivering = null
     }
   }
 
-  private readonly onEnd = (): void => {
+  onEnd(): void {
     // After a reset 'end' fires too, just before 'close' carries the error.
     if (this.stream.status === 'reset' || this.stream.status === 'aborted') return
     this.fail(new InferStreamError('truncated', 'the node closed the stream before END'))
   }
 
-  private readonly onClose = (evt: StreamCloseEvent): void => {
+  onClose(evt: StreamCloseEvent): void {
     // A clean close can come while frames still wait in a paused read buffer: 'end' judges those.
     if (evt.error != null)
       this.fail(new InferStreamError('reset', 'the stream was reset', { cause: evt.error }))
@@ -857,7 +1094,7 @@ class InferCall {
     // Resumed without a listener: anything the node sent past END stays unread and spoils reuse.
     if (stream.readStatus === 'paused') stream.resume()
     if (this.decoder.buffered > 0) stream.abort(new InferProtocolError('a frame after END'))
-    else if (this.release != null && reusable(stream)) this.release(stream, this.delivering)
+    else if (this.release != null && reusable(stream)) this.release(this.channel)
     else closeQuietly(stream)
   }
 
@@ -879,9 +1116,7 @@ class InferCall {
   private detach(): void {
     clearTimeout(this.timer)
     this.signal?.removeEventListener('abort', this.onAbort)
-    this.stream.removeEventListener('message', this.onMessage)
-    this.stream.removeEventListener('end', this.onEnd)
-    this.stream.removeEventListener('close', this.onClose)
+    if (this.channel.call === this) this.channel.call = null
   }
 }
 
@@ -937,8 +1172,7 @@ export async function sendInferRequest(
   // Only a PeerId names the same node every time; a multiaddr dial always opens a new stream.
   const key = isMultiaddr(peer) ? null : peer.toString()
   const pool = key != null ? poolOf(node) : null
-  const release: Release | null =
-    pool != null && key != null ? (s, delivering) => pool.release(key, s, delivering) : null
+  const release: Release | null = pool != null && key != null ? (c) => pool.release(key, c) : null
   const idle = pool != null && key != null ? pool.acquire(key) : null
   if (idle != null) {
     const call = new InferCall(idle, options, release)
@@ -950,7 +1184,7 @@ export async function sendInferRequest(
     }
   }
   const stream = await openStream(node, peer, options)
-  return new InferCall(stream, options, release).start(wire)
+  return new InferCall(new InferChannel(stream), options, release).start(wire)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1221,7 +1455,7 @@ class InferExchange implements InferReply {
     if (this.reply !== 'none') throw new InferReplyError('the response head was already sent')
     let payload: Uint8Array
     try {
-      payload = encodeCanonical({ status: checkStatus(status), headers: checkHeaders(headers) })
+      payload = encodeResponseHeadCbor(checkStatus(status), checkHeaders(headers))
     } catch (err) {
       throw new InferReplyError((err as Error).message)
     }

@@ -1,3 +1,4 @@
+import { isUtf8 } from 'node:buffer'
 import { timingSafeEqual } from 'node:crypto'
 import type { IncomingMessage } from 'node:http'
 import { ApiError } from '../daemon/engines/openai-errors.ts'
@@ -9,28 +10,90 @@ import { ApiError } from '../daemon/engines/openai-errors.ts'
 
 /** Reads a request body of at most maxBytes: 413 past it (declared or actual), 400 when not JSON. */
 export async function readJsonBody(req: IncomingMessage, maxBytes: number): Promise<unknown> {
+  return (await readJsonBodyBytes(req, maxBytes)).json
+}
+
+/** readJsonBody, with the bytes it parsed (a proxy can pass them on instead of serialising again). */
+export async function readJsonBodyBytes(
+  req: IncomingMessage,
+  maxBytes: number,
+): Promise<{ json: unknown; bytes: Buffer }> {
   const declared = Number(req.headers['content-length'] ?? 0)
   if (declared > maxBytes)
     throw new ApiError(413, `the request body is ${declared} bytes; the limit is ${maxBytes}`, {
       code: 'request_too_large',
     })
-  const chunks: Buffer[] = []
-  let size = 0
-  for await (const chunk of req) {
-    size += (chunk as Buffer).byteLength
-    if (size > maxBytes)
-      throw new ApiError(413, `the request body is over the ${maxBytes}-byte limit`, {
-        code: 'request_too_large',
-      })
-    chunks.push(chunk as Buffer)
-  }
+  const bytes = await readBody(req, maxBytes)
+  return { json: parseJson(bytes), bytes }
+}
+
+/**
+ * The body as it arrives, on the stream's events: an async iterator costs more than the rest of a
+ * small request's parsing.
+ */
+function readBody(req: IncomingMessage, maxBytes: number): Promise<Buffer> {
+  return new Promise((resolve, reject) => {
+    const chunks: Buffer[] = []
+    let size = 0
+    let settled = false
+    const settle = (err: Error | null): void => {
+      if (settled) return
+      settled = true
+      req.off('data', onData)
+      req.off('end', onEnd)
+      req.off('error', settle)
+      req.off('close', onClose)
+      if (err != null) reject(err)
+      else resolve(chunks.length === 1 ? chunks[0]! : Buffer.concat(chunks, size))
+    }
+    const onData = (chunk: Buffer): void => {
+      size += chunk.byteLength
+      if (size > maxBytes) {
+        // Left paused and unread, as leaving a `for await` early left it: the 413 still goes out.
+        req.pause()
+        settle(
+          new ApiError(413, `the request body is over the ${maxBytes}-byte limit`, {
+            code: 'request_too_large',
+          }),
+        )
+        return
+      }
+      chunks.push(chunk)
+    }
+    const onEnd = (): void => settle(null)
+    const onClose = (): void =>
+      settle(Object.assign(new Error('Premature close'), { code: 'ERR_STREAM_PREMATURE_CLOSE' }))
+    if (req.readableEnded) return settle(null)
+    if (req.destroyed) return onClose()
+    req.on('data', onData)
+    req.on('end', onEnd)
+    req.on('error', settle)
+    req.on('close', onClose)
+  })
+}
+
+/** JSON.parse of UTF-8 bytes; 400 `invalid_json` when they are not JSON. */
+export function parseJson(bytes: Uint8Array): unknown {
   try {
-    return JSON.parse(Buffer.concat(chunks).toString('utf8'))
+    return JSON.parse(Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength).toString('utf8'))
   } catch (err) {
     throw new ApiError(400, `the request body is not valid JSON: ${(err as Error).message}`, {
       code: 'invalid_json',
     })
   }
+}
+
+/**
+ * The body to send upstream: the bytes as received when preparing changed nothing (not a stream,
+ * or usage already asked for) and they are valid UTF-8, so the next hop reads exactly what this one
+ * did; else the prepared body serialised again.
+ */
+export function upstreamBody(
+  bytes: Uint8Array,
+  prepared: { stream: boolean; clientWantsUsage: boolean; body: unknown },
+): Uint8Array {
+  if ((!prepared.stream || prepared.clientWantsUsage) && isUtf8(bytes)) return bytes
+  return Buffer.from(JSON.stringify(prepared.body))
 }
 
 /** True when the Authorization header is `Bearer <key>`; compares in constant time. */

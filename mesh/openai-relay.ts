@@ -1,6 +1,6 @@
 import type { ServerResponse } from 'node:http'
 import { ApiError } from '../daemon/engines/openai-errors.ts'
-import type { InferReply, InferResponse } from './infer-protocol.ts'
+import { type InferReply, InferReplyError, type InferResponse } from './infer-protocol.ts'
 import { SseSplitter } from './sse.ts'
 import { countNonStreamed, type PreparedRequest, StreamTokenCounter } from './token-accounting.ts'
 
@@ -31,6 +31,7 @@ export function httpSink(res: ServerResponse): AnswerSink {
     if (!res.writableFinished) gone.abort()
   })
   let started = false
+  let wrote = false
   return {
     gone: gone.signal,
     get started() {
@@ -39,10 +40,16 @@ export function httpSink(res: ServerResponse): AnswerSink {
     async head(status, headers) {
       started = true
       res.writeHead(status, headers)
-      // Streams: the asker sees the status at once, before the first token.
-      if (headers['content-type']?.startsWith('text/event-stream')) res.flushHeaders()
+      // Streams: the asker sees the status at once, before the first token; with it when that token
+      // is already here (one write, not two).
+      if (headers['content-type']?.startsWith('text/event-stream')) {
+        setImmediate(() => {
+          if (!wrote && !res.destroyed && !res.writableEnded) res.flushHeaders()
+        })
+      }
     },
     async write(chunk) {
+      wrote = true
       if (res.destroyed || res.write(chunk)) return
       await new Promise<void>((resolve) => {
         const done = (): void => {
@@ -55,6 +62,7 @@ export function httpSink(res: ServerResponse): AnswerSink {
       })
     },
     async end(last) {
+      wrote = true
       if (res.destroyed) return
       if (last != null) res.end(last)
       else res.end()
@@ -62,18 +70,43 @@ export function httpSink(res: ServerResponse): AnswerSink {
   }
 }
 
-/** A reply on /garage/infer/1.0.0 as a sink (the head answering the federation). */
+/**
+ * A reply on /garage/infer/1.0.0 as a sink (the head answering the federation). A whole answer
+ * (head, body, END) leaves in one frame write: three writes would cost the asker three yamux frames
+ * and three window updates. A stream's head still leaves at once, before its first token.
+ */
 export function inferSink(reply: InferReply, signal: AbortSignal): AnswerSink {
+  let held: { status: number; headers: Array<[string, string]> } | null = null
   return {
     gone: signal,
     get started() {
-      return reply.started
+      return held != null || reply.started
     },
-    head: (status, headers) => reply.head(status, Object.entries(headers)),
-    write: (chunk) => reply.data(bytes(chunk)),
+    async head(status, headers) {
+      if (held != null || reply.started) throw new InferReplyError('the response head was already sent')
+      const pairs = Object.entries(headers)
+      if (headers['content-type']?.startsWith('text/event-stream')) await reply.head(status, pairs)
+      else held = { status, headers: pairs }
+    },
+    async write(chunk) {
+      const data = bytes(chunk)
+      if (held == null) return reply.data(data)
+      const { status, headers } = held
+      held = null
+      await reply.head(status, headers, data.byteLength > 0 ? data : undefined)
+    },
     async end(last) {
-      if (last != null && (typeof last === 'string' ? last.length : last.byteLength) > 0)
-        await reply.data(bytes(last))
+      const body =
+        last != null && (typeof last === 'string' ? last.length : last.byteLength) > 0
+          ? bytes(last)
+          : undefined
+      if (held != null) {
+        const { status, headers } = held
+        held = null
+        await reply.respond(status, headers, body)
+        return
+      }
+      if (body != null) await reply.data(body)
       await reply.end()
     },
   }

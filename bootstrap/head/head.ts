@@ -16,7 +16,7 @@ import {
 import { handleJoinProtocol, JoinRefusedError } from '../../mesh/join-protocol.ts'
 import { type Logger, silentLogger } from '../../mesh/logger.ts'
 import type { MeshNode } from '../../mesh/node.ts'
-import { bearerMatches, readJsonBody } from '../../mesh/openai-http.ts'
+import { bearerMatches, parseJson, readJsonBodyBytes, upstreamBody } from '../../mesh/openai-http.ts'
 import { type AnswerSink, httpSink, inferSink, relayAnswer, sendApiError } from '../../mesh/openai-relay.ts'
 import { inferRequestBodyMaxBytes, JOIN_PROTOCOL, TELEMETRY_PROTOCOL } from '../../mesh/protocols.ts'
 import type { RayCredentials } from '../../mesh/region-messages.ts'
@@ -192,10 +192,22 @@ export async function startRegionalHead(options: RegionalHeadOptions): Promise<R
     else pending.set(peer, v)
   }
 
+  /** PeerIds of the nodes, parsed once: a PeerId from a string costs a base58 decode and a key. */
+  const peerIds = new Map<string, PeerId>()
+  const peerIdOf = (peer: string): PeerId => {
+    let id = peerIds.get(peer)
+    if (id == null) {
+      id = peerIdFromString(peer) as PeerId
+      peerIds.set(peer, id)
+    }
+    return id
+  }
+
   // Registry → router: the registry is the truth about membership, the router follows it.
   registry.addEventListener('node:left', (evt) => {
     const { peerId, reason } = evt.detail
     router.remove(peerId)
+    peerIds.delete(peerId)
     // A node that comes back reports from zero again.
     verified.remove(peerId)
     log.info({ node: peerId, reason }, 'node left the region')
@@ -274,7 +286,7 @@ export async function startRegionalHead(options: RegionalHeadOptions): Promise<R
   ): Promise<InferResponse> => {
     return sendInferRequest(
       node,
-      peerIdFromString(peer) as PeerId,
+      peerIdOf(peer),
       {
         method: 'POST',
         path,
@@ -296,16 +308,16 @@ export async function startRegionalHead(options: RegionalHeadOptions): Promise<R
   const answer = async (
     kind: 'chat' | 'completion',
     path: string,
-    raw: unknown,
+    raw: { json: unknown; bytes: Uint8Array },
     sink: AnswerSink,
     requestId: string,
     seen: { model: string },
   ): Promise<void> => {
     const started = performance.now()
-    const prepared = prepareUpstreamRequest(raw, kind)
+    const prepared = prepareUpstreamRequest(raw.json, kind)
     const model = prepared.model
     const known = router.models().some((m) => m.model === model)
-    const assigned = registry.nodes().some((n) => n.assignment.model === model)
+    const assigned = !known && registry.nodes().some((n) => n.assignment.model === model)
     // Labelled only when the region knows the model: made-up names must not grow /metrics.
     if (known || assigned) seen.model = model
     if (!known) {
@@ -319,7 +331,7 @@ export async function startRegionalHead(options: RegionalHeadOptions): Promise<R
         param: 'model',
       })
     }
-    const body = Buffer.from(JSON.stringify(prepared.body))
+    const body = upstreamBody(raw.bytes, prepared)
     const tried = new Set<string>()
     let lastError: ApiError | null = null
     for (let i = 0; i < maxAttempts && !sink.gone.aborted; i++) {
@@ -453,7 +465,7 @@ export async function startRegionalHead(options: RegionalHeadOptions): Promise<R
   const dispatch = async (
     method: string,
     path: string,
-    body: () => Promise<unknown>,
+    body: () => Promise<{ json: unknown; bytes: Uint8Array }>,
     sink: AnswerSink,
     requestId: string,
   ): Promise<void> => {
@@ -503,7 +515,7 @@ export async function startRegionalHead(options: RegionalHeadOptions): Promise<R
     await dispatch(
       req.method ?? 'GET',
       path,
-      () => readJsonBody(req, inferRequestBodyMaxBytes),
+      () => readJsonBodyBytes(req, inferRequestBodyMaxBytes),
       httpSink(res),
       requestId,
     )
@@ -518,19 +530,10 @@ export async function startRegionalHead(options: RegionalHeadOptions): Promise<R
       const requestId =
         request.headers.find(([k]) => k.toLowerCase() === 'x-request-id')?.[1]?.slice(0, 128) ?? randomUUID()
       const path = request.path.split('?')[0] ?? '/'
-      const parse = async (): Promise<unknown> => {
-        try {
-          return JSON.parse(
-            Buffer.from(request.body.buffer, request.body.byteOffset, request.body.byteLength).toString(
-              'utf8',
-            ),
-          )
-        } catch (err) {
-          throw new ApiError(400, `the request body is not valid JSON: ${(err as Error).message}`, {
-            code: 'invalid_json',
-          })
-        }
-      }
+      const parse = async (): Promise<{ json: unknown; bytes: Uint8Array }> => ({
+        json: parseJson(request.body),
+        bytes: request.body,
+      })
       await dispatch(request.method, path, parse, inferSink(reply, signal), requestId)
     },
     onRejected(peer, reason) {
