@@ -3,8 +3,15 @@ import { GarageError } from '../mesh/errors.ts'
 import { type Logger, silentLogger } from '../mesh/logger.ts'
 import { inTransaction } from './store.ts'
 
-/** How long a record may wait in memory before it is written (at most this much is lost in a crash). */
-export const ledgerFlushIntervalMs = 1_000
+/**
+ * How long a record may wait in memory before it is written. 0: at the end of the event-loop turn
+ * that recorded it, so the records of one turn share a transaction and a SIGKILL loses at most
+ * those (a billing ledger must not drop a second of traffic).
+ */
+export const ledgerFlushIntervalMs = 0
+
+/** After a failed write (disk full, lock held past the busy timeout) the sums wait this long. */
+export const ledgerRetryIntervalMs = 1_000
 
 export class LedgerClosedError extends GarageError {}
 export class LedgerDateError extends GarageError {}
@@ -61,7 +68,8 @@ export interface LedgerTotals {
 export interface UsageLedgerOptions {
   now?: () => number
   flushIntervalMs?: number
-  /** Where a failed background flush is reported (it is retried on the next interval). */
+  retryIntervalMs?: number
+  /** Where a failed background flush is reported (it is retried after retryIntervalMs). */
   logger?: Logger
 }
 
@@ -116,18 +124,21 @@ const n = (v: SQLOutputValue | undefined): number => Number(v ?? 0)
 
 /**
  * Usage per API key and credits per node, per model and UTC day, in the federation database.
- * record() only adds to an in-memory sum; one transaction writes the sums a second later (and on
- * flush() or close()), so the request path never waits for SQLite. Rows are added to, never
- * replaced, so several gateway processes can share the file.
+ * record() only adds to an in-memory sum; one transaction writes the sums of an event-loop turn
+ * right after it (and on flush() or close()), so the request path never waits for SQLite and a crash
+ * loses at most one turn's records. Rows are added to, never replaced, so several gateway processes
+ * can share the file.
  */
 export class UsageLedger {
   private readonly db: DatabaseSync
   private readonly now: () => number
   private readonly flushIntervalMs: number
+  private readonly retryIntervalMs: number
   private readonly log: Logger
   private usage = new Map<string, PendingUsage>()
   private credits = new Map<string, PendingCredit>()
-  private timer: NodeJS.Timeout | null = null
+  /** Cancels the scheduled write, when one is scheduled. */
+  private cancelScheduled: (() => void) | null = null
   private closed = false
   private day = ''
   private dayStartMs = Number.NaN
@@ -136,6 +147,7 @@ export class UsageLedger {
     this.db = db
     this.now = options.now ?? Date.now
     this.flushIntervalMs = options.flushIntervalMs ?? ledgerFlushIntervalMs
+    this.retryIntervalMs = options.retryIntervalMs ?? ledgerRetryIntervalMs
     this.log = options.logger ?? silentLogger
   }
 
@@ -188,17 +200,14 @@ export class UsageLedger {
     return this.usage.size + this.credits.size
   }
 
-  /** Writes every pending sum in one transaction; on failure they stay pending, are retried a second later, and the error is thrown. */
+  /** Writes every pending sum in one transaction; on failure they stay pending, are retried after retryIntervalMs, and the error is thrown. */
   flush(): void {
-    if (this.timer != null) {
-      clearTimeout(this.timer)
-      this.timer = null
-    }
+    this.cancelTimer()
     if (this.pending === 0) return
     try {
       this.write()
     } catch (err) {
-      this.schedule()
+      this.schedule(this.retryIntervalMs)
       throw err
     }
     this.usage = new Map()
@@ -317,19 +326,30 @@ export class UsageLedger {
   }
 
   /** One timer per batch, made by the first record after a flush: an idle gateway has none. */
-  private schedule(): void {
-    if (this.timer != null) return
-    this.timer = setTimeout(() => {
-      this.timer = null
+  private schedule(delayMs = this.flushIntervalMs): void {
+    if (this.cancelScheduled != null) return
+    const run = (): void => {
+      this.cancelScheduled = null
       try {
         this.flush()
       } catch (err) {
         // flush() kept the sums and set the next try.
         this.log.warn({ err, pending: this.pending }, 'usage ledger flush failed; retrying')
       }
-    }, this.flushIntervalMs)
+    }
     // Pending sums must not keep a stopping process alive: close() writes them.
-    this.timer.unref()
+    if (delayMs <= 0) {
+      const immediate = setImmediate(run).unref()
+      this.cancelScheduled = () => clearImmediate(immediate)
+    } else {
+      const timeout = setTimeout(run, delayMs).unref()
+      this.cancelScheduled = () => clearTimeout(timeout)
+    }
+  }
+
+  private cancelTimer(): void {
+    this.cancelScheduled?.()
+    this.cancelScheduled = null
   }
 }
 

@@ -5,7 +5,7 @@ import type { DatabaseSync } from 'node:sqlite'
 import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest'
 import { ApiKeyStore } from '../../federation/keys.ts'
 import {
-  ledgerFlushIntervalMs,
+  ledgerRetryIntervalMs,
   parseLedgerDay,
   UsageLedger,
   type UsageRecord,
@@ -114,10 +114,21 @@ describe('UsageLedger', () => {
     expect(ledger.usageByKey({ keyId: 'key_a' })[0]).toMatchObject({ model: 'garage-tiny', requests: 101 })
   })
 
-  it('flushes by itself a second after the first record of a batch', () => {
-    vi.useFakeTimers({ toFake: ['setTimeout', 'clearTimeout'] })
+  it('writes the records of one event-loop turn together, right after that turn', async () => {
     ledger.record(entry())
-    vi.advanceTimersByTime(ledgerFlushIntervalMs - 1)
+    ledger.record(entry({ completionTokens: 5 }))
+    // Still the recording turn: nothing written yet, so a request never waits for SQLite.
+    expect(rows('usage_daily')).toHaveLength(0)
+    await new Promise<void>((resolve) => setImmediate(resolve))
+    expect(rows('usage_daily')).toEqual([expect.objectContaining({ requests: 2, completion_tokens: 25 })])
+    expect(ledger.pending).toBe(0)
+  })
+
+  it('can batch for longer when asked: one timer per batch, none when idle', () => {
+    vi.useFakeTimers({ toFake: ['setTimeout', 'clearTimeout'] })
+    const batched = new UsageLedger(db, { now: () => clock, flushIntervalMs: 1_000 })
+    batched.record(entry())
+    vi.advanceTimersByTime(999)
     expect(rows('usage_daily')).toHaveLength(0)
     vi.advanceTimersByTime(1)
     expect(rows('usage_daily')).toHaveLength(1)
@@ -205,6 +216,22 @@ describe('UsageLedger', () => {
     ledger.record(entry())
     ledger.flush()
     expect(ledger.totals()).toMatchObject({ requests: 2, completionTokens: 40 })
+  })
+
+  it('retries a failed background write after retryIntervalMs, keeping the sums', () => {
+    vi.useFakeTimers({ toFake: ['setTimeout', 'clearTimeout', 'setImmediate', 'clearImmediate'] })
+    db.exec('PRAGMA busy_timeout = 0')
+    const other = open()
+    other.exec('BEGIN IMMEDIATE')
+    ledger.record(entry())
+    vi.advanceTimersByTime(0)
+    expect(ledger.pending).toBe(2)
+    other.exec('ROLLBACK')
+    vi.advanceTimersByTime(ledgerRetryIntervalMs - 1)
+    expect(rows('usage_daily')).toHaveLength(0)
+    vi.advanceTimersByTime(1)
+    expect(rows('usage_daily')).toEqual([expect.objectContaining({ requests: 1 })])
+    expect(vi.getTimerCount()).toBe(0)
   })
 
   it('refuses bad records and records after close', () => {
