@@ -56,6 +56,22 @@ export function splitList(values: string[] | undefined): string[] {
     .filter((v) => v !== '')
 }
 
+/** --authority, else $GARAGE_AUTHORITY: the authority a node, gateway or lookup pins. */
+export function authorityOption(value: string | undefined, env: NodeJS.ProcessEnv): string {
+  const authority = value ?? env.GARAGE_AUTHORITY
+  if (authority == null || authority === '')
+    throw new UsageError('--authority (or GARAGE_AUTHORITY) is required')
+  return authority
+}
+
+/** --bootstrap (repeatable, comma-separated), else $GARAGE_BOOTSTRAP (comma-separated). */
+export function bootstrapOption(values: string[] | undefined, env: NodeJS.ProcessEnv): string[] {
+  const bootstrap = splitList(values ?? (env.GARAGE_BOOTSTRAP != null ? [env.GARAGE_BOOTSTRAP] : []))
+  if (bootstrap.length === 0)
+    throw new UsageError('--bootstrap (or GARAGE_BOOTSTRAP) is required (at least one)')
+  return bootstrap
+}
+
 export function print(stream: NodeJS.WritableStream, text: string): void {
   stream.write(text.endsWith('\n') ? text : `${text}\n`)
 }

@@ -1,7 +1,15 @@
 import { defaultFederationPort, startFederation } from '../../federation/gateway.ts'
 import { federationDataDir } from '../../federation/store.ts'
 import { createLogger } from '../../mesh/logger.ts'
-import { type CommandContext, parseHostPort, parseOptions, print, splitList, UsageError } from '../io.ts'
+import {
+  authorityOption,
+  bootstrapOption,
+  type CommandContext,
+  parseHostPort,
+  parseOptions,
+  print,
+  splitList,
+} from '../io.ts'
 
 export const usage = `Usage: garage federation --authority ID --bootstrap MULTIADDR [options]
 
@@ -13,8 +21,8 @@ credits per node ('garage ledger'). Each region's head must allow this gateway's
 ('garage bootstrap --federation PEER_ID'), printed at start. SIGINT or SIGTERM stop it.
 
 Options:
-  --authority ID         the federation authority's id to trust (required)
-  --bootstrap MULTIADDR  a bootstrap node, repeatable (required)
+  --authority ID         the federation authority's id to trust (required; default: $GARAGE_AUTHORITY)
+  --bootstrap MULTIADDR  a bootstrap node, repeatable (required; default: $GARAGE_BOOTSTRAP)
   --http HOST:PORT       the API (default: 127.0.0.1:${defaultFederationPort}; put TLS in front for the public)
   --listen MULTIADDR     libp2p listen address, repeatable (default: TCP on a random port)
   --allow-private        dial private and loopback addresses (LAN, devnet, tests)
@@ -29,15 +37,14 @@ export async function run(argv: string[], ctx: CommandContext): Promise<number> 
     'allow-private': { type: 'boolean', default: false },
     'data-dir': { type: 'string' },
   })
-  if (values.authority == null) throw new UsageError('--authority is required')
-  const bootstrap = splitList(values.bootstrap)
-  if (bootstrap.length === 0) throw new UsageError('--bootstrap is required (at least one)')
+  const authority = authorityOption(values.authority, ctx.env)
+  const bootstrap = bootstrapOption(values.bootstrap, ctx.env)
   const http = parseHostPort(values.http ?? `127.0.0.1:${defaultFederationPort}`, '--http')
   const listen = splitList(values.listen)
   const dataDir = federationDataDir(ctx.env, values['data-dir'])
   const federation = await startFederation({
     dataDir,
-    authority: values.authority,
+    authority,
     bootstrap,
     ...(listen.length > 0 ? { listen } : {}),
     allowPrivateAddresses: values['allow-private'],

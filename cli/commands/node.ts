@@ -3,6 +3,8 @@ import { loadSettings, saveSettings } from '../../daemon/control/settings.ts'
 import { defaultDrainGraceMs, NodeDaemon } from '../../daemon/node-daemon.ts'
 import { createLogger, LogTail } from '../../mesh/logger.ts'
 import {
+  authorityOption,
+  bootstrapOption,
   type CommandContext,
   defaultDataDir,
   parseDuration,
@@ -23,8 +25,8 @@ the head assigns, reports telemetry every 2 s and serves requests that reach it 
 (no new requests; in-flight ones finish within the grace period), leave the region and stop.
 
 Options:
-  --authority ID            the federation authority's id to trust (required)
-  --bootstrap MULTIADDR     a bootstrap node, repeatable (required)
+  --authority ID            the federation authority's id to trust (required; default: $GARAGE_AUTHORITY)
+  --bootstrap MULTIADDR     a bootstrap node, repeatable (required; default: $GARAGE_BOOTSTRAP)
   --region NAME             join this region instead of the nearest
   --listen MULTIADDR        listen address, repeatable (default: TCP and WebSockets, random ports)
   --vram-cap MIB            the most GPU memory Garage may use (default: 90% of the largest GPU)
@@ -68,9 +70,8 @@ export async function run(argv: string[], ctx: CommandContext): Promise<number> 
     'no-host-policies': { type: 'boolean', default: false },
     'data-dir': { type: 'string' },
   })
-  if (values.authority == null) throw new UsageError('--authority is required')
-  const bootstrap = splitList(values.bootstrap)
-  if (bootstrap.length === 0) throw new UsageError('--bootstrap is required (at least one)')
+  const authority = authorityOption(values.authority, ctx.env)
+  const bootstrap = bootstrapOption(values.bootstrap, ctx.env)
   const threads = positive(values.threads, '--threads')
   if (threads != null && !Number.isInteger(threads)) throw new UsageError('--threads must be a whole number')
   const listen = splitList(values.listen)
@@ -88,7 +89,7 @@ export async function run(argv: string[], ctx: CommandContext): Promise<number> 
     saveSettings: (s) => saveSettings(dataDir, s),
     logTail,
     hostPolicies: !values['no-host-policies'],
-    authority: values.authority,
+    authority,
     bootstrap,
     ...(values.region != null ? { region: values.region } : {}),
     ...(listen.length > 0 ? { listen } : {}),

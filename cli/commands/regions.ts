@@ -1,7 +1,15 @@
 import { generateKeyPair } from '@libp2p/crypto/keys'
 import { type DiscoveredHead, parseAuthority, pickHead, RegionDiscovery } from '../../mesh/discovery.ts'
 import { createMeshNode } from '../../mesh/node.ts'
-import { type CommandContext, parseDuration, parseOptions, print, splitList, UsageError } from '../io.ts'
+import {
+  authorityOption,
+  bootstrapOption,
+  type CommandContext,
+  parseDuration,
+  parseOptions,
+  print,
+  UsageError,
+} from '../io.ts'
 
 export const usage = `Usage: garage regions --authority ID --bootstrap MULTIADDR... [--region NAME] [--json]
 
@@ -79,18 +87,13 @@ export async function run(argv: string[], ctx: CommandContext): Promise<number> 
     'allow-private': { type: 'boolean', default: false },
     json: { type: 'boolean', default: false },
   })
-  const authority = values.authority ?? ctx.env.GARAGE_AUTHORITY
-  if (authority == null || authority === '')
-    throw new UsageError('--authority (or GARAGE_AUTHORITY) is required')
+  const authority = authorityOption(values.authority, ctx.env)
   try {
     parseAuthority(authority)
   } catch (err) {
     throw new UsageError((err as Error).message)
   }
-  const bootstrap = splitList(
-    values.bootstrap ?? (ctx.env.GARAGE_BOOTSTRAP != null ? [ctx.env.GARAGE_BOOTSTRAP] : []),
-  )
-  if (bootstrap.length === 0) throw new UsageError('--bootstrap (or GARAGE_BOOTSTRAP) is required')
+  const bootstrap = bootstrapOption(values.bootstrap, ctx.env)
   const node = await createMeshNode({
     privateKey: await generateKeyPair('Ed25519'),
     listen: [],

@@ -271,10 +271,18 @@ describe('garage CLI', () => {
     // garage node: what it needs, said in one line each
     const noAuthority = await garage(['node', '--bootstrap', '/ip4/127.0.0.1/tcp/1'])
     expect(noAuthority.code).toBe(2)
-    expect(noAuthority.stderr).toContain('--authority is required')
+    expect(noAuthority.stderr).toContain('--authority (or GARAGE_AUTHORITY) is required')
     const noBootstrap = await garage(['node', '--authority', authorityId])
     expect(noBootstrap.code).toBe(2)
-    expect(noBootstrap.stderr).toContain('--bootstrap is required')
+    expect(noBootstrap.stderr).toContain('--bootstrap (or GARAGE_BOOTSTRAP) is required')
+    // The environment stands in for both flags (what the installers' config files set).
+    const fromEnv = await garage(['federation', '--http', '127.0.0.1:nope'], {
+      GARAGE_AUTHORITY: authorityId,
+      GARAGE_BOOTSTRAP: '/ip4/127.0.0.1/tcp/1',
+    })
+    expect(fromEnv.code).toBe(2)
+    expect(fromEnv.stderr).not.toContain('is required')
+    expect(fromEnv.stderr).toContain('--http')
     const threads = await garage([
       'node',
       '--authority',
