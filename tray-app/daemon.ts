@@ -116,11 +116,18 @@ export const repoNode = fileURLToPath(
   new URL(`../node_modules/node/bin/node${process.platform === 'win32' ? '.exe' : ''}`, import.meta.url),
 )
 
+/** The Node 22 a packaged tray app ships beside its code (installer/electron-builder.yml: resources/node). */
+export const bundledNode: string | null =
+  typeof process.resourcesPath === 'string'
+    ? join(process.resourcesPath, 'node', process.platform === 'win32' ? 'node.exe' : 'node')
+    : null
+
 /**
- * What runs `garage`: the config's command; else this checkout's bin/garage.js, run by the
- * project's pinned Node when npm install put it there, or by Electron's own Node
- * (ELECTRON_RUN_AS_NODE: Electron 40+ bundles Node 24, new enough for garage's type stripping);
- * else `garage` on PATH (what the installers will put there).
+ * What runs `garage`: the config's command; else this checkout's (or the package's) bin/garage.js,
+ * run by the project's pinned Node when npm install put it there, by the Node a packaged app
+ * bundles, or by Electron's own Node (ELECTRON_RUN_AS_NODE: Electron 40+ bundles Node 24, new
+ * enough for garage's type stripping, but not the version Garage is tested on); else `garage` on
+ * PATH (what the Linux and macOS installers put there).
  */
 export function garageCommand(p: {
   config: TrayConfig
@@ -128,6 +135,7 @@ export function garageCommand(p: {
   isElectron: boolean
   repoBin?: string | null
   repoNode?: string | null
+  bundledNode?: string | null
 }): GarageCommand {
   if (p.config.command != null) {
     const [file, ...args] = p.config.command
@@ -135,8 +143,12 @@ export function garageCommand(p: {
   }
   const bin = p.repoBin === undefined ? repoGarageBin : p.repoBin
   if (bin != null && existsSync(bin)) {
-    const node = p.repoNode === undefined ? repoNode : p.repoNode
-    if (node != null && existsSync(node)) return { file: node, args: [bin], env: {} }
+    const candidates = [
+      p.repoNode === undefined ? repoNode : p.repoNode,
+      p.bundledNode === undefined ? bundledNode : p.bundledNode,
+    ]
+    const node = candidates.find((n) => n != null && existsSync(n))
+    if (node != null) return { file: node, args: [bin], env: {} }
     return { file: p.execPath, args: [bin], env: p.isElectron ? { ELECTRON_RUN_AS_NODE: '1' } : {} }
   }
   return { file: 'garage', args: [], env: {} }

@@ -303,7 +303,7 @@ describe('daemon helpers', () => {
     })
   })
 
-  it('garageCommand: the config, else this checkout (pinned Node, or Electron as Node), else garage on PATH', () => {
+  it('garageCommand: the config, else the bundled code (pinned Node, bundled Node, or Electron as Node), else garage on PATH', () => {
     expect(
       garageCommand({ config: { command: ['/usr/bin/garage', '-x'] }, execPath: '/e', isElectron: true }),
     ).toEqual({ file: '/usr/bin/garage', args: ['-x'], env: {} })
@@ -311,7 +311,22 @@ describe('daemon helpers', () => {
     expect(pinned.file).toMatch(/node_modules\/node\/bin\/node$/)
     expect(pinned.args[0]).toMatch(/bin\/garage\.js$/)
     expect(pinned.env).toEqual({})
-    const electron = garageCommand({ config: {}, execPath: '/e', isElectron: true, repoNode: null })
+    // A packaged app: no node_modules/node, the Node it bundles in resources/node.
+    const packaged = garageCommand({
+      config: {},
+      execPath: '/e',
+      isElectron: true,
+      repoNode: null,
+      bundledNode: process.execPath,
+    })
+    expect(packaged).toMatchObject({ file: process.execPath, env: {} })
+    const electron = garageCommand({
+      config: {},
+      execPath: '/e',
+      isElectron: true,
+      repoNode: null,
+      bundledNode: null,
+    })
     expect(electron.file).toBe('/e')
     expect(electron.env).toEqual({ ELECTRON_RUN_AS_NODE: '1' })
     expect(garageCommand({ config: {}, execPath: '/e', isElectron: true, repoBin: null })).toEqual({
