@@ -19,8 +19,35 @@ export function machine(): Record<string, unknown> {
   }
 }
 
+/** Which benchmark of the run is going, so every progress line says where the run stands. */
+let stage: { label: string; startedMs: number; runStartedMs: number } | null = null
+let lastProgressMs = 0
+
+export function setProgressStage(
+  next: { label: string; startedMs: number; runStartedMs: number } | null,
+): void {
+  stage = next
+}
+
+/** Milliseconds since the last progress line: the runner prints a heartbeat when a bench is quiet. */
+export function msSinceProgress(): number {
+  return performance.now() - lastProgressMs
+}
+
+export function formatDuration(ms: number): string {
+  const seconds = Math.round(ms / 1000)
+  if (ms < 60_000) return `${(ms / 1000).toFixed(1)}s`
+  if (seconds < 3600) return `${Math.floor(seconds / 60)}m${String(seconds % 60).padStart(2, '0')}s`
+  return `${Math.floor(seconds / 3600)}h${String(Math.floor((seconds % 3600) / 60)).padStart(2, '0')}m`
+}
+
 export function progress(text: string): void {
-  process.stderr.write(`[bench] ${text}\n`)
+  lastProgressMs = performance.now()
+  const where =
+    stage == null
+      ? 'bench'
+      : `bench ${stage.label} · ${formatDuration(lastProgressMs - stage.startedMs)} · total ${formatDuration(lastProgressMs - stage.runStartedMs)}`
+  process.stderr.write(`[${where}] ${text}\n`)
 }
 
 export async function writeResult(name: string, result: Record<string, unknown>): Promise<string> {
