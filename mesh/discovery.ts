@@ -262,7 +262,8 @@ export class RegionDiscovery extends TypedEventEmitter<RegionDiscoveryEvents> {
           await this.choose({ signal })
           return
         } catch {
-          await waitMs(delay, signal)
+          // Jittered: a head restart must not send a whole region back to the DHT in lockstep.
+          await waitMs(delay * (0.5 + Math.random() / 2), signal)
           delay = Math.min(delay * 2, this.init.rediscoverMaxDelayMs)
         }
       }
