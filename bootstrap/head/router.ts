@@ -34,6 +34,12 @@ export const minMeasuredDecodeMs = 5
 /** Scores this close (relative) count as equal, so load signals decide. */
 const scoreTieTolerance = 0.01
 
+/**
+ * A measurement marks the pool's median stale; it is re-sorted at most this often (it moves slowly,
+ * and re-sorting a large pool after every finished request made pick() O(n log n)).
+ */
+export const medianRefreshMs = 1_000
+
 export class UnknownNodeError extends Error {
   override name = 'UnknownNodeError'
 }
@@ -129,6 +135,8 @@ interface Pool {
   /** Median measured capacity, recomputed lazily after a measurement or membership change. */
   median: number | null
   medianStale: boolean
+  /** When the median was last computed (the router's clock). */
+  medianAt: number
 }
 
 export class RegionalRouter {
@@ -375,8 +383,12 @@ export class RegionalRouter {
   #capacity(node: NodeRecord, pool: Pool): number {
     if (node.decodeRate != null) return node.decodeRate * node.slots
     if (pool.medianStale) {
-      pool.median = medianCapacity(pool.nodes)
-      pool.medianStale = false
+      const now = this.#now()
+      if (pool.median == null || now - pool.medianAt >= medianRefreshMs) {
+        pool.median = medianCapacity(pool.nodes)
+        pool.medianStale = false
+        pool.medianAt = now
+      }
     }
     // Unmeasured nodes stand in at the pool's median, so a newcomer gets work and gets measured.
     return pool.median ?? 1
@@ -385,7 +397,7 @@ export class RegionalRouter {
   #poolOf(model: string): Pool {
     let pool = this.#pools.get(model)
     if (pool == null) {
-      pool = { nodes: new Set(), median: null, medianStale: true }
+      pool = { nodes: new Set(), median: null, medianStale: true, medianAt: 0 }
       this.#pools.set(model, pool)
     }
     return pool

@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest'
-import { RegionalRouter, type RequestTicket } from '../../bootstrap/head/router.ts'
+import { medianRefreshMs, RegionalRouter, type RequestTicket } from '../../bootstrap/head/router.ts'
 
 /** A seeded PRNG (mulberry32) so every run routes the same way. */
 function seeded(seed: number): () => number {
@@ -294,6 +294,20 @@ describe('RegionalRouter: measured capacity', () => {
     expect(router.pick('m')).toBe('c')
     for (let i = 0; i < 3; i++) router.begin('c') // score 4/100 against 1/30
     expect(router.pick('m', { exclude: new Set(['a', 'b']) })).toBe('new')
+  })
+
+  it('re-sorts the pool median at most once per medianRefreshMs, however many requests finish', () => {
+    const { router, clock } = setup()
+    serving(router, ['a', 'b', 'new'])
+    measure(router, clock, 'a', 10, 1000)
+    measure(router, clock, 'b', 30, 1000)
+    expect(router.capacity('new')).toBeCloseTo(20, 9)
+    // Within the refresh interval a new measurement does not move the median yet...
+    measure(router, clock, 'b', 50, medianRefreshMs / 2)
+    expect(router.capacity('new')).toBeCloseTo(20, 9)
+    // ...once it has passed, the next pick sees it (b's rate is now an EWMA between 30 and 100).
+    clock.t += medianRefreshMs
+    expect(router.capacity('new')).toBeGreaterThan(20)
   })
 
   it('forgets a rate measured on another model', () => {
