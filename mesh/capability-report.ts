@@ -1,6 +1,6 @@
 import type { PeerId, PrivateKey } from '@libp2p/interface'
 import { peerIdFromPrivateKey } from '@libp2p/peer-id'
-import { decodeCanonical, encodeCanonical, isPlainObject } from './cbor.ts'
+import { decodeCanonical, encodeCanonical, isPlainObject, printable } from './cbor.ts'
 import { regionNamePattern } from './certificate.ts'
 import { GarageError } from './errors.ts'
 import type { CapabilityReport, GpuSummary } from './region-messages.ts'
@@ -101,7 +101,7 @@ export function parseCapabilityReport(value: unknown): CapabilityReport {
   if (!isPlainObject(value)) shape('must be a map')
   if (value.v !== capabilityReportFormatVersion) {
     throw new CapabilityReportVersionError(
-      `capability report version ${String(value.v)} is not supported (want ${capabilityReportFormatVersion})`,
+      `capability report version ${printable(value.v)} is not supported (want ${capabilityReportFormatVersion})`,
     )
   }
   checkKeys(value, '', [
@@ -241,7 +241,7 @@ export async function verifyCapabilityReport(
   if (!isPlainObject(env)) shape('envelope must be a map')
   if (env.v !== capabilityReportFormatVersion) {
     throw new CapabilityReportVersionError(
-      `capability report envelope version ${String(env.v)} is not supported (want ${capabilityReportFormatVersion})`,
+      `capability report envelope version ${printable(env.v)} is not supported (want ${capabilityReportFormatVersion})`,
     )
   }
   checkKeys(env, 'envelope.', ['v', 'report', 'sig'])

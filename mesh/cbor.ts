@@ -29,11 +29,24 @@ export function decodeCanonical(bytes: Uint8Array): unknown {
   } catch (err) {
     throw new CborDecodeError(`invalid CBOR: ${(err as Error).message}`)
   }
-  const again = encode(value)
+  let again: Uint8Array
+  try {
+    again = encode(value)
+  } catch (err) {
+    // The decoder takes any depth a 16 KiB message holds; re-encoding thousands of levels runs out of stack.
+    throw new CborDecodeError(`CBOR nests too deeply to check: ${(err as Error).message}`)
+  }
   if (again.byteLength !== bytes.byteLength || !again.every((b, i) => b === bytes[i])) {
     throw new CborDecodeError('CBOR is not in canonical form')
   }
   return value
+}
+
+/** A peer's value in an error message: String() throws on a decoded map with a `toString` key. */
+export function printable(v: unknown): string {
+  if (v instanceof Uint8Array) return 'bytes'
+  if (Array.isArray(v)) return 'a list'
+  return typeof v === 'object' && v !== null ? 'a map' : String(v)
 }
 
 export function isPlainObject(v: unknown): v is Record<string, unknown> {

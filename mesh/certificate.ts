@@ -1,7 +1,7 @@
 import type { PeerId, PrivateKey } from '@libp2p/interface'
 import { peerIdFromPrivateKey, peerIdFromString } from '@libp2p/peer-id'
 import { multiaddr } from '@multiformats/multiaddr'
-import { decodeCanonical, encodeCanonical, isPlainObject } from './cbor.ts'
+import { decodeCanonical, encodeCanonical, isPlainObject, printable } from './cbor.ts'
 
 /**
  * Region certificates: the federation authority's statement that `head` is the regional head of
@@ -187,7 +187,7 @@ export function decodeRegionCertificate(bytes: Uint8Array): RegionCertificate {
   if (!isPlainObject(p)) throw new RegionCertificateMalformedError('certificate payload must be a map')
   if (p.v !== certificateFormatVersion) {
     throw new RegionCertificateVersionError(
-      `certificate format version ${String(p.v)} is not supported (want ${certificateFormatVersion})`,
+      `certificate format version ${printable(p.v)} is not supported (want ${certificateFormatVersion})`,
     )
   }
   const keys = Object.keys(p).sort().join(',')

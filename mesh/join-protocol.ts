@@ -6,7 +6,7 @@ import {
   CapabilityReportStaleError,
   verifyCapabilityReport,
 } from './capability-report.ts'
-import { decodeCanonical, encodeCanonical, isPlainObject } from './cbor.ts'
+import { decodeCanonical, encodeCanonical, isPlainObject, printable } from './cbor.ts'
 import { regionNamePattern } from './certificate.ts'
 import { GarageError } from './errors.ts'
 import type { MeshNode } from './node.ts'
@@ -87,7 +87,7 @@ function intIn(v: unknown, field: string, min: number, max: number): number {
  */
 export function parseAssignment(value: unknown): Assignment {
   if (!isPlainObject(value)) bad('must be a map')
-  if (value.v !== 1) bad(`version ${String(value.v)} is not supported (want 1)`)
+  if (value.v !== 1) bad(`version ${printable(value.v)} is not supported (want 1)`)
   exactKeys(
     value,
     '',

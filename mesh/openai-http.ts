@@ -41,7 +41,7 @@ function readBody(req: IncomingMessage, maxBytes: number): Promise<Buffer> {
       settled = true
       req.off('data', onData)
       req.off('end', onEnd)
-      req.off('error', settle)
+      req.off('error', onError)
       req.off('close', onClose)
       if (err != null) reject(err)
       else resolve(chunks.length === 1 ? chunks[0]! : Buffer.concat(chunks, size))
@@ -61,15 +61,20 @@ function readBody(req: IncomingMessage, maxBytes: number): Promise<Buffer> {
       chunks.push(chunk)
     }
     const onEnd = (): void => settle(null)
-    const onClose = (): void =>
-      settle(Object.assign(new Error('Premature close'), { code: 'ERR_STREAM_PREMATURE_CLOSE' }))
+    // A client that leaves or breaks the HTTP framing mid-body made a bad request: a 400, not a 500.
+    const onError = (err: Error): void => settle(bodyCutOff(err.message))
+    const onClose = (): void => settle(bodyCutOff('the client closed the connection'))
     if (req.readableEnded) return settle(null)
     if (req.destroyed) return onClose()
     req.on('data', onData)
     req.on('end', onEnd)
-    req.on('error', settle)
+    req.on('error', onError)
     req.on('close', onClose)
   })
+}
+
+function bodyCutOff(why: string): ApiError {
+  return new ApiError(400, `the request body ended before it was complete: ${why}`, { code: 'invalid_json' })
 }
 
 /** JSON.parse of UTF-8 bytes; 400 `invalid_json` when they are not JSON. */
@@ -93,7 +98,15 @@ export function upstreamBody(
   prepared: { stream: boolean; clientWantsUsage: boolean; body: unknown },
 ): Uint8Array {
   if ((!prepared.stream || prepared.clientWantsUsage) && isUtf8(bytes)) return bytes
-  return Buffer.from(JSON.stringify(prepared.body))
+  try {
+    return Buffer.from(JSON.stringify(prepared.body))
+  } catch (err) {
+    // JSON.parse takes any depth, JSON.stringify runs out of stack at a few thousand levels.
+    if (!(err instanceof RangeError)) throw err
+    throw new ApiError(400, 'the request body nests too deeply to pass on (thousands of levels of JSON)', {
+      code: 'invalid_value',
+    })
+  }
 }
 
 /** True when the Authorization header is `Bearer <key>`; compares in constant time. */

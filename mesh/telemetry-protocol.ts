@@ -1,6 +1,6 @@
 import type { AbortOptions, Connection, PeerId, Stream } from '@libp2p/interface'
 import { lpStream } from '@libp2p/utils'
-import { decodeCanonical, encodeCanonical, isPlainObject } from './cbor.ts'
+import { decodeCanonical, encodeCanonical, isPlainObject, printable } from './cbor.ts'
 import { type Logger, silentLogger } from './logger.ts'
 import type { MeshNode } from './node.ts'
 import {
@@ -48,7 +48,7 @@ function nonNegative(v: unknown, field: string, max = Number.MAX_VALUE): number 
 /** Checks every field and returns a fresh copy with absent optionals dropped. Throws TelemetryProtocolError. */
 export function parseTelemetryReport(value: unknown): TelemetryReport {
   if (!isPlainObject(value)) bad('must be a map')
-  if (value.v !== 1) bad(`version ${String(value.v)} is not supported (want 1)`)
+  if (value.v !== 1) bad(`version ${printable(value.v)} is not supported (want 1)`)
   const required = [
     'v',
     'seq',

@@ -208,13 +208,22 @@ async function readBody(req: IncomingMessage): Promise<unknown> {
     )
   const chunks: Buffer[] = []
   let size = 0
-  for await (const chunk of req) {
-    size += (chunk as Buffer).byteLength
-    if (size > maxBodyBytes)
-      throw new ControlHttpError('request_too_large', `the body is over the ${maxBodyBytes}-byte limit`, {
-        headers: { connection: 'close' },
-      })
-    chunks.push(chunk as Buffer)
+  try {
+    for await (const chunk of req) {
+      size += (chunk as Buffer).byteLength
+      if (size > maxBodyBytes)
+        throw new ControlHttpError('request_too_large', `the body is over the ${maxBodyBytes}-byte limit`, {
+          headers: { connection: 'close' },
+        })
+      chunks.push(chunk as Buffer)
+    }
+  } catch (err) {
+    if (err instanceof ControlHttpError) throw err
+    // The client left or broke the HTTP framing mid-body: its mistake, not the daemon's.
+    throw new ControlHttpError(
+      'invalid_json',
+      `the body ended before it was complete: ${(err as Error).message}`,
+    )
   }
   const text = Buffer.concat(chunks).toString('utf8')
   if (text.trim() === '') return undefined
@@ -228,8 +237,20 @@ async function readBody(req: IncomingMessage): Promise<unknown> {
 function objectBody(body: unknown, what: string): Record<string, unknown> {
   if (body === undefined) return {}
   if (body == null || typeof body !== 'object' || Array.isArray(body))
-    throw new ControlHttpError('invalid_json', `${what} takes a JSON object, not ${JSON.stringify(body)}`)
+    throw new ControlHttpError('invalid_json', `${what} takes a JSON object, not ${printJson(body)}`)
   return body as Record<string, unknown>
+}
+
+/** A parsed body in a message, cut short; JSON.stringify runs out of stack on deep nesting. */
+function printJson(value: unknown): string {
+  let text: string | undefined
+  try {
+    text = JSON.stringify(value)
+  } catch {
+    return 'JSON nested thousands of levels deep'
+  }
+  if (text === undefined) return String(value)
+  return text.length > 60 ? `${text.slice(0, 57)}...` : text
 }
 
 /** `{ minutes }`, `{ until }` or `{}` → what ControlTarget.pause takes. */
@@ -251,7 +272,7 @@ export function parsePauseRequest(body: unknown, now = new Date()): { minutes?: 
     if (typeof m !== 'number' || !Number.isFinite(m) || m <= 0 || m > maxPauseMinutes)
       throw new ControlHttpError(
         'invalid_field',
-        `minutes must be a number above 0 and at most ${maxPauseMinutes} (a week), not ${JSON.stringify(m)}`,
+        `minutes must be a number above 0 and at most ${maxPauseMinutes} (a week), not ${printJson(m)}`,
         { field: 'minutes' },
       )
     return { minutes: m }
@@ -262,7 +283,7 @@ export function parsePauseRequest(body: unknown, now = new Date()): { minutes?: 
     if (at == null || Number.isNaN(at.getTime()) || !/^\d{4}-\d{2}-\d{2}T/.test(u as string))
       throw new ControlHttpError(
         'invalid_field',
-        `until must be an ISO 8601 time like 2026-11-24T18:00:00Z, not ${JSON.stringify(u)}`,
+        `until must be an ISO 8601 time like 2026-11-24T18:00:00Z, not ${printJson(u)}`,
         { field: 'until' },
       )
     if (at.getTime() <= now.getTime())
@@ -290,10 +311,19 @@ export function parseIdleRequest(body: unknown): number {
   if (typeof s !== 'number' || !Number.isFinite(s) || s < 0 || s > maxIdleSeconds)
     throw new ControlHttpError(
       'invalid_field',
-      `seconds must be a number from 0 to ${maxIdleSeconds}, not ${JSON.stringify(s)}`,
+      `seconds must be a number from 0 to ${maxIdleSeconds}, not ${printJson(s)}`,
       { field: 'seconds' },
     )
   return s
+}
+
+/** The request target as a URL; some targets Node accepts are none (`//`, `//[`): no such endpoint. */
+function requestUrl(target: string | undefined): URL {
+  try {
+    return new URL(target ?? '/', 'http://control.invalid')
+  } catch {
+    throw new ControlHttpError('not_found', `no such endpoint: ${JSON.stringify(target)}`)
+  }
 }
 
 function parseLogLines(url: URL): number {
@@ -480,7 +510,7 @@ export async function startControlServer(
         'host_not_allowed',
         `Host ${JSON.stringify(req.headers.host ?? '')} is not loopback`,
       )
-    const url = new URL(req.url ?? '/', 'http://control.invalid')
+    const url = requestUrl(req.url)
     const file = dashboard.get(url.pathname)
     if (file != null) {
       if (req.method !== 'GET' && req.method !== 'HEAD')

@@ -76,7 +76,13 @@ export class SettingsFileInvalidError extends GarageError {}
 const dayNames = ['sun', 'mon', 'tue', 'wed', 'thu', 'fri', 'sat'] as const
 
 function show(value: unknown): string {
-  const text = JSON.stringify(value)
+  let text: string | undefined
+  try {
+    text = JSON.stringify(value)
+  } catch {
+    // JSON.parse takes any depth; JSON.stringify runs out of stack a few thousand levels down.
+    text = Array.isArray(value) ? '[[[...]]]' : '{...}'
+  }
   return text === undefined ? String(value) : text.length > 60 ? `${text.slice(0, 57)}...` : text
 }
 
