@@ -361,7 +361,7 @@ export async function startRegionalHead(options: RegionalHeadOptions): Promise<R
         if (response.status >= 500) router.failure(peer)
         retries.inc({ reason: `status_${response.status}` })
         lastError = new ApiError(
-          response.status === 429 ? 429 : 503,
+          response.status === 429 ? 429 : 502,
           `node ${peer} answered ${response.status}`,
           {
             code: response.status === 429 ? 'region_overloaded' : 'node_failed',
