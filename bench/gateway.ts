@@ -1,87 +1,18 @@
-import { type ChildProcess, spawn } from 'node:child_process'
-import { mkdtemp, rm, writeFile } from 'node:fs/promises'
-import { createServer } from 'node:net'
-import { tmpdir } from 'node:os'
-import { join } from 'node:path'
-import { execa } from 'execa'
 import { type BenchCluster, closeClient, latencyBatch, startBenchCluster, type Target } from './cluster.ts'
+import { type Nginx, startNginx, startNginxChain } from './nginx.ts'
 import { percentile, progress, table, writeResult } from './report.ts'
 
 /**
  * The whole public path (client → federation → head → node → engine, each a `garage` process)
  * against the same one-token requests sent straight to an identical engine, side by side in one run;
- * and, where nginx is installed, one plain nginx proxy hop in front of that engine for scale.
+ * and, where nginx is installed, one plain nginx proxy hop in front of that engine, and a chain of
+ * three (as many hops as federation → head → node), for scale.
  */
 const concurrencies = [1, 32]
 const rounds = 10
 const perWorker = 6
-
-async function freePort(): Promise<number> {
-  const server = createServer()
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
-  const port = (server.address() as { port: number }).port
-  await new Promise<void>((resolve) => server.close(() => resolve()))
-  return port
-}
-
-/** nginx as a plain reverse proxy in front of `upstream`, or null when nginx is not installed. */
-async function startNginx(upstream: string): Promise<{ url: string; stop(): Promise<void> } | null> {
-  const found = await execa('nginx', ['-v'], { reject: false })
-  if (found.exitCode !== 0) return null
-  const dir = await mkdtemp(join(tmpdir(), 'garage-bench-nginx-'))
-  const port = await freePort()
-  const upstreamHost = new URL(upstream).host
-  await writeFile(
-    join(dir, 'nginx.conf'),
-    `worker_processes 1;
-daemon off;
-pid ${dir}/nginx.pid;
-error_log ${dir}/error.log warn;
-events { worker_connections 1024; }
-http {
-  access_log off;
-  client_body_temp_path ${dir};
-  proxy_temp_path ${dir};
-  fastcgi_temp_path ${dir};
-  uwsgi_temp_path ${dir};
-  scgi_temp_path ${dir};
-  upstream engine { server ${upstreamHost}; keepalive 64; }
-  server {
-    listen 127.0.0.1:${port};
-    location / {
-      proxy_pass http://engine;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_buffering off;
-    }
-  }
-}
-`,
-  )
-  const child: ChildProcess = spawn('nginx', ['-c', join(dir, 'nginx.conf'), '-p', dir], { stdio: 'ignore' })
-  const url = `http://127.0.0.1:${port}`
-  const deadline = Date.now() + 10_000
-  for (;;) {
-    const ok = await fetch(`${url}/health`).then(
-      () => true,
-      () => false,
-    )
-    if (ok) break
-    if (Date.now() > deadline) throw new Error('nginx did not start')
-    await new Promise((r) => setTimeout(r, 100))
-  }
-  return {
-    url,
-    async stop() {
-      await new Promise<void>((resolve) => {
-        if (child.exitCode != null) return resolve()
-        child.once('exit', () => resolve())
-        child.kill('SIGTERM')
-      })
-      await rm(dir, { recursive: true, force: true })
-    },
-  }
-}
+/** federation → head → node: the hops an nginx chain must have to compare like with like. */
+const chainHops = 3
 
 interface Side {
   name: string
@@ -92,21 +23,29 @@ interface Side {
 
 export async function run(): Promise<Record<string, unknown>> {
   let cluster: BenchCluster | undefined
-  let nginx: Awaited<ReturnType<typeof startNginx>> = null
+  let nginx: Nginx | null = null
+  let chain: Nginx | null = null
   try {
     cluster = await startBenchCluster({ parallel: 32, contextLength: 256, federation: true })
     nginx = await startNginx(cluster.direct.url)
+    chain = nginx != null ? await startNginxChain(cluster.direct.url, chainHops) : null
     progress(
       nginx != null ? 'nginx found: measuring one plain proxy hop too' : 'nginx not installed: no nginx row',
     )
     const sides: Side[] = [
       { name: 'direct', target: cluster.direct, latencies: new Map(), rps: new Map() },
       { name: 'federation', target: cluster.federation!, latencies: new Map(), rps: new Map() },
-      ...(nginx != null
+      ...(nginx != null && chain != null
         ? [
             {
               name: 'nginx',
               target: { url: nginx.url, key: cluster.direct.key },
+              latencies: new Map(),
+              rps: new Map(),
+            },
+            {
+              name: 'nginx chain',
+              target: { url: chain.url, key: cluster.direct.key },
               latencies: new Map(),
               rps: new Map(),
             },
@@ -130,6 +69,7 @@ export async function run(): Promise<Record<string, unknown>> {
     }
     const [direct, federation] = sides as [Side, Side, Side?]
     const nginxSide = sides[2]
+    const chainSide = sides[3]
     const rows = concurrencies.map((c) => {
       const d = direct.latencies.get(c)!
       const f = federation.latencies.get(c)!
@@ -150,6 +90,15 @@ export async function run(): Promise<Record<string, unknown>> {
         const n = nginxSide.latencies.get(c)!
         row.nginx_p50_ms = Number(percentile(n, 50).toFixed(2))
         row.nginx_added_p50_ms = Number((row.nginx_p50_ms - row.direct_p50_ms!).toFixed(2))
+      }
+      if (chainSide != null) {
+        const n = chainSide.latencies.get(c)!
+        row.nginx_chain_hops = chainHops
+        row.nginx_chain_p50_ms = Number(percentile(n, 50).toFixed(2))
+        row.nginx_chain_p99_ms = Number(percentile(n, 99).toFixed(2))
+        row.nginx_chain_added_p50_ms = Number((row.nginx_chain_p50_ms - row.direct_p50_ms!).toFixed(2))
+        row.nginx_chain_added_p99_ms = Number((row.nginx_chain_p99_ms - row.direct_p99_ms!).toFixed(2))
+        row.nginx_chain_rps = Math.round(percentile(chainSide.rps.get(c)!, 50))
       }
       return row
     })
@@ -192,6 +141,15 @@ export async function run(): Promise<Record<string, unknown>> {
               ...(r.nginx_added_p50_ms != null
                 ? [[`c=${r.concurrency} nginx added p50 ms (one hop)`, String(r.nginx_added_p50_ms), '']]
                 : []),
+              ...(r.nginx_chain_added_p50_ms != null
+                ? [
+                    [
+                      `c=${r.concurrency} nginx added p50 / p99 ms (${chainHops} hops)`,
+                      `${r.nginx_chain_added_p50_ms} / ${r.nginx_chain_added_p99_ms}`,
+                      '',
+                    ],
+                  ]
+                : []),
             ] as Array<[string, string, string]>,
         ),
       )}\n${goalMet ? 'goal met' : 'GOAL MISSED'}; written to ${path}\n`,
@@ -200,6 +158,7 @@ export async function run(): Promise<Record<string, unknown>> {
   } finally {
     closeClient()
     await nginx?.stop()
+    await chain?.stop()
     await cluster?.stop()
   }
 }

@@ -7,14 +7,18 @@ import {
   type Target,
   tinyModel,
 } from './cluster.ts'
+import { type Nginx, startNginxChain } from './nginx.ts'
 import { percentile, progress, table, writeResult } from './report.ts'
 
 /**
  * What the mesh hop costs: the same requests sent straight to an engine and through the regional
  * head (client → head HTTP → libp2p /garage/infer/1.0.0 → node daemon → engine), side by side in
  * one run. Latency with max_tokens 1 (the engine's work is minimal), then streamed throughput with
- * long answers. The head and the node are `garage` processes, as on real machines.
+ * long answers. The head and the node are `garage` processes, as on real machines. Where nginx is
+ * installed, two nginx proxies in a row (as many hops as head and node) measure what a plain proxy
+ * hop costs on this machine in the same run.
  */
+const chainHops = 2
 const latencyConcurrencies = [1, 16]
 const latencyRounds = 12
 const requestsPerWorker = 8
@@ -49,10 +53,17 @@ function median(xs: number[]): number {
 
 export async function run(): Promise<Record<string, unknown>> {
   let cluster: BenchCluster | undefined
+  let chain: Nginx | null = null
   try {
     cluster = await startBenchCluster({ parallel: 16, contextLength: 512, federation: false })
     const directTarget = cluster.direct
     const viaHead = cluster.head
+    chain = await startNginxChain(cluster.direct.url, chainHops)
+    progress(
+      chain != null ? `nginx found: measuring ${chainHops} plain proxy hops too` : 'nginx not installed',
+    )
+    const viaNginx: Target | null = chain != null ? { url: chain.url, key: cluster.direct.key } : null
+    if (viaNginx != null) await latencyBatch(viaNginx, 4, -1)
     // Warm both paths: connections, the engine's buffers, the router's view of the node.
     await latencyBatch(directTarget, 4, -1)
     await latencyBatch(viaHead, 4, -1)
@@ -61,14 +72,17 @@ export async function run(): Promise<Record<string, unknown>> {
     for (const c of latencyConcurrencies) {
       const d: number[] = []
       const h: number[] = []
+      const n: number[] = []
+      const sides: Array<[Target, number[]]> = [
+        [directTarget, d],
+        [viaHead, h],
+        ...(viaNginx != null ? [[viaNginx, n] as [Target, number[]]] : []),
+      ]
       for (let r = 0; r < latencyRounds; r++) {
-        // alternate the order so drift on a noisy machine hits both sides alike
-        if (r % 2 === 0) {
-          d.push(...(await latencyBatch(directTarget, c, r)))
-          h.push(...(await latencyBatch(viaHead, c, r)))
-        } else {
-          h.push(...(await latencyBatch(viaHead, c, r)))
-          d.push(...(await latencyBatch(directTarget, c, r)))
+        // rotate the order so drift on a noisy machine hits every side alike
+        for (let i = 0; i < sides.length; i++) {
+          const [target, into] = sides[(i + r) % sides.length]!
+          into.push(...(await latencyBatch(target, c, r)))
         }
       }
       const row = {
@@ -83,6 +97,17 @@ export async function run(): Promise<Record<string, unknown>> {
       }
       row.added_p50_ms = Number((row.via_head_p50_ms - row.direct_p50_ms).toFixed(2))
       row.added_p99_ms = Number((row.via_head_p99_ms - row.direct_p99_ms).toFixed(2))
+      if (n.length > 0) {
+        const p50 = percentile(n, 50)
+        const p99 = percentile(n, 99)
+        Object.assign(row, {
+          nginx_chain_hops: chainHops,
+          nginx_chain_p50_ms: Number(p50.toFixed(2)),
+          nginx_chain_p99_ms: Number(p99.toFixed(2)),
+          nginx_chain_added_p50_ms: Number((p50 - row.direct_p50_ms).toFixed(2)),
+          nginx_chain_added_p99_ms: Number((p99 - row.direct_p99_ms).toFixed(2)),
+        })
+      }
       rows.push(row)
       progress(`concurrency ${c}: added p50 ${row.added_p50_ms} ms, p99 ${row.added_p99_ms} ms`)
     }
@@ -130,6 +155,15 @@ export async function run(): Promise<Record<string, unknown>> {
                 `${r.added_p50_ms} / ${r.added_p99_ms}`,
                 r.concurrency === 16 ? '<= 1 / <= 5' : '',
               ],
+              ...(r.nginx_chain_added_p50_ms != null
+                ? [
+                    [
+                      `c=${r.concurrency} nginx added p50 / p99 ms (${chainHops} hops)`,
+                      `${r.nginx_chain_added_p50_ms} / ${r.nginx_chain_added_p99_ms}`,
+                      '',
+                    ],
+                  ]
+                : []),
             ] as Array<[string, string, string]>,
         ),
         ['stream_tokens_per_s_ratio', String(streamRatio), '>= 0.95'],
@@ -138,6 +172,7 @@ export async function run(): Promise<Record<string, unknown>> {
     return result
   } finally {
     closeClient()
+    await chain?.stop()
     await cluster?.stop()
   }
 }

@@ -13,9 +13,9 @@ const descriptions: Record<string, string> = {
   engine:
     'The embedded engine over HTTP (its own process) against node-llama-cpp in-process, same model and threads.',
   'mesh-proxy':
-    'One-token completions straight to an engine against client → head → libp2p → node → engine; then streamed tokens/s.',
+    'One-token completions straight to an engine against client → head → libp2p → node → engine, beside two nginx hops in a row; then streamed tokens/s.',
   gateway:
-    'One-token completions straight to an engine against federation → head → node → engine (each a process), beside one nginx hop.',
+    'One-token completions straight to an engine against federation → head → node → engine (each a process), beside one nginx hop and three in a row.',
   footprint:
     'An idle joined `garage node` (engine excluded), and the time from a game starting to the model released.',
   scale:
@@ -218,6 +218,23 @@ export const sideBySide: readonly SideBySide[] = [
       baseline: { name: 'direct', metric: `results[concurrency=${c}].direct_p50_ms` },
       measured: { name: 'nginx', metric: `results[concurrency=${c}].nginx_p50_ms` },
     }),
+  ),
+  // Like with like: Garage's path against as many plain nginx hops as it has, in the same run.
+  ...(
+    [
+      ['mesh-proxy', 'latency', 16, 'via head', 2],
+      ['gateway', 'results', 32, 'federation', 3],
+    ] as const
+  ).flatMap(([bench, rows, c, name, hops]) =>
+    (['p50', 'p99'] as const).map(
+      (p): SideBySide => ({
+        bench,
+        label: `c=${c} added ${p}, ms: ${hops} plain nginx hops vs Garage's ${hops} hops`,
+        kind: 'cost',
+        baseline: { name: `nginx ×${hops}`, metric: `${rows}[concurrency=${c}].nginx_chain_added_${p}_ms` },
+        measured: { name, metric: `${rows}[concurrency=${c}].added_${p}_ms` },
+      }),
+    ),
   ),
   ...(['hops', 'messages'] as const).map(
     (figure): SideBySide => ({
