@@ -127,10 +127,11 @@ export class FederationRouter {
   /** The region for a new request of `model`, or null when none can take it. */
   pick(model: string, options: RegionPickOptions = {}): string | null {
     const now = this.#now()
+    const standIn = this.#perSlotStandIn(model)
     const candidates: Array<{ record: RegionRecord; load: number }> = []
     let best = Number.POSITIVE_INFINITY
     for (const record of this.#regions.values()) {
-      const load = this.#eligibleLoad(record, model, options.exclude, now)
+      const load = this.#eligibleLoad(record, model, options.exclude, now, standIn)
       if (load == null) continue
       if (record.region === options.prefer) return record.region
       candidates.push({ record, load })
@@ -213,7 +214,7 @@ export class FederationRouter {
     const record = this.#regions.get(region)
     const m = record?.models.get(model)
     if (record == null || m == null || m.nodes <= 0) return null
-    return loadOf(m, record.outstanding)
+    return loadOf(m, record.outstanding, this.#perSlotStandIn(model))
   }
 
   /** Every region, for /metrics and /health. */
@@ -232,7 +233,11 @@ export class FederationRouter {
         consecutiveFailures: record.consecutiveFailures,
         openUntil: record.openUntil,
         models: [...record.models]
-          .map(([model, m]) => ({ model, ...m, load: loadOf(m, record.outstanding) }))
+          .map(([model, m]) => ({
+            model,
+            ...m,
+            load: loadOf(m, record.outstanding, this.#perSlotStandIn(model)),
+          }))
           .sort((a, b) => compareStrings(a.model, b.model)),
       })
     }
@@ -244,13 +249,28 @@ export class FederationRouter {
     model: string,
     exclude: ReadonlySet<string> | undefined,
     now: number,
+    standIn: number,
   ): number | null {
     if (!record.reachable || exclude?.has(record.region)) return null
     const m = record.models.get(model)
     if (m == null || !(m.nodes > 0)) return null
     const breaker = this.#breaker(record, now)
     if (breaker === 'open' || (breaker === 'half-open' && record.trial != null)) return null
-    return loadOf(m, record.outstanding)
+    return loadOf(m, record.outstanding, standIn)
+  }
+
+  /** Median measured capacity per slot of `model` across regions; 1 when no region has measured it. */
+  #perSlotStandIn(model: string): number {
+    const perSlot: number[] = []
+    for (const record of this.#regions.values()) {
+      const m = record.models.get(model)
+      if (m != null && m.capacityTokensPerSecond > 0 && m.slots > 0)
+        perSlot.push(m.capacityTokensPerSecond / m.slots)
+    }
+    if (perSlot.length === 0) return 1
+    perSlot.sort((a, b) => a - b)
+    const mid = perSlot.length >> 1
+    return perSlot.length % 2 === 1 ? perSlot[mid]! : (perSlot[mid - 1]! + perSlot[mid]!) / 2
   }
 
   #breaker(record: RegionRecord, now: number): BreakerState {
@@ -266,8 +286,14 @@ export class FederationRouter {
   }
 }
 
-function loadOf(m: RegionModelLoad, outstanding: number): number {
-  const capacity = m.capacityTokensPerSecond > 0 ? m.capacityTokensPerSecond : m.slots > 0 ? m.slots : 1
+/**
+ * `perSlotStandIn`: the capacity per slot a region whose head has measured no node yet counts at (the
+ * median of the measured regions'). Counting it at 1 tok/s made a restarted region look ~100x busier
+ * than measured ones, so it was never picked, never measured, and starved.
+ */
+function loadOf(m: RegionModelLoad, outstanding: number, perSlotStandIn: number): number {
+  const slots = m.slots > 0 ? m.slots : 1
+  const capacity = m.capacityTokensPerSecond > 0 ? m.capacityTokensPerSecond : perSlotStandIn * slots
   return (m.inflight + outstanding + 1) / capacity
 }
 

@@ -436,7 +436,11 @@ export async function startRegionalHead(options: RegionalHeadOptions): Promise<R
           garage: {
             region,
             nodes: m.nodes,
-            capacityTokensPerSecond: Math.round(serving.reduce((sum, n) => sum + n.capacity, 0) * 10) / 10,
+            // 0 until the head has measured a node: the federation then counts the region at other
+            // regions' measured rate rather than at this pool's 1 tok/s stand-in.
+            capacityTokensPerSecond: serving.some((n) => n.measured)
+              ? Math.round(serving.reduce((sum, n) => sum + n.capacity, 0) * 10) / 10
+              : 0,
             inflight: serving.reduce((sum, n) => sum + n.inflight, 0),
             slots: serving.reduce((sum, n) => sum + n.slots, 0),
           },

@@ -57,6 +57,20 @@ function tally(router: FederationRouter, model: string, n: number): Record<strin
 }
 
 describe('FederationRouter: which regions may be picked', () => {
+  it("counts a region whose head has measured no node yet at the others' rate per slot, so it is not starved", () => {
+    const { router } = setup()
+    // A restarted head reports capacity 0 until it measures a node; the other region is measured.
+    router.update(status('measured', { m: load({ capacityTokensPerSecond: 400, slots: 4, inflight: 2 }) }))
+    router.update(status('restarted', { m: load({ capacityTokensPerSecond: 0, slots: 4, inflight: 0 }) }))
+    // At 100 tok/s per slot the restarted region's 4 idle slots weigh as much as the measured region's.
+    expect(router.load('restarted', 'm')).toBeCloseTo(1 / 400, 9)
+    expect(router.pick('m')).toBe('restarted')
+    // With no region measured at all, 1 per slot for everyone: the idle one still wins.
+    router.update(status('measured', { m: load({ capacityTokensPerSecond: 0, slots: 4, inflight: 2 }) }))
+    expect(router.load('restarted', 'm')).toBeCloseTo(1 / 4, 9)
+    expect(router.pick('m')).toBe('restarted')
+  })
+
   it('picks only reachable regions that serve the model with at least one node', () => {
     const { router } = setup()
     router.update(status('down', { m: load() }, { reachable: false }))

@@ -168,9 +168,9 @@ describe('RegionDirectory against real heads', () => {
     expect(eu.rttMs).toBeGreaterThanOrEqual(0)
     expect(eu.updatedAt).toBeGreaterThan(0)
     expect(eu.expiresAt).toBeGreaterThan(Date.now() + 29 * day)
-    // One node on the tiny model, unmeasured (the head's stand-in capacity is 1), 2 parallel slots.
+    // One node on the tiny model, unmeasured (capacity 0 until the head has measured it), 2 slots.
     expect(Object.fromEntries(eu.models)).toEqual({
-      [tinyModel]: { nodes: 1, capacityTokensPerSecond: 1, inflight: 0, slots: 2 },
+      [tinyModel]: { nodes: 1, capacityTokensPerSecond: 0, inflight: 0, slots: 2 },
     })
     expect(us.head).toBe(bootstraps['us-east']!.peerId.toString())
     expect([...us.models.keys()].sort()).toEqual([otherModel, tinyModel])
