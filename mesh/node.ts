@@ -350,5 +350,50 @@ export async function createMeshNode(options: MeshNodeOptions): Promise<MeshNode
   for (const b of bootstrap) {
     node.dial(b.addr, { signal: AbortSignal.timeout(limits.dialTimeoutMs) }).catch(() => {})
   }
+  backOffEmptyWalks(node.peerRouting)
   return node
+}
+
+/** The first and longest pause before a closest-peers query that follows one that found nobody. */
+export const emptyWalkBackoffMs = { min: 1_000, max: 30_000 } as const
+
+/**
+ * libp2p's random walk (which the relay transport runs to find relays for `/p2p-circuit`) asks for
+ * closest peers in a loop with no pause: with every known peer unreachable (the head's region is
+ * down) each query ends at once and a node spun at 50-75% of a core. A query that found nobody is
+ * followed by a pause, doubling to `emptyWalkBackoffMs.max`, reset by one that finds a peer. Reaches
+ * into the component libp2p's random walk calls (`node.peerRouting` is that same object); if it is
+ * renamed, the stock behaviour stays.
+ */
+export function backOffEmptyWalks(peerRouting: Libp2p['peerRouting']): void {
+  const original = peerRouting.getClosestPeers.bind(peerRouting)
+  let pauseMs = 0
+  peerRouting.getClosestPeers = async function* (key, options) {
+    if (pauseMs > 0) await waitOrAbort(pauseMs, options?.signal)
+    let found = false
+    try {
+      for await (const peer of original(key, options)) {
+        found = true
+        yield peer
+      }
+    } finally {
+      pauseMs = found ? 0 : Math.min(Math.max(pauseMs * 2, emptyWalkBackoffMs.min), emptyWalkBackoffMs.max)
+    }
+  }
+}
+
+function waitOrAbort(ms: number, signal: AbortSignal | undefined): Promise<void> {
+  return new Promise((resolve, reject) => {
+    if (signal?.aborted) return reject(signal.reason)
+    const timer = setTimeout(done, ms)
+    function done(): void {
+      signal?.removeEventListener('abort', aborted)
+      resolve()
+    }
+    function aborted(): void {
+      clearTimeout(timer)
+      reject(signal?.reason)
+    }
+    signal?.addEventListener('abort', aborted, { once: true })
+  })
 }
