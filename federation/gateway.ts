@@ -213,6 +213,15 @@ export async function startFederation(options: FederationOptions): Promise<Feder
     const model = prepared.model
     // What modelsUnion() lists, without building it.
     if (!directory.regions().some((r) => r.reachable && (r.models.get(model)?.nodes ?? 0) > 0)) {
+      // A gateway that just (re)started has not heard from the regions yet: "try again", not "no such model".
+      if (!directory.warm)
+        throw federationError(
+          'no_capacity',
+          'the gateway is starting and has not heard from the regions yet; retry shortly',
+          {
+            headers: { 'retry-after': '1' },
+          },
+        )
       throw federationError('model_not_found', `no region serves the model ${JSON.stringify(model)} now`, {
         param: 'model',
       })

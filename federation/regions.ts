@@ -218,6 +218,7 @@ export class RegionDirectory extends TypedEventEmitter<RegionDirectoryEvents> {
   readonly #node: MeshNode
   readonly #discovery: RegionDiscovery
   readonly #refreshIntervalMs: number
+  #warm = false
   readonly #discoveryIntervalMs: number
   readonly #statusTimeoutMs: number
   readonly #now: () => number
@@ -293,6 +294,12 @@ export class RegionDirectory extends TypedEventEmitter<RegionDirectoryEvents> {
     // stop() came meanwhile: no status round may start after it.
     if (lifetime?.aborted === true) return
     await untilAborted(this.#statusRound.run(), signal)
+    if (options.discover !== false) this.#warm = true
+  }
+
+  /** True once a first round (discovery and status) has finished: before it, no model is known yet. */
+  get warm(): boolean {
+    return this.#warm
   }
 
   /** Every region, sorted by name. */

@@ -156,9 +156,13 @@ describe('RegionDirectory against real heads', () => {
     const updated = (region: string): Promise<RegionStatus> =>
       waitForEvent<RegionStatus>(directory, 'region:updated', (s) => s.region === region, 20_000)
     const both = Promise.all([updated('eu-north'), updated('us-east')])
+    // Before its first round the directory knows nothing: the gateway answers "retry", not "no such model".
+    expect(directory.warm).toBe(false)
     directory.start()
     directory.start()
     const [eu, us] = await both
+    await directory.refresh()
+    expect(directory.warm).toBe(true)
     expect(eu).toMatchObject({
       region: 'eu-north',
       head: bootstraps['eu-north']!.peerId.toString(),
