@@ -25,6 +25,7 @@ import {
   benchSlots,
   benchTelemetry,
 } from './region-fixture.ts'
+import { TimeHeap } from './time-heap.ts'
 
 /** A request's length on a node: log-normal, median 6 s, mean about 10 s (a chat answer of a few hundred tokens). */
 function requestMs(rng: () => number): number {
@@ -39,52 +40,6 @@ function decodeRate(rng: () => number): number {
   const u = Math.max(rng(), 1e-12)
   const z = Math.sqrt(-2 * Math.log(u)) * Math.cos(2 * Math.PI * rng())
   return 30 * Math.exp(0.4 * z)
-}
-
-/** A min-heap of open requests by the time they end. */
-class Ending<T> {
-  readonly #items: Array<{ at: number; value: T }> = []
-
-  get size(): number {
-    return this.#items.length
-  }
-
-  peek(): number {
-    return this.#items[0]?.at ?? Number.POSITIVE_INFINITY
-  }
-
-  push(at: number, value: T): void {
-    const a = this.#items
-    const item = { at, value }
-    a.push(item)
-    let i = a.length - 1
-    while (i > 0) {
-      const up = (i - 1) >> 1
-      if (a[up]!.at <= at) break
-      a[i] = a[up]!
-      i = up
-    }
-    a[i] = item
-  }
-
-  pop(): T | undefined {
-    const a = this.#items
-    const top = a[0]
-    const last = a.pop()
-    if (top == null || last == null || a.length === 0) return top?.value
-    let i = 0
-    for (;;) {
-      const l = 2 * i + 1
-      if (l >= a.length) break
-      const r = l + 1
-      const c = r < a.length && a[r]!.at < a[l]!.at ? r : l
-      if (a[c]!.at >= last.at) break
-      a[i] = a[c]!
-      i = c
-    }
-    a[i] = last
-    return top.value
-  }
 }
 
 export interface PickCost {
@@ -135,7 +90,7 @@ export function regionalRouterPickCost(options: {
     router.success(ids[i]!)
   }
   now = 0
-  const open = new Ending<{ ticket: RequestTicket; node: number; startedAt: number }>()
+  const open = new TimeHeap<{ ticket: RequestTicket; node: number; startedAt: number }>()
   const start = (node: number, at: number, length: number): void => {
     const ticket = router.begin(ids[node]!)
     ticket.firstByte()
@@ -238,7 +193,7 @@ export function federationRouterPickCost(options: {
   const stepMs = 1000 / rate
   const updatesPerStep = (options.regions * stepMs) / 3_000
   let updatesDue = 0
-  const open = new Ending<RegionTicket>()
+  const open = new TimeHeap<RegionTicket>()
   const samples: number[] = []
   const picks = options.picks ?? 20_000
   for (let i = 0; i < picks; i++) {

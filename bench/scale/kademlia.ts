@@ -24,6 +24,8 @@
  * comparison with the theory; kad-dht does not use it.
  */
 
+import { TimeHeap } from './time-heap.ts'
+
 /** Parameters of the DHT being modelled. */
 export interface KadParams {
   table: 'trie' | 'classic'
@@ -395,47 +397,6 @@ interface Pending {
   job: Job
 }
 
-/** A min-heap of pending answers by arrival time. */
-class Timeline {
-  readonly #items: Pending[] = []
-
-  get size(): number {
-    return this.#items.length
-  }
-
-  push(p: Pending): void {
-    const a = this.#items
-    a.push(p)
-    let i = a.length - 1
-    while (i > 0) {
-      const up = (i - 1) >> 1
-      if (a[up]!.at <= p.at) break
-      a[i] = a[up]!
-      i = up
-    }
-    a[i] = p
-  }
-
-  pop(): Pending | undefined {
-    const a = this.#items
-    const top = a[0]
-    const last = a.pop()
-    if (top == null || last == null || a.length === 0) return top
-    let i = 0
-    for (;;) {
-      const l = 2 * i + 1
-      if (l >= a.length) break
-      const r = l + 1
-      const c = r < a.length && a[r]!.at < a[l]!.at ? r : l
-      if (a[c]!.at >= last.at) break
-      a[i] = a[c]!
-      i = c
-    }
-    a[i] = last
-    return top
-  }
-}
-
 /** One iterative lookup, event by event on a simulated clock. */
 export function lookup(net: ModelNetwork, init: LookupInit): LookupResult {
   const { target, rng } = init
@@ -467,7 +428,7 @@ export function lookup(net: ModelNetwork, init: LookupInit): LookupResult {
   }
 
   const seen = new Set<number>()
-  const timeline = new Timeline()
+  const timeline = new TimeHeap<Pending>()
   const canEnter = (list: number[], peer: number): boolean =>
     list.length < k || net.isCloser(peer, list[list.length - 1]!, target)
   const insert = (list: number[], peer: number): void => {
@@ -508,7 +469,8 @@ export function lookup(net: ModelNetwork, init: LookupInit): LookupResult {
       result.contacted.push(job.peer)
       const dial = connected.has(job.peer) ? 0 : latency.connectRtts
       connected.add(job.peer)
-      timeline.push({ at: now + latency.rttMs(rng) * (1 + dial), path: pathIndex, job })
+      const at = now + latency.rttMs(rng) * (1 + dial)
+      timeline.push(at, { at, path: pathIndex, job })
     }
   }
 
