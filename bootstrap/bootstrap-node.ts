@@ -2,6 +2,8 @@ import { readFile } from 'node:fs/promises'
 import type { PeerId } from '@libp2p/interface'
 import { peerIdFromPrivateKey } from '@libp2p/peer-id'
 import { Counter, collectDefaultMetrics, Gauge, Registry } from 'prom-client'
+import { GarageError } from '../core/errors.ts'
+import { type Logger, silentLogger } from '../core/logger.ts'
 import {
   decodeRegionCertificate,
   type RegionCertificate,
@@ -9,9 +11,7 @@ import {
   verifyRegionCertificate,
 } from '../mesh/certificate.ts'
 import { allRegionsKey, regionKey } from '../mesh/dht-keys.ts'
-import { GarageError } from '../mesh/errors.ts'
 import { loadOrCreateIdentity } from '../mesh/identity.ts'
-import { type Logger, silentLogger } from '../mesh/logger.ts'
 import { createMeshNode, type MeshNode, type RelayServerLimits } from '../mesh/node.ts'
 import { KAD_PROTOCOL } from '../mesh/protocols.ts'
 import { handleRegionProtocol } from '../mesh/region-protocol.ts'
@@ -262,13 +262,7 @@ export async function startBootstrap(options: BootstrapOptions): Promise<Bootstr
   } catch (err) {
     clearInterval(interval)
     await node.stop()
-    throw new GarageError(
-      `cannot listen for HTTP on ${options.httpHost ?? '127.0.0.1'}:${options.httpPort}: ${(err as Error).message}`,
-      'HTTP_LISTEN',
-      {
-        cause: err,
-      },
-    )
+    throw err
   }
   log.info(
     { peerId: self.toString(), addrs: node.getMultiaddrs().map(String), http: http.url },

@@ -1,5 +1,5 @@
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http'
-import type { AddressInfo } from 'node:net'
+import { closeServer, listen } from '../core/http.ts'
 
 export type Route = (req: IncomingMessage, res: ServerResponse) => Promise<void> | void
 
@@ -38,25 +38,13 @@ export async function startOpsServer(
       res.end(JSON.stringify({ error: err.message }))
     })
   })
-  server.requestTimeout = 10_000
-  server.headersTimeout = 5_000
-  server.keepAliveTimeout = 5_000
-  await new Promise<void>((resolve, reject) => {
-    server.once('error', reject)
-    server.listen(port, host, () => {
-      server.off('error', reject)
-      resolve()
-    })
+  const url = await listen(server, port, host, {
+    what: 'the ops server',
+    timeouts: { requestTimeoutMs: 10_000, headersTimeoutMs: 5_000 },
   })
-  const addr = server.address() as AddressInfo
-  const shownHost = addr.family === 'IPv6' ? `[${addr.address}]` : addr.address
   return {
     server,
-    url: `http://${shownHost}:${addr.port}`,
-    close: () =>
-      new Promise<void>((resolve) => {
-        server.closeAllConnections()
-        server.close(() => resolve())
-      }),
+    url,
+    close: () => closeServer(server),
   }
 }

@@ -1,7 +1,5 @@
-import { homedir } from 'node:os'
-import { join } from 'node:path'
 import { parseArgs } from 'node:util'
-import { GarageError } from '../mesh/errors.ts'
+import { GarageError } from '../core/errors.ts'
 
 /** What a command may touch besides its arguments; tests pass their own. */
 export interface CommandContext {
@@ -19,15 +17,6 @@ export class UsageError extends GarageError {
   constructor(message: string) {
     super(message, 'USAGE')
   }
-}
-
-/** Where Garage keeps its keys and state: --data-dir, then GARAGE_DATA_DIR, then the OS's place. */
-export function defaultDataDir(env: NodeJS.ProcessEnv = process.env): string {
-  if (env.GARAGE_DATA_DIR != null && env.GARAGE_DATA_DIR !== '') return env.GARAGE_DATA_DIR
-  if (process.platform === 'win32')
-    return join(env.APPDATA ?? join(homedir(), 'AppData', 'Roaming'), 'Garage')
-  if (process.platform === 'darwin') return join(homedir(), 'Library', 'Application Support', 'Garage')
-  return join(env.XDG_DATA_HOME ?? join(homedir(), '.local', 'share'), 'garage')
 }
 
 const durationUnits: Record<string, number> = { ms: 1, s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000 }

@@ -1,4 +1,4 @@
-import { GarageError } from '../mesh/errors.ts'
+import { GarageError } from '../core/errors.ts'
 import { type CommandContext, type CommandRun, print, UsageError } from './io.ts'
 
 interface CommandSpec {

@@ -2,10 +2,10 @@ import { randomUUID } from 'node:crypto'
 import http, { type IncomingMessage, type OutgoingHttpHeaders } from 'node:http'
 import https from 'node:https'
 import type { PeerId } from '@libp2p/interface'
+import { type ApiError, apiError } from '../core/errors.ts'
+import { type Logger, silentLogger } from '../core/logger.ts'
 import { handleInferProtocol, type InferReply, type InferServerRequest } from '../mesh/infer-protocol.ts'
-import { type Logger, silentLogger } from '../mesh/logger.ts'
 import type { MeshNode } from '../mesh/node.ts'
-import { ApiError } from './engines/openai-errors.ts'
 
 /**
  * The node's end of /garage/infer/1.0.0: each request from the head this node joined is passed to the
@@ -81,13 +81,10 @@ export function refuseRoute(method: string, path: string): ApiError | null {
     escapingPath.test(pathname) ||
     segments.some((s) => s === '.' || s === '..')
   ) {
-    return new ApiError(404, `this node serves only the OpenAI API under /v1/, not ${pathname}`, {
-      code: 'not_found',
-    })
+    return apiError('not_found', `this node serves only the OpenAI API under /v1/, not ${pathname}`)
   }
   if (!forwardedMethods.has(method)) {
-    return new ApiError(405, `method ${method} is not allowed; use GET or POST`, {
-      code: 'method_not_allowed',
+    return apiError('method_not_allowed', `method ${method} is not allowed; use GET or POST`, {
       headers: { allow: 'GET, POST' },
     })
   }

@@ -1,6 +1,6 @@
 import { createHash, randomBytes } from 'node:crypto'
 import type { DatabaseSync, SQLOutputValue, StatementSync } from 'node:sqlite'
-import { GarageError } from '../mesh/errors.ts'
+import { GarageError } from '../core/errors.ts'
 
 /** Every API key starts with this, so it is recognisable in configs and secret scanners. */
 export const apiKeyPrefix = 'gk_'

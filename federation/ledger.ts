@@ -1,6 +1,6 @@
 import type { DatabaseSync, SQLInputValue, SQLOutputValue } from 'node:sqlite'
-import { GarageError } from '../mesh/errors.ts'
-import { type Logger, silentLogger } from '../mesh/logger.ts'
+import { GarageError } from '../core/errors.ts'
+import { type Logger, silentLogger } from '../core/logger.ts'
 import { inTransaction } from './store.ts'
 
 /**

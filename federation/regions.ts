@@ -17,11 +17,12 @@
 import type { PeerId } from '@libp2p/interface'
 import { peerIdFromString } from '@libp2p/peer-id'
 import { TypedEventEmitter } from 'main-event'
+import { GarageError } from '../core/errors.ts'
+import { type Logger, silentLogger } from '../core/logger.ts'
 import { type DiscoveredHead, parseAuthority, RegionDiscovery } from '../mesh/discovery.ts'
-import { GarageError } from '../mesh/errors.ts'
 import { sendInferRequest } from '../mesh/infer-protocol.ts'
-import { type Logger, silentLogger } from '../mesh/logger.ts'
 import type { MeshNode } from '../mesh/node.ts'
+import type { RegionModelLoad, RoutableRegion } from '../routing/region-router.ts'
 
 export const defaultRefreshIntervalMs = 3_000
 export const defaultDiscoveryIntervalMs = 30_000
@@ -44,30 +45,11 @@ export class RegionStatusError extends GarageError {}
 export class RegionStatusTimeoutError extends GarageError {}
 
 /** What one region reports for one model it serves. */
-export interface RegionModelLoad {
-  /** Nodes serving the model now. */
-  nodes: number
-  /** Sum of the head's measured (or stand-in) capacity of those nodes, tokens/s. */
-  capacityTokensPerSecond: number
-  /** Requests the head has outstanding at those nodes. */
-  inflight: number
-  /** Sequences those nodes decode in parallel, together. */
-  slots: number
-}
-
-export interface RegionStatus {
-  region: string
-  /** The head's PeerId, as its certificate names it. */
-  head: string
-  /** Median ping from this gateway to the head at the last discovery round, ms. */
-  rttMs: number | null
+export interface RegionStatus extends RoutableRegion {
   /** Certificate expiry of the head, ms since the epoch. */
   expiresAt: number | null
-  models: ReadonlyMap<string, RegionModelLoad>
   /** Last successful status answer, ms since the epoch (directory clock); null before the first. */
   updatedAt: number | null
-  /** False until the head answers, and after a status request fails. */
-  reachable: boolean
   /** Why the last status request failed; null after a success. */
   error: { name: string; message: string } | null
 }

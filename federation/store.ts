@@ -1,8 +1,8 @@
 import { chmodSync, closeSync, constants, mkdirSync, openSync, statSync } from 'node:fs'
 import { join } from 'node:path'
 import { DatabaseSync } from 'node:sqlite'
-import { defaultDataDir } from '../cli/io.ts'
-import { GarageError } from '../mesh/errors.ts'
+import { GarageError } from '../core/errors.ts'
+import { defaultDataDir } from '../core/paths.ts'
 
 /** The federation's one SQLite file, inside its data dir. */
 export const federationDbFileName = 'federation.db'

@@ -2,7 +2,7 @@ import { join } from 'node:path'
 import { generateKeyPair } from '@libp2p/crypto/keys'
 import type { PrivateKey } from '@libp2p/interface'
 import { peerIdFromPrivateKey } from '@libp2p/peer-id'
-import { GarageError } from './errors.ts'
+import { GarageError } from '../core/errors.ts'
 import { loadKeyFile, saveKeyFile } from './identity.ts'
 
 export const authorityKeyFileName = 'authority.key'

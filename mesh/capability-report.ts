@@ -1,8 +1,9 @@
 import type { PeerId, PrivateKey } from '@libp2p/interface'
 import { peerIdFromPrivateKey } from '@libp2p/peer-id'
-import { decodeCanonical, encodeCanonical, isPlainObject, printable } from './cbor.ts'
+import { decodeCanonical, encodeCanonical, printable } from '../core/cbor.ts'
+import { GarageError } from '../core/errors.ts'
+import { isPlainObject } from '../core/guards.ts'
 import { regionNamePattern } from './certificate.ts'
-import { GarageError } from './errors.ts'
 import type { CapabilityReport, GpuSummary } from './region-messages.ts'
 
 /**

@@ -1,7 +1,8 @@
 import type { PeerId, PrivateKey } from '@libp2p/interface'
 import { peerIdFromPrivateKey, peerIdFromString } from '@libp2p/peer-id'
 import { multiaddr } from '@multiformats/multiaddr'
-import { decodeCanonical, encodeCanonical, isPlainObject, printable } from './cbor.ts'
+import { decodeCanonical, encodeCanonical, printable } from '../core/cbor.ts'
+import { isPlainObject } from '../core/guards.ts'
 
 /**
  * Region certificates: the federation authority's statement that `head` is the regional head of

@@ -1,6 +1,7 @@
 import type { PeerId } from '@libp2p/interface'
 import { peerIdFromString } from '@libp2p/peer-id'
 import { TypedEventEmitter } from 'main-event'
+import { GarageError } from '../core/errors.ts'
 import {
   type RegionCertificate,
   RegionCertificateError,
@@ -8,7 +9,6 @@ import {
   verifyRegionCertificate,
 } from './certificate.ts'
 import { allRegionsKey, regionKey } from './dht-keys.ts'
-import { GarageError } from './errors.ts'
 import type { MeshNode } from './node.ts'
 import { fetchRegionCertificate } from './region-protocol.ts'
 

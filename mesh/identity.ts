@@ -3,7 +3,10 @@ import { chmod, mkdir, open, readFile, stat } from 'node:fs/promises'
 import { dirname, join } from 'node:path'
 import { generateKeyPair, privateKeyFromProtobuf, privateKeyToProtobuf } from '@libp2p/crypto/keys'
 import type { Ed25519PrivateKey, PrivateKey } from '@libp2p/interface'
-import { GarageError, IdentityKeyInvalidError, IdentityKeyPermissionsError } from './errors.ts'
+import { GarageError } from '../core/errors.ts'
+
+export class IdentityKeyPermissionsError extends GarageError {}
+export class IdentityKeyInvalidError extends GarageError {}
 
 export const identityFileName = 'identity.key'
 

@@ -1,6 +1,7 @@
 import type { Connection, PeerId, Stream, StreamCloseEvent, StreamMessageEvent } from '@libp2p/interface'
 import { isMultiaddr, type Multiaddr } from '@multiformats/multiaddr'
-import { decodeCanonical, encodeCanonical, isPlainObject } from './cbor.ts'
+import { decodeCanonical, encodeCanonical } from '../core/cbor.ts'
+import { isPlainObject } from '../core/guards.ts'
 import type { MeshNode } from './node.ts'
 import {
   INFER_PROTOCOL,

@@ -1,14 +1,15 @@
 import type { AbortOptions, Connection, PeerId, Stream } from '@libp2p/interface'
 import { lpStream } from '@libp2p/utils'
+import { decodeCanonical, encodeCanonical, printable } from '../core/cbor.ts'
+import { GarageError } from '../core/errors.ts'
+import { isPlainObject } from '../core/guards.ts'
 import {
   CapabilityReportError,
   CapabilityReportRegionError,
   CapabilityReportStaleError,
   verifyCapabilityReport,
 } from './capability-report.ts'
-import { decodeCanonical, encodeCanonical, isPlainObject, printable } from './cbor.ts'
 import { regionNamePattern } from './certificate.ts'
-import { GarageError } from './errors.ts'
 import type { MeshNode } from './node.ts'
 import {
   JOIN_PROTOCOL,

@@ -20,7 +20,7 @@ import { type TCPComponents, tcp } from '@libp2p/tcp'
 import { webSockets } from '@libp2p/websockets'
 import { type Multiaddr, multiaddr } from '@multiformats/multiaddr'
 import { createLibp2p, type ServiceFactoryMap } from 'libp2p'
-import { GarageError } from './errors.ts'
+import { GarageError } from '../core/errors.ts'
 import { meshConnectionGater } from './gater.ts'
 import { inferReceiveWindowMaxBytes, KAD_PROTOCOL } from './protocols.ts'
 

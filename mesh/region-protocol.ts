@@ -1,6 +1,7 @@
 import type { AbortOptions, Connection, PeerId, Stream } from '@libp2p/interface'
 import { lpStream } from '@libp2p/utils'
-import { decodeCanonical, encodeCanonical, isPlainObject } from './cbor.ts'
+import { decodeCanonical, encodeCanonical } from '../core/cbor.ts'
+import { isPlainObject } from '../core/guards.ts'
 import type { MeshNode } from './node.ts'
 import {
   REGION_PROTOCOL,

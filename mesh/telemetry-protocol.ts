@@ -1,7 +1,8 @@
 import type { AbortOptions, Connection, PeerId, Stream } from '@libp2p/interface'
 import { lpStream } from '@libp2p/utils'
-import { decodeCanonical, encodeCanonical, isPlainObject, printable } from './cbor.ts'
-import { type Logger, silentLogger } from './logger.ts'
+import { decodeCanonical, encodeCanonical, printable } from '../core/cbor.ts'
+import { isPlainObject } from '../core/guards.ts'
+import { type Logger, silentLogger } from '../core/logger.ts'
 import type { MeshNode } from './node.ts'
 import {
   TELEMETRY_PROTOCOL,

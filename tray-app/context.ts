@@ -1,5 +1,5 @@
 import type { Tray } from 'electron'
-import type { Logger } from '../mesh/logger.ts'
+import type { Logger } from '../core/logger.ts'
 import type { TrayControlClient } from './control-client.ts'
 import type { DaemonPhase, TrayNotice } from './state.ts'
 import { TrayStore } from './state.ts'

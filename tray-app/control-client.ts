@@ -1,7 +1,7 @@
 import { readFile } from 'node:fs/promises'
 import { join } from 'node:path'
+import { GarageError } from '../core/errors.ts'
 import type { ControlState, NodeStatus } from '../daemon/control/types.ts'
-import { GarageError } from '../mesh/errors.ts'
 
 /**
  * The tray's own client for the daemon's local control API (daemon/control/server.ts): it only

@@ -3,8 +3,8 @@ import { createWriteStream, existsSync } from 'node:fs'
 import { readFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
+import { GarageError } from '../core/errors.ts'
 import { daemonEnv } from '../daemon/launch.ts'
-import { GarageError } from '../mesh/errors.ts'
 import { type ControlEndpoint, isProcessAlive, readControlEndpoint } from './control-client.ts'
 
 /** The tray's own settings: how to start `garage node` when no daemon runs. */

@@ -1,6 +1,6 @@
 import { app, dialog } from 'electron'
-import { defaultDataDir } from '../cli/io.ts'
-import { createLogger } from '../mesh/logger.ts'
+import { createLogger } from '../core/logger.ts'
+import { defaultDataDir } from '../core/paths.ts'
 import { createTrayContext } from './context.ts'
 import { ControlClient } from './control-client.ts'
 import { setupAutoLaunch } from './setup/auto-launch.ts'

@@ -8,14 +8,14 @@ import type { PeerId, PrivateKey } from '@libp2p/interface'
 import { peerIdFromPrivateKey } from '@libp2p/peer-id'
 import { chooseAssignment } from '../../bootstrap/head/assign.ts'
 import { NodeRegistry } from '../../bootstrap/head/registry.ts'
-import { RegionalRouter, type RequestTicket } from '../../bootstrap/head/router.ts'
-import { FederationRouter, type RegionTicket } from '../../federation/region-router.ts'
-import type { RegionModelLoad } from '../../federation/regions.ts'
+import { decodeCanonical, encodeCanonical } from '../../core/cbor.ts'
 import { signCapabilityReport, verifyCapabilityReport } from '../../mesh/capability-report.ts'
-import { decodeCanonical, encodeCanonical } from '../../mesh/cbor.ts'
 import type { Assignment, NodeServingState } from '../../mesh/region-messages.ts'
 import { parseTelemetryReport } from '../../mesh/telemetry-protocol.ts'
-import { VerifiedThroughput } from '../../mesh/token-accounting.ts'
+import { VerifiedThroughput } from '../../openai/usage.ts'
+import { RegionalRouter, type RequestTicket } from '../../routing/node-router.ts'
+import type { RegionModelLoad } from '../../routing/region-router.ts'
+import { FederationRouter, type RegionTicket } from '../../routing/region-router.ts'
 import { type Stats, seededRandom, stats } from './kademlia.ts'
 import {
   benchModel,
@@ -181,11 +181,8 @@ export function federationRouterPickCost(options: {
       region,
       head: `head-${region}`,
       rttMs: 10 + rng() * 200,
-      expiresAt: null,
       models: served,
-      updatedAt: now,
       reachable: true,
-      error: null,
     }
   }
   for (const r of names) router.update(status(r))

@@ -1,32 +1,34 @@
 import { randomUUID } from 'node:crypto'
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http'
-import type { AddressInfo } from 'node:net'
 import { join } from 'node:path'
-import type { PeerId } from '@libp2p/interface'
-import { peerIdFromString } from '@libp2p/peer-id'
-import { Counter, Gauge, Histogram, Registry } from 'prom-client'
-import { ApiError, sendError } from '../../daemon/engines/openai-errors.ts'
-import { GarageError } from '../../mesh/errors.ts'
+import type { Registry } from 'prom-client'
+import { ApiError, apiError, internalError } from '../../core/errors.ts'
 import {
-  handleInferProtocol,
-  InferConnectError,
-  type InferResponse,
-  sendInferRequest,
-} from '../../mesh/infer-protocol.ts'
-import { handleJoinProtocol, JoinRefusedError } from '../../mesh/join-protocol.ts'
-import { type Logger, silentLogger } from '../../mesh/logger.ts'
+  bearerMatches,
+  closeServer,
+  listen,
+  parseJson,
+  readJsonBodyBytes,
+  requestPath,
+  sendError,
+} from '../../core/http.ts'
+import { type Logger, silentLogger } from '../../core/logger.ts'
+import { loadOrCreateSecret } from '../../core/secret-file.ts'
+import { handleInferProtocol } from '../../mesh/infer-protocol.ts'
 import type { MeshNode } from '../../mesh/node.ts'
-import { bearerMatches, parseJson, readJsonBodyBytes, upstreamBody } from '../../mesh/openai-http.ts'
-import { type AnswerSink, httpSink, inferSink, relayAnswer, sendApiError } from '../../mesh/openai-relay.ts'
-import { inferRequestBodyMaxBytes, JOIN_PROTOCOL, TELEMETRY_PROTOCOL } from '../../mesh/protocols.ts'
+import { inferRequestBodyMaxBytes } from '../../mesh/protocols.ts'
 import type { RayCredentials } from '../../mesh/region-messages.ts'
-import { loadOrCreateSecret } from '../../mesh/secret-file.ts'
-import { handleTelemetryProtocol } from '../../mesh/telemetry-protocol.ts'
-import { prepareUpstreamRequest, VerifiedThroughput } from '../../mesh/token-accounting.ts'
-import { chooseAssignment } from './assign.ts'
+import { generationKind, modelsPath } from '../../openai/endpoints.ts'
+import { proxyWithFailover } from '../../openai/proxy.ts'
+import { type AnswerSink, httpSink, inferSink, sendApiError } from '../../openai/relay.ts'
+import { prepareUpstreamRequest, upstreamBody } from '../../openai/request.ts'
+import { VerifiedThroughput } from '../../openai/usage.ts'
+import { RegionalRouter } from '../../routing/node-router.ts'
+import { HeadAdmission, PendingTokens } from './admission.ts'
+import { type HeadMetrics, headMetrics } from './metrics.ts'
 import type { RegionPolicy } from './policy.ts'
 import { NodeRegistry } from './registry.ts'
-import { RegionalRouter } from './router.ts'
+import { HeadRoute } from './route.ts'
 
 export interface RegionalHeadOptions {
   /** The head's libp2p node: its PeerId is the one the region certificate names. */
@@ -71,30 +73,19 @@ export interface RegionalHead {
 
 export const defaultHeadHttpPort = 9471
 export const headApiTokenFile = 'head-api.token'
-/** Node answers that mean "try someone else" when nothing has reached the client yet. */
-const retryableStatuses = new Set([429, 500, 502, 503, 504])
 
-/** Reads and drops a response we will not relay, so its stream can be reused. */
-async function drainQuietly(response: InferResponse): Promise<void> {
-  try {
-    for await (const _ of response.body) {
-      // discarded
-    }
-  } catch {
-    // the stream is gone; nothing to reuse
-  }
-}
+/** A parsed request body and the bytes it came from. */
+type RawBody = { json: unknown; bytes: Uint8Array }
 
 /**
  * The regional head: admits nodes on /garage/join/1.0.0 with an assignment from the region policy,
  * keeps their telemetry, routes OpenAI requests to them over /garage/infer/1.0.0, and counts the
- * tokens it proxied (verified throughput). docs/region.md describes it.
+ * tokens it proxied (verified throughput). docs/region.md describes it; docs/architecture.md says
+ * which file handles each step.
  */
 export async function startRegionalHead(options: RegionalHeadOptions): Promise<RegionalHead> {
   const { node, region, policy } = options
   const log = (options.logger ?? silentLogger).child({ component: 'head', region })
-  const self = node.peerId.toString()
-  const maxAttempts = options.maxAttempts ?? 3
   const apiToken = await loadOrCreateSecret(join(options.dataDir, headApiTokenFile))
 
   const registry = new NodeRegistry(
@@ -102,421 +93,66 @@ export async function startRegionalHead(options: RegionalHeadOptions): Promise<R
   )
   const router = new RegionalRouter()
   const verified = new VerifiedThroughput()
-
-  const metrics = new Registry()
-  const requests = new Counter({
-    name: 'garage_head_requests_total',
-    help: 'OpenAI requests the head answered, by model and HTTP status',
-    labelNames: ['model', 'status'] as const,
-    registers: [metrics],
-  })
-  const retries = new Counter({
-    name: 'garage_head_retries_total',
-    help: 'Requests moved to another node before their first byte, by reason',
-    labelNames: ['reason'] as const,
-    registers: [metrics],
-  })
-  const streamErrors = new Counter({
-    name: 'garage_head_stream_errors_total',
-    help: 'Responses that failed after their first byte (ended with an SSE error event)',
-    registers: [metrics],
-  })
-  const ttft = new Histogram({
-    name: 'garage_head_time_to_first_byte_seconds',
-    help: 'From the request reaching the head to the first response byte from a node',
-    labelNames: ['model'] as const,
-    buckets: [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
-    registers: [metrics],
-  })
-  const duration = new Histogram({
-    name: 'garage_head_request_duration_seconds',
-    help: 'Whole request, first byte in to last byte out',
-    labelNames: ['model'] as const,
-    buckets: [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120],
-    registers: [metrics],
-  })
-  const regionTokens = new Counter({
-    name: 'garage_head_completion_tokens_total',
-    help: 'Completion tokens the head proxied and verified, by model',
-    labelNames: ['model'] as const,
-    registers: [metrics],
-  })
-  new Gauge({
-    name: 'garage_head_nodes',
-    help: 'Joined nodes by state',
-    labelNames: ['state'] as const,
-    registers: [metrics],
-    collect() {
-      this.reset()
-      const counts: Record<string, number> = { starting: 0, serving: 0, paused: 0, draining: 0 }
-      for (const n of registry.nodes()) counts[n.state] = (counts[n.state] ?? 0) + 1
-      for (const [state, count] of Object.entries(counts)) this.set({ state }, count)
+  const pending = new PendingTokens()
+  const metrics = headMetrics(registry, router, verified)
+  const route = new HeadRoute(
+    {
+      region,
+      maxAttempts: options.maxAttempts ?? 3,
+      logger: log,
+      ...(options.firstByteTimeoutMs != null ? { firstByteTimeoutMs: options.firstByteTimeoutMs } : {}),
+      ...(options.idleTimeoutMs != null ? { idleTimeoutMs: options.idleTimeoutMs } : {}),
     },
-  })
-  const perNode = (name: string, help: string, value: (peer: string) => number): void => {
-    new Gauge({
-      name,
-      help,
-      labelNames: ['node', 'model'] as const,
-      registers: [metrics],
-      collect() {
-        this.reset()
-        for (const n of registry.nodes())
-          this.set({ node: n.peerId, model: n.assignment.model }, value(n.peerId))
-      },
-    })
-  }
-  perNode('garage_head_node_verified_tokens', 'Completion tokens the head proxied for the node', (p) =>
-    verified.verified(p),
+    { node, router, verified, pending, metrics },
   )
-  perNode(
-    'garage_head_node_reported_tokens',
-    'Completion tokens the node says it generated since it joined',
-    (p) => registry.get(p)?.telemetry?.tokensTotal ?? 0,
-  )
-  perNode('garage_head_node_flagged', '1 when the node claims over 10% more tokens than verified', (p) =>
-    verified.flagged(p) ? 1 : 0,
-  )
-  perNode('garage_head_node_capacity_tokens_per_second', 'Capacity the head measured', (p) =>
-    router.capacity(p),
-  )
-  perNode('garage_head_node_inflight', 'Requests the head has outstanding at the node', (p) =>
-    router.inflight(p),
-  )
-
-  /** Upper bound of tokens in flight per node: its telemetry may count them before the head has. */
-  const pending = new Map<string, number>()
-  const addPending = (peer: string, n: number): void => {
-    const v = (pending.get(peer) ?? 0) + n
-    if (v <= 0) pending.delete(peer)
-    else pending.set(peer, v)
-  }
-
-  /** PeerIds of the nodes, parsed once: a PeerId from a string costs a base58 decode and a key. */
-  const peerIds = new Map<string, PeerId>()
-  const peerIdOf = (peer: string): PeerId => {
-    let id = peerIds.get(peer)
-    if (id == null) {
-      id = peerIdFromString(peer) as PeerId
-      peerIds.set(peer, id)
-    }
-    return id
-  }
 
   // Registry → router: the registry is the truth about membership, the router follows it.
   registry.addEventListener('node:left', (evt) => {
     const { peerId, reason } = evt.detail
     router.remove(peerId)
-    peerIds.delete(peerId)
+    route.forget(peerId)
     // A node that comes back reports from zero again.
     verified.remove(peerId)
     log.info({ node: peerId, reason }, 'node left the region')
   })
 
-  await handleJoinProtocol(node, {
-    region,
-    async onJoin(report, peer) {
-      const ray =
-        policy.ray?.enabled && policy.ray.trusted ? (options.ray?.credentials() ?? undefined) : undefined
-      const assignment = chooseAssignment(
-        policy,
-        report,
-        registry.replicasByModel({ except: peer.toString() }),
-        self,
-        ray,
-      )
-      if (assignment == null) {
-        throw new JoinRefusedError(
-          'no_assignment',
-          `no model of region ${region} fits this node (VRAM cap ${report.vramCapMiB} MiB, RAM cap ${report.ramCapMiB} MiB, engines ${report.engines.join(', ') || 'none'})`,
-        )
-      }
-      verified.remove(peer.toString())
-      registry.join(peer.toString(), report, assignment)
-      router.upsert(peer.toString(), {
-        model: assignment.model,
-        slots: assignment.engineArgs.parallel ?? 1,
-        state: 'starting',
-      })
-      log.info({ node: peer.toString(), model: assignment.model, engine: assignment.engine }, 'node joined')
-      return assignment
-    },
-    async onLeave(peer) {
-      registry.leave(peer.toString())
-    },
-    onBadRequest(err, peer) {
-      log.debug({ node: peer.toString(), err: err.message }, 'bad join request')
-    },
-  })
-
-  await handleTelemetryProtocol(node, {
-    onReport(report, peer) {
-      const id = peer.toString()
-      const outcome = registry.report(id, report)
-      if (outcome !== 'ok') return outcome
-      router.updateTelemetry(id, {
-        running: report.running,
-        waiting: report.waiting,
-        kvCacheUsage: report.kvCacheUsage,
-        state: report.state,
-      })
-      const change = verified.compare(id, report.tokensTotal, pending.get(id) ?? 0)
-      if (change?.flagged === true) {
-        log.warn(
-          { node: id, reported: report.tokensTotal, verified: verified.verified(id) },
-          'node claims more tokens than the head proxied for it (over 10%): flagged',
-        )
-      } else if (change != null) log.info({ node: id }, 'node claims are within bounds again')
-      // The node shows what the head verified as its credits.
-      return { ack: 'ok', verified: verified.verified(id) }
-    },
-    onBadRequest(err, peer) {
-      log.debug({ node: peer.toString(), err: err.message }, 'bad telemetry report')
-    },
-  })
+  const admission = new HeadAdmission(
+    { region, policy, ray: options.ray ?? null, logger: log },
+    { node, registry, router, verified, pending },
+  )
+  await admission.start()
   registry.start()
 
-  /** One attempt at one node; resolves with the node's response head or throws before any byte. */
-  const attempt = async (
-    peer: string,
-    path: string,
-    body: Uint8Array,
-    requestId: string,
-    signal: AbortSignal,
-  ): Promise<InferResponse> => {
-    return sendInferRequest(
-      node,
-      peerIdOf(peer),
-      {
-        method: 'POST',
-        path,
-        headers: [
-          ['content-type', 'application/json'],
-          ['x-request-id', requestId],
-        ],
-        body,
-      },
-      {
-        signal,
-        ...(options.firstByteTimeoutMs != null ? { firstByteTimeoutMs: options.firstByteTimeoutMs } : {}),
-        ...(options.idleTimeoutMs != null ? { idleTimeoutMs: options.idleTimeoutMs } : {}),
-      },
-    )
-  }
-
-  /** Answers one generation request from its parsed body: routes it to a node and relays the answer. */
-  const answer = async (
-    kind: 'chat' | 'completion',
-    path: string,
-    raw: { json: unknown; bytes: Uint8Array },
-    sink: AnswerSink,
-    requestId: string,
-    seen: { model: string },
-  ): Promise<void> => {
-    const started = performance.now()
-    const prepared = prepareUpstreamRequest(raw.json, kind)
-    const model = prepared.model
-    const known = router.models().some((m) => m.model === model)
-    const assigned = !known && registry.nodes().some((n) => n.assignment.model === model)
-    // Labelled only when the region knows the model: made-up names must not grow /metrics.
-    if (known || assigned) seen.model = model
-    if (!known) {
-      if (assigned)
-        throw new ApiError(503, `no node of region ${region} is serving ${model} right now; retry shortly`, {
-          code: 'no_capacity',
-          headers: { 'retry-after': '2' },
-        })
-      throw new ApiError(404, `the model ${JSON.stringify(model)} is not served in region ${region}`, {
-        code: 'model_not_found',
-        param: 'model',
-      })
-    }
-    const body = upstreamBody(raw.bytes, prepared)
-    const tried = new Set<string>()
-    let lastError: ApiError | null = null
-    for (let i = 0; i < maxAttempts && !sink.gone.aborted; i++) {
-      const peer = router.pick(model, { exclude: tried })
-      if (peer == null) break
-      tried.add(peer)
-      const ticket = router.begin(peer)
-      let response: InferResponse
-      try {
-        response = await attempt(peer, path, body, requestId, sink.gone)
-      } catch (err) {
-        ticket.end({ ok: false, completionTokens: 0 })
-        if (sink.gone.aborted) return
-        router.failure(peer)
-        const reason = (err as Error).name
-        retries.inc({ reason })
-        log.debug({ requestId, node: peer, err: (err as Error).message }, 'node failed before the first byte')
-        lastError = new ApiError(502, `node ${peer} failed: ${(err as Error).message}`, {
-          code: err instanceof InferConnectError ? 'node_unreachable' : 'node_failed',
-        })
-        continue
-      }
-      if (retryableStatuses.has(response.status)) {
-        // Nothing reached the asker yet: another node may take it (a full queue, a draining engine).
-        void drainQuietly(response)
-        ticket.end({ ok: false, completionTokens: 0 })
-        if (response.status >= 500) router.failure(peer)
-        retries.inc({ reason: `status_${response.status}` })
-        lastError = new ApiError(
-          response.status === 429 ? 429 : 502,
-          `node ${peer} answered ${response.status}`,
-          {
-            code: response.status === 429 ? 'region_overloaded' : 'node_failed',
-            headers: { 'retry-after': '1' },
-          },
-        )
-        continue
-      }
-      ttft.observe({ model }, (performance.now() - started) / 1000)
-      const inFlight = (prepared.maxTokens ?? 4096) * prepared.n
-      addPending(peer, inFlight)
-      try {
-        const outcome = await relayAnswer(
-          response,
-          sink,
-          prepared,
-          // Which volunteer served it: the federation credits it, and a consumer can cite it.
-          { 'x-request-id': requestId, 'x-garage-node': peer, 'x-garage-region': region },
-          () => ticket.firstByte(),
-        )
-        const tokens = outcome.completionTokens
-        verified.add(peer, tokens)
-        regionTokens.inc({ model }, tokens)
-        if (outcome.interrupted != null) {
-          streamErrors.inc()
-          ticket.end({ ok: false, completionTokens: tokens })
-          if (!sink.gone.aborted) {
-            router.failure(peer)
-            log.warn(
-              { requestId, node: peer, err: outcome.interrupted.message },
-              'stream failed after its first byte',
-            )
-          }
-        } else {
-          ticket.end({ ok: true, completionTokens: tokens })
-          router.success(peer)
-        }
-        requests.inc({ model, status: String(response.status) })
-      } catch (err) {
-        ticket.end({ ok: false, completionTokens: 0 })
-        if (!sink.gone.aborted) router.failure(peer)
-        throw err
-      } finally {
-        addPending(peer, -inFlight)
-        duration.observe({ model }, (performance.now() - started) / 1000)
-      }
-      return
-    }
-    if (sink.gone.aborted) return
-    throw (
-      lastError ??
-      new ApiError(503, `no node of region ${region} can take a ${model} request right now`, {
-        code: 'no_capacity',
-        headers: { 'retry-after': '2' },
-      })
-    )
-  }
-
-  /** What the region serves now, with load: /v1/models for local callers and the federation. */
-  const modelList = (): Record<string, unknown> => {
-    const created = Math.floor(Date.now() / 1000)
-    const snapshot = router.snapshot()
-    return {
-      object: 'list',
-      data: router.models().map((m) => {
-        const serving = snapshot.filter((n) => n.model === m.model && n.state === 'serving')
-        return {
-          id: m.model,
-          object: 'model',
-          created,
-          owned_by: 'garage',
-          garage: {
-            region,
-            nodes: m.nodes,
-            // 0 until the head has measured a node: the federation then counts the region at other
-            // regions' measured rate rather than at this pool's 1 tok/s stand-in.
-            capacityTokensPerSecond: serving.some((n) => n.measured)
-              ? Math.round(serving.reduce((sum, n) => sum + n.capacity, 0) * 10) / 10
-              : 0,
-            inflight: serving.reduce((sum, n) => sum + n.inflight, 0),
-            slots: serving.reduce((sum, n) => sum + n.slots, 0),
-          },
-        }
-      }),
-    }
-  }
-
-  const health = (): Record<string, unknown> => {
-    const states: Record<string, number> = { starting: 0, serving: 0, paused: 0, draining: 0 }
-    for (const n of registry.nodes()) states[n.state] = (states[n.state] ?? 0) + 1
-    return {
-      status: 'ok',
-      region,
-      head: self,
-      nodes: states,
-      models: router.models(),
-      flagged: registry
-        .nodes()
-        .filter((n) => verified.flagged(n.peerId))
-        .map((n) => n.peerId),
-    }
-  }
-
-  /** One OpenAI request, from either front: routes, answers, counts; errors become OpenAI errors. */
-  const dispatch = async (
-    method: string,
-    path: string,
-    body: () => Promise<{ json: unknown; bytes: Uint8Array }>,
-    sink: AnswerSink,
-    requestId: string,
-  ): Promise<void> => {
-    const seen = { model: 'unknown' }
-    try {
-      if (path === '/v1/models' && method === 'GET') {
-        await sink.head(200, { 'content-type': 'application/json', 'x-request-id': requestId })
-        await sink.end(JSON.stringify(modelList()))
-        return
-      }
-      const kind = path === '/v1/chat/completions' ? 'chat' : path === '/v1/completions' ? 'completion' : null
-      if (kind == null) throw new ApiError(404, `no such endpoint: ${method} ${path}`, { code: 'not_found' })
-      if (method !== 'POST') throw new ApiError(405, `${path} takes POST`, { code: 'method_not_allowed' })
-      await answer(kind, path, await body(), sink, requestId, seen)
-    } catch (err) {
-      const e =
-        err instanceof ApiError
-          ? err
-          : new ApiError(500, `internal error: ${(err as Error).message}`, { code: 'internal_error' })
-      if (!(err instanceof ApiError)) log.error({ err, requestId }, 'head request failed')
-      requests.inc({ model: seen.model, status: String(e.status) })
-      await sendApiError(sink, e, { 'x-request-id': requestId }).catch(() => {})
-    }
-  }
+  const api = new HeadApi(
+    { region, self: node.peerId.toString(), logger: log },
+    { registry, router, verified, route, requests: metrics.requests },
+  )
 
   const serve = async (req: IncomingMessage, res: ServerResponse): Promise<void> => {
     const requestId = randomUUID()
     res.setHeader('x-request-id', requestId)
-    const path = (req.url ?? '/').split('?')[0] ?? '/'
+    const path = requestPath(req)
     if (path === '/health' && req.method === 'GET') {
-      res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify(health()))
+      res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify(api.health()))
       return
     }
     if (path === '/metrics' && req.method === 'GET') {
-      res.writeHead(200, { 'content-type': metrics.contentType }).end(await metrics.metrics())
+      res
+        .writeHead(200, { 'content-type': metrics.registry.contentType })
+        .end(await metrics.registry.metrics())
       return
     }
     if (!bearerMatches(req.headers.authorization, apiToken)) {
       sendError(
         res,
-        new ApiError(401, `a valid bearer token is required (the head's token is in ${headApiTokenFile})`, {
-          code: 'invalid_api_key',
-        }),
+        apiError(
+          'invalid_api_key',
+          `a valid bearer token is required (the head's token is in ${headApiTokenFile})`,
+        ),
       )
       return
     }
-    await dispatch(
+    await api.dispatch(
       req.method ?? 'GET',
       path,
       () => readJsonBodyBytes(req, inferRequestBodyMaxBytes),
@@ -534,11 +170,8 @@ export async function startRegionalHead(options: RegionalHeadOptions): Promise<R
       const requestId =
         request.headers.find(([k]) => k.toLowerCase() === 'x-request-id')?.[1]?.slice(0, 128) ?? randomUUID()
       const path = request.path.split('?')[0] ?? '/'
-      const parse = async (): Promise<{ json: unknown; bytes: Uint8Array }> => ({
-        json: parseJson(request.body),
-        bytes: request.body,
-      })
-      await dispatch(request.method, path, parse, inferSink(reply, signal), requestId)
+      const parse = async (): Promise<RawBody> => ({ json: parseJson(request.body), bytes: request.body })
+      await api.dispatch(request.method, path, parse, inferSink(reply, signal), requestId)
     },
     onRejected(peer, reason) {
       log.debug({ peer: peer.toString(), err: reason.message }, 'infer stream refused')
@@ -548,38 +181,19 @@ export async function startRegionalHead(options: RegionalHeadOptions): Promise<R
   const server: Server = createServer((req, res) => {
     serve(req, res).catch((err: unknown) => {
       log.error({ err }, 'head request failed')
-      sendError(
-        res,
-        new ApiError(500, `internal error: ${(err as Error).message}`, { code: 'internal_error' }),
-      )
+      sendError(res, internalError(err))
     })
   })
-  server.headersTimeout = 10_000
-  server.requestTimeout = 30_000
-  server.keepAliveTimeout = 5_000
   const host = options.httpHost ?? '127.0.0.1'
+  let url: string
   try {
-    await new Promise<void>((resolve, reject) => {
-      server.once('error', reject)
-      server.listen(options.httpPort ?? defaultHeadHttpPort, host, () => {
-        server.off('error', reject)
-        resolve()
-      })
-    })
+    url = await listen(server, options.httpPort ?? defaultHeadHttpPort, host, { what: 'the head' })
   } catch (err) {
     registry.stop()
     await unhandleInfer()
-    await node.unhandle([JOIN_PROTOCOL, TELEMETRY_PROTOCOL])
-    throw new GarageError(
-      `the head cannot listen for HTTP on ${host}: ${(err as Error).message}`,
-      'HTTP_LISTEN',
-      {
-        cause: err,
-      },
-    )
+    await admission.stop()
+    throw err
   }
-  const addr = server.address() as AddressInfo
-  const url = `http://${addr.family === 'IPv6' ? `[${addr.address}]` : addr.address}:${addr.port}`
   log.info({ url, models: policy.models.map((m) => m.name) }, 'regional head started')
 
   let stopped = false
@@ -589,7 +203,7 @@ export async function startRegionalHead(options: RegionalHeadOptions): Promise<R
     registry,
     router,
     verified,
-    metrics,
+    metrics: metrics.registry,
     serve,
     allowFederation: (peerId) => {
       federation.add(peerId)
@@ -599,10 +213,152 @@ export async function startRegionalHead(options: RegionalHeadOptions): Promise<R
       stopped = true
       registry.stop()
       await unhandleInfer().catch(() => {})
-      await node.unhandle([JOIN_PROTOCOL, TELEMETRY_PROTOCOL]).catch(() => {})
-      server.closeAllConnections()
-      await new Promise<void>((resolve) => server.close(() => resolve()))
+      await admission.stop()
+      await closeServer(server)
       log.info('regional head stopped')
     },
+  }
+}
+
+/**
+ * The head's OpenAI API, the same from either front (HTTP, or the federation over the mesh): the
+ * models the region serves, and generation requests routed to its nodes through the shared
+ * failover loop.
+ */
+export class HeadApi {
+  private readonly region: string
+  private readonly self: string
+  private readonly log: Logger
+  private readonly registry: NodeRegistry
+  private readonly router: RegionalRouter
+  private readonly verified: VerifiedThroughput
+  private readonly route: HeadRoute
+  private readonly requests: HeadMetrics['requests']
+
+  constructor(
+    init: { region: string; self: string; logger: Logger },
+    components: {
+      registry: NodeRegistry
+      router: RegionalRouter
+      verified: VerifiedThroughput
+      route: HeadRoute
+      requests: HeadMetrics['requests']
+    },
+  ) {
+    this.region = init.region
+    this.self = init.self
+    this.log = init.logger
+    this.registry = components.registry
+    this.router = components.router
+    this.verified = components.verified
+    this.route = components.route
+    this.requests = components.requests
+  }
+
+  /** One OpenAI request: routes, answers, counts; errors become OpenAI errors. */
+  async dispatch(
+    method: string,
+    path: string,
+    body: () => Promise<RawBody>,
+    sink: AnswerSink,
+    requestId: string,
+  ): Promise<void> {
+    const seen = { model: 'unknown' }
+    try {
+      if (path === modelsPath && method === 'GET') {
+        await sink.head(200, { 'content-type': 'application/json', 'x-request-id': requestId })
+        await sink.end(JSON.stringify(this.modelList()))
+        return
+      }
+      const kind = generationKind(path)
+      if (kind == null) throw apiError('not_found', `no such endpoint: ${method} ${path}`)
+      if (method !== 'POST') throw apiError('method_not_allowed', `${path} takes POST`)
+      await this.generate(kind, path, await body(), sink, requestId, seen)
+    } catch (err) {
+      const e = err instanceof ApiError ? err : internalError(err)
+      if (!(err instanceof ApiError)) this.log.error({ err, requestId }, 'head request failed')
+      this.requests.inc({ model: seen.model, status: String(e.status) })
+      await sendApiError(sink, e, { 'x-request-id': requestId }).catch(() => {})
+    }
+  }
+
+  /** Answers one generation request from its parsed body: routes it to a node and relays the answer. */
+  private async generate(
+    kind: 'chat' | 'completion',
+    path: string,
+    raw: RawBody,
+    sink: AnswerSink,
+    requestId: string,
+    seen: { model: string },
+  ): Promise<void> {
+    const started = performance.now()
+    const prepared = prepareUpstreamRequest(raw.json, kind)
+    const model = prepared.model
+    const known = this.router.models().some((m) => m.model === model)
+    const assigned = !known && this.registry.nodes().some((n) => n.assignment.model === model)
+    // Labelled only when the region knows the model: made-up names must not grow /metrics.
+    if (known || assigned) seen.model = model
+    if (!known) {
+      if (assigned)
+        throw apiError(
+          'no_capacity',
+          `no node of region ${this.region} is serving ${model} right now; retry shortly`,
+          {
+            headers: { 'retry-after': '2' },
+          },
+        )
+      throw apiError(
+        'model_not_found',
+        `the model ${JSON.stringify(model)} is not served in region ${this.region}`,
+        {
+          param: 'model',
+        },
+      )
+    }
+    const body = upstreamBody(raw.bytes, prepared)
+    await proxyWithFailover({ model, path, body, prepared, requestId, sink, started }, this.route)
+  }
+
+  /** What the region serves now, with load: /v1/models for local callers and the federation. */
+  modelList(): Record<string, unknown> {
+    const created = Math.floor(Date.now() / 1000)
+    const snapshot = this.router.snapshot()
+    return {
+      object: 'list',
+      data: this.router.models().map((m) => {
+        const serving = snapshot.filter((n) => n.model === m.model && n.state === 'serving')
+        return {
+          id: m.model,
+          object: 'model',
+          created,
+          owned_by: 'garage',
+          garage: {
+            region: this.region,
+            nodes: m.nodes,
+            // 0 until the head has measured a node: the federation then counts the region at other
+            // regions' measured rate rather than at this pool's 1 tok/s stand-in.
+            capacityTokensPerSecond: serving.some((n) => n.measured)
+              ? Math.round(serving.reduce((sum, n) => sum + n.capacity, 0) * 10) / 10
+              : 0,
+            inflight: serving.reduce((sum, n) => sum + n.inflight, 0),
+            slots: serving.reduce((sum, n) => sum + n.slots, 0),
+          },
+        }
+      }),
+    }
+  }
+
+  health(): Record<string, unknown> {
+    return {
+      status: 'ok',
+      region: this.region,
+      head: this.self,
+      nodes: this.registry.countByState(),
+      models: this.router.models(),
+      flagged: this.registry
+        .nodes()
+        .filter((n) => this.verified.flagged(n.peerId))
+        .map((n) => n.peerId),
+    }
   }
 }

@@ -1,6 +1,6 @@
 import { readFile } from 'node:fs/promises'
+import { GarageError } from '../../core/errors.ts'
 import { regionNamePattern } from '../../mesh/certificate.ts'
-import { GarageError } from '../../mesh/errors.ts'
 import { maxModelNameLength, maxModelSourceLength } from '../../mesh/join-protocol.ts'
 import type { ModelSource } from '../../mesh/region-messages.ts'
 

@@ -3,23 +3,19 @@ import { connect, isIP } from 'node:net'
 import { join } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { TypedEventEmitter } from 'main-event'
-import { detectContainerRuntime } from '../../daemon/engines/container/cli.ts'
-import { type SecretEnvFile, writeSecretEnvFile } from '../../daemon/engines/container/env-file.ts'
+import { detectContainerRuntime } from '../../containers/cli.ts'
+import { type SecretEnvFile, writeSecretEnvFile } from '../../containers/env-file.ts'
 import {
   ContainerSupervisor,
   type RestartPolicy,
   stopSupervisedContainer,
-} from '../../daemon/engines/container/supervisor.ts'
-import type {
-  ContainerRuntime,
-  ContainerSpec,
-  GarageContainerRole,
-} from '../../daemon/engines/container/types.ts'
+} from '../../containers/supervisor.ts'
+import type { ContainerRuntime, ContainerSpec, GarageContainerRole } from '../../containers/types.ts'
+import { GarageError } from '../../core/errors.ts'
+import { type Logger, silentLogger } from '../../core/logger.ts'
+import { loadOrCreateSecret } from '../../core/secret-file.ts'
 import { rayImage } from '../../daemon/engines/ray/spec.ts'
-import { GarageError } from '../../mesh/errors.ts'
-import { type Logger, silentLogger } from '../../mesh/logger.ts'
 import type { RayCredentials } from '../../mesh/region-messages.ts'
-import { loadOrCreateSecret } from '../../mesh/secret-file.ts'
 
 /** The Ray head could not start, or is not running when its credentials are asked for. */
 export class RayHeadStartError extends GarageError {}

@@ -139,6 +139,13 @@ export class NodeRegistry extends TypedEventEmitter<NodeRegistryEvents> {
     return this.entries.size
   }
 
+  /** Joined nodes per state, every state present (0 when none). */
+  countByState(): Record<NodeServingState, number> {
+    const counts: Record<NodeServingState, number> = { starting: 0, serving: 0, paused: 0, draining: 0 }
+    for (const entry of this.entries.values()) counts[entry.state] = (counts[entry.state] ?? 0) + 1
+    return counts
+  }
+
   /**
    * Joined nodes per assigned model, draining ones left out (they are going away). `except` leaves
    * out a node that is joining again, so its old assignment does not count against its new one.

@@ -1,5 +1,7 @@
 import { readFile, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
+import { GarageError } from '../../core/errors.ts'
+import { defaultDataDir } from '../../core/paths.ts'
 import { initAuthority, loadAuthority } from '../../mesh/authority.ts'
 import {
   decodeRegionCertificate,
@@ -8,8 +10,7 @@ import {
   RegionCertificateError,
   verifyRegionCertificate,
 } from '../../mesh/certificate.ts'
-import { GarageError } from '../../mesh/errors.ts'
-import { type CommandContext, defaultDataDir, parseDuration, parseOptions, print, UsageError } from '../io.ts'
+import { type CommandContext, parseDuration, parseOptions, print, UsageError } from '../io.ts'
 
 export const usage = `Usage:
   garage authority init [--dir DIR]

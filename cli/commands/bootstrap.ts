@@ -2,10 +2,10 @@ import { defaultBootstrapHttpPort, startBootstrap } from '../../bootstrap/bootst
 import { defaultHeadHttpPort, type RegionalHead, startRegionalHead } from '../../bootstrap/head/head.ts'
 import { loadRegionPolicy } from '../../bootstrap/head/policy.ts'
 import { RayHead } from '../../bootstrap/head/ray-head.ts'
-import { createLogger } from '../../mesh/logger.ts'
+import { createLogger } from '../../core/logger.ts'
+import { defaultDataDir } from '../../core/paths.ts'
 import {
   type CommandContext,
-  defaultDataDir,
   parseDuration,
   parseHostPort,
   parseOptions,

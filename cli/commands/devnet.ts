@@ -4,6 +4,8 @@ import { peerIdFromPrivateKey } from '@libp2p/peer-id'
 import { type BootstrapNode, startBootstrap } from '../../bootstrap/bootstrap-node.ts'
 import { type RegionalHead, startRegionalHead } from '../../bootstrap/head/head.ts'
 import { parseRegionPolicy, type RegionPolicy } from '../../bootstrap/head/policy.ts'
+import { createLogger } from '../../core/logger.ts'
+import { defaultDataDir } from '../../core/paths.ts'
 import { type ControlServer, startControlServer } from '../../daemon/control/server.ts'
 import { writeTinyModel } from '../../daemon/engines/llamacpp/tiny-model.ts'
 import { probeHardware } from '../../daemon/hardware/probe.ts'
@@ -12,8 +14,7 @@ import { type Federation, startFederation } from '../../federation/gateway.ts'
 import { type Authority, initAuthority, loadAuthority } from '../../mesh/authority.ts'
 import { issueRegionCertificate } from '../../mesh/certificate.ts'
 import { loadOrCreateIdentity } from '../../mesh/identity.ts'
-import { createLogger } from '../../mesh/logger.ts'
-import { type CommandContext, defaultDataDir, parseOptions, print, UsageError } from '../io.ts'
+import { type CommandContext, parseOptions, print, UsageError } from '../io.ts'
 
 export const usage = `Usage: garage devnet [--regions N] [--nodes N] [--port N] [--data-dir DIR]
 

@@ -1,6 +1,7 @@
+import { defaultDataDir } from '../../core/paths.ts'
 import { formatDoctor, runDoctor } from '../../daemon/hardware/doctor.ts'
 import { defaultCommandTimeoutMs } from '../../daemon/hardware/probe.ts'
-import { type CommandContext, defaultDataDir, parseDuration, parseOptions, print } from '../io.ts'
+import { type CommandContext, parseDuration, parseOptions, print } from '../io.ts'
 
 export const usage = `Usage: garage doctor [--json] [--data-dir DIR] [--timeout D]
 

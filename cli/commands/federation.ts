@@ -1,6 +1,6 @@
+import { createLogger } from '../../core/logger.ts'
 import { defaultFederationPort, startFederation } from '../../federation/gateway.ts'
 import { federationDataDir } from '../../federation/store.ts'
-import { createLogger } from '../../mesh/logger.ts'
 import {
   authorityOption,
   bootstrapOption,

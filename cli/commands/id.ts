@@ -1,7 +1,8 @@
 import { join } from 'node:path'
 import { peerIdFromPrivateKey } from '@libp2p/peer-id'
+import { defaultDataDir } from '../../core/paths.ts'
 import { identityFileName, loadOrCreateIdentity } from '../../mesh/identity.ts'
-import { type CommandContext, defaultDataDir, parseOptions, print } from '../io.ts'
+import { type CommandContext, parseOptions, print } from '../io.ts'
 
 export const usage = `Usage: garage id [--data-dir DIR]
 

@@ -1,6 +1,7 @@
+import { defaultDataDir } from '../../core/paths.ts'
 import { ControlClient } from '../../daemon/control/client.ts'
 import { maxLogLines } from '../../daemon/control/server.ts'
-import { type CommandContext, defaultDataDir, parseOptions, print, UsageError } from '../io.ts'
+import { type CommandContext, parseOptions, print, UsageError } from '../io.ts'
 
 export const usage = `Usage: garage logs [--lines N] [--follow] [--json] [--data-dir DIR]
 

@@ -1,4 +1,6 @@
 import { join, resolve } from 'node:path'
+import { GarageError } from '../../core/errors.ts'
+import { defaultDataDir } from '../../core/paths.ts'
 import { formatBytes, formatGgufSummary, summarizeGgufFile } from '../../daemon/engines/llamacpp/gguf-info.ts'
 import {
   defaultPullTimeoutMs,
@@ -14,8 +16,7 @@ import {
   type tinyModelLimits,
   writeTinyModel,
 } from '../../daemon/engines/llamacpp/tiny-model.ts'
-import { GarageError } from '../../mesh/errors.ts'
-import { type CommandContext, defaultDataDir, parseDuration, parseOptions, print, UsageError } from '../io.ts'
+import { type CommandContext, parseDuration, parseOptions, print, UsageError } from '../io.ts'
 
 export const usage = `Usage:
   garage model tiny --out FILE [--seed N] [--embd N] [--layers N] [--heads N] [--kv-heads N]

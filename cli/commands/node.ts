@@ -1,12 +1,12 @@
+import { createLogger, LogTail } from '../../core/logger.ts'
+import { defaultDataDir } from '../../core/paths.ts'
 import { startControlServer } from '../../daemon/control/server.ts'
 import { loadSettings, saveSettings } from '../../daemon/control/settings.ts'
 import { defaultDrainGraceMs, NodeDaemon } from '../../daemon/node-daemon.ts'
-import { createLogger, LogTail } from '../../mesh/logger.ts'
 import {
   authorityOption,
   bootstrapOption,
   type CommandContext,
-  defaultDataDir,
   parseDuration,
   parseHostPort,
   parseOptions,

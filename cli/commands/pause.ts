@@ -1,6 +1,7 @@
+import { defaultDataDir } from '../../core/paths.ts'
 import { ControlClient } from '../../daemon/control/client.ts'
 import { maxPauseMinutes } from '../../daemon/control/server.ts'
-import { type CommandContext, defaultDataDir, parseOptions, print, UsageError } from '../io.ts'
+import { type CommandContext, parseOptions, print, UsageError } from '../io.ts'
 import { describeState } from './status.ts'
 
 export const usage = `Usage: garage pause [--minutes N | --until TIME] [--data-dir DIR]

@@ -1,5 +1,6 @@
+import { defaultDataDir } from '../../core/paths.ts'
 import { ControlClient } from '../../daemon/control/client.ts'
-import { type CommandContext, defaultDataDir, parseOptions, print } from '../io.ts'
+import { type CommandContext, parseOptions, print } from '../io.ts'
 import { describeState } from './status.ts'
 
 export const usage = `Usage: garage resume [--data-dir DIR]

@@ -1,3 +1,4 @@
+import { defaultDataDir } from '../../core/paths.ts'
 import { ControlClient } from '../../daemon/control/client.ts'
 import {
   formatSchedule,
@@ -8,7 +9,7 @@ import {
   settingKeys,
 } from '../../daemon/control/settings.ts'
 import type { NodeSettings } from '../../daemon/control/types.ts'
-import { type CommandContext, defaultDataDir, parseOptions, print, UsageError } from '../io.ts'
+import { type CommandContext, parseOptions, print, UsageError } from '../io.ts'
 
 export const usage = `Usage:
   garage settings get [--json] [--data-dir DIR]

@@ -1,6 +1,7 @@
+import { defaultDataDir } from '../../core/paths.ts'
 import { ControlClient } from '../../daemon/control/client.ts'
 import type { NodeStatus } from '../../daemon/control/types.ts'
-import { type CommandContext, defaultDataDir, parseOptions, print } from '../io.ts'
+import { type CommandContext, parseOptions, print } from '../io.ts'
 
 export const usage = `Usage: garage status [--json] [--data-dir DIR]
 

@@ -1,6 +1,6 @@
 import { readFile } from 'node:fs/promises'
 import { join } from 'node:path'
-import { GarageError } from '../../mesh/errors.ts'
+import { GarageError } from '../../core/errors.ts'
 import { type ControlInfo, controlInfoFileName, controlTokenFileName } from './server.ts'
 import type { ControlEvents, NodeSettings, NodeStatus } from './types.ts'
 

@@ -2,13 +2,13 @@ import { randomUUID } from 'node:crypto'
 import { constants } from 'node:fs'
 import { open, readdir, readFile, rename, rm } from 'node:fs/promises'
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http'
-import { isIP } from 'node:net'
+import { type AddressInfo, isIP } from 'node:net'
 import { extname, join } from 'node:path'
 import { fileURLToPath } from 'node:url'
-import { GarageError } from '../../mesh/errors.ts'
-import { type Logger, silentLogger } from '../../mesh/logger.ts'
-import { bearerMatches } from '../../mesh/openai-http.ts'
-import { loadOrCreateSecret } from '../../mesh/secret-file.ts'
+import { ApiError, apiError, controlErrorBody, GarageError, internalError } from '../../core/errors.ts'
+import { bearerMatches, listen, parseJson, readBody } from '../../core/http.ts'
+import { type Logger, silentLogger } from '../../core/logger.ts'
+import { loadOrCreateSecret } from '../../core/secret-file.ts'
 import { SettingsValidationError, validateSettingsPatch } from './settings.ts'
 import type { ControlEvents, ControlTarget } from './types.ts'
 
@@ -20,64 +20,6 @@ import type { ControlEvents, ControlTarget } from './types.ts'
 
 export const controlTokenFileName = 'control.token'
 export const controlInfoFileName = 'control.json'
-
-/**
- * Every error code the control API sends, with its HTTP status. docs/control-api.md lists the same
- * table and a test keeps the two in sync. Never reuse or rename a code.
- */
-export const controlErrorCodes = {
-  invalid_json: { status: 400, meaning: 'the body is not valid JSON, or not a JSON object' },
-  invalid_field: { status: 400, meaning: 'a field or query parameter is wrong; `field` names it' },
-  unknown_field: { status: 400, meaning: 'a field the endpoint does not take; `field` names it' },
-  unauthorized: { status: 401, meaning: 'no bearer token, or not the one in control.token' },
-  host_not_allowed: {
-    status: 403,
-    meaning: 'the Host header is not a loopback name (a DNS rebinding guard)',
-  },
-  not_found: { status: 404, meaning: 'no such endpoint' },
-  method_not_allowed: { status: 405, meaning: 'the endpoint takes another method; see Allow' },
-  conflict: { status: 409, meaning: 'the daemon cannot do that now (the message says why)' },
-  request_too_large: { status: 413, meaning: 'the body is over 16 KiB' },
-  too_many_event_streams: { status: 429, meaning: 'too many /events streams are open at once' },
-  internal_error: { status: 500, meaning: 'a bug in Garage; the message says where' },
-  daemon_timeout: { status: 504, meaning: 'the daemon did not finish the operation in time' },
-} as const
-
-export type ControlErrorCode = keyof typeof controlErrorCodes
-
-/** An error the control API answers with `{ error: { message, code, field? } }`. */
-export class ControlHttpError extends Error {
-  readonly status: number
-  readonly code: ControlErrorCode
-  readonly field: string | null
-  readonly fields: Record<string, string> | null
-  readonly headers: Record<string, string>
-
-  constructor(
-    code: ControlErrorCode,
-    message: string,
-    init: { field?: string; fields?: Record<string, string>; headers?: Record<string, string> } = {},
-  ) {
-    super(message)
-    this.name = 'ControlHttpError'
-    this.code = code
-    this.status = controlErrorCodes[code].status
-    this.field = init.field ?? null
-    this.fields = init.fields ?? null
-    this.headers = init.headers ?? {}
-  }
-
-  body(): { error: { message: string; code: string; field?: string; fields?: Record<string, string> } } {
-    return {
-      error: {
-        message: this.message,
-        code: this.code,
-        ...(this.field != null ? { field: this.field } : {}),
-        ...(this.fields != null ? { fields: this.fields } : {}),
-      },
-    }
-  }
-}
 
 /** Asked to listen beyond loopback without allowRemote. */
 export class ControlServerHostError extends GarageError {}
@@ -195,49 +137,20 @@ async function writeInfoFile(path: string, info: ControlInfo): Promise<void> {
   await rename(tmp, path)
 }
 
-/** Reads a body of at most maxBodyBytes; undefined when there is none. */
-async function readBody(req: IncomingMessage): Promise<unknown> {
-  const declared = Number(req.headers['content-length'] ?? 0)
-  if (declared > maxBodyBytes)
-    throw new ControlHttpError(
-      'request_too_large',
-      `the body is ${declared} bytes; the limit is ${maxBodyBytes}`,
-      {
-        headers: { connection: 'close' },
-      },
-    )
-  const chunks: Buffer[] = []
-  let size = 0
-  try {
-    for await (const chunk of req) {
-      size += (chunk as Buffer).byteLength
-      if (size > maxBodyBytes)
-        throw new ControlHttpError('request_too_large', `the body is over the ${maxBodyBytes}-byte limit`, {
-          headers: { connection: 'close' },
-        })
-      chunks.push(chunk as Buffer)
-    }
-  } catch (err) {
-    if (err instanceof ControlHttpError) throw err
-    // The client left or broke the HTTP framing mid-body: its mistake, not the daemon's.
-    throw new ControlHttpError(
-      'invalid_json',
-      `the body ended before it was complete: ${(err as Error).message}`,
-    )
-  }
-  const text = Buffer.concat(chunks).toString('utf8')
-  if (text.trim() === '') return undefined
-  try {
-    return JSON.parse(text)
-  } catch (err) {
-    throw new ControlHttpError('invalid_json', `the body is not valid JSON: ${(err as Error).message}`)
-  }
+/** Reads a JSON body of at most maxBodyBytes; undefined when there is none. */
+async function readJson(req: IncomingMessage): Promise<unknown> {
+  const bytes = await readBody(req, maxBodyBytes, {
+    noun: 'the body',
+    tooLargeHeaders: { connection: 'close' },
+  })
+  if (bytes.toString('utf8').trim() === '') return undefined
+  return parseJson(bytes, 'the body')
 }
 
 function objectBody(body: unknown, what: string): Record<string, unknown> {
   if (body === undefined) return {}
   if (body == null || typeof body !== 'object' || Array.isArray(body))
-    throw new ControlHttpError('invalid_json', `${what} takes a JSON object, not ${printJson(body)}`)
+    throw apiError('invalid_json', `${what} takes a JSON object, not ${printJson(body)}`)
   return body as Record<string, unknown>
 }
 
@@ -258,22 +171,20 @@ export function parsePauseRequest(body: unknown, now = new Date()): { minutes?: 
   const b = objectBody(body, 'POST /pause')
   for (const key of Object.keys(b))
     if (key !== 'minutes' && key !== 'until')
-      throw new ControlHttpError(
+      throw apiError(
         'unknown_field',
         `POST /pause takes { minutes } or { until }, not ${JSON.stringify(key)}`,
-        {
-          field: key,
-        },
+        { param: key },
       )
   if (b.minutes != null && b.until != null)
-    throw new ControlHttpError('invalid_field', 'give minutes or until, not both', { field: 'until' })
+    throw apiError('invalid_field', 'give minutes or until, not both', { param: 'until' })
   if (b.minutes != null) {
     const m = b.minutes
     if (typeof m !== 'number' || !Number.isFinite(m) || m <= 0 || m > maxPauseMinutes)
-      throw new ControlHttpError(
+      throw apiError(
         'invalid_field',
         `minutes must be a number above 0 and at most ${maxPauseMinutes} (a week), not ${printJson(m)}`,
-        { field: 'minutes' },
+        { param: 'minutes' },
       )
     return { minutes: m }
   }
@@ -281,15 +192,15 @@ export function parsePauseRequest(body: unknown, now = new Date()): { minutes?: 
     const u = b.until
     const at = typeof u === 'string' ? new Date(u) : null
     if (at == null || Number.isNaN(at.getTime()) || !/^\d{4}-\d{2}-\d{2}T/.test(u as string))
-      throw new ControlHttpError(
+      throw apiError(
         'invalid_field',
         `until must be an ISO 8601 time like 2026-11-24T18:00:00Z, not ${printJson(u)}`,
-        { field: 'until' },
+        { param: 'until' },
       )
     if (at.getTime() <= now.getTime())
-      throw new ControlHttpError('invalid_field', `until ${u} is in the past`, { field: 'until' })
+      throw apiError('invalid_field', `until ${u} is in the past`, { param: 'until' })
     if (at.getTime() - now.getTime() > maxPauseMinutes * 60_000)
-      throw new ControlHttpError('invalid_field', `until ${u} is more than a week away`, { field: 'until' })
+      throw apiError('invalid_field', `until ${u} is more than a week away`, { param: 'until' })
     return { until: at }
   }
   return {}
@@ -300,19 +211,15 @@ export function parseIdleRequest(body: unknown): number {
   const b = objectBody(body, 'POST /idle')
   for (const key of Object.keys(b))
     if (key !== 'seconds')
-      throw new ControlHttpError(
-        'unknown_field',
-        `POST /idle takes { seconds }, not ${JSON.stringify(key)}`,
-        {
-          field: key,
-        },
-      )
+      throw apiError('unknown_field', `POST /idle takes { seconds }, not ${JSON.stringify(key)}`, {
+        param: key,
+      })
   const s = b.seconds
   if (typeof s !== 'number' || !Number.isFinite(s) || s < 0 || s > maxIdleSeconds)
-    throw new ControlHttpError(
+    throw apiError(
       'invalid_field',
       `seconds must be a number from 0 to ${maxIdleSeconds}, not ${printJson(s)}`,
-      { field: 'seconds' },
+      { param: 'seconds' },
     )
   return s
 }
@@ -322,7 +229,7 @@ function requestUrl(target: string | undefined): URL {
   try {
     return new URL(target ?? '/', 'http://control.invalid')
   } catch {
-    throw new ControlHttpError('not_found', `no such endpoint: ${JSON.stringify(target)}`)
+    throw apiError('not_found', `no such endpoint: ${JSON.stringify(target)}`)
   }
 }
 
@@ -331,10 +238,10 @@ function parseLogLines(url: URL): number {
   if (text == null) return defaultLogLines
   const n = Number(text)
   if (!/^\d+$/.test(text) || n < 1 || n > maxLogLines)
-    throw new ControlHttpError(
+    throw apiError(
       'invalid_field',
       `lines must be a whole number from 1 to ${maxLogLines}, not ${JSON.stringify(text)}`,
-      { field: 'lines' },
+      { param: 'lines' },
     )
   return n
 }
@@ -343,7 +250,7 @@ function withTimeout<T>(work: Promise<T>, ms: number, what: string): Promise<T> 
   let timer: NodeJS.Timeout | undefined
   const timeout = new Promise<never>((_, reject) => {
     timer = setTimeout(
-      () => reject(new ControlHttpError('daemon_timeout', `${what} did not finish within ${ms / 1000} s`)),
+      () => reject(apiError('daemon_timeout', `${what} did not finish within ${ms / 1000} s`)),
       ms,
     )
   })
@@ -397,16 +304,16 @@ export async function startControlServer(
     try {
       return await withTimeout(work(), operationTimeoutMs, what)
     } catch (err) {
-      if (err instanceof ControlHttpError) throw err
+      if (err instanceof ApiError) throw err
       if (err instanceof SettingsValidationError) throw settingsError(err)
-      if (err instanceof GarageError) throw new ControlHttpError('conflict', `${what}: ${err.message}`)
+      if (err instanceof GarageError) throw apiError('conflict', `${what}: ${err.message}`)
       throw err
     }
   }
 
   const openEventStream: Handler = (req, res) => {
     if (eventStreams.size >= maxEventStreams)
-      throw new ControlHttpError(
+      throw apiError(
         'too_many_event_streams',
         `${eventStreams.size} event streams are open; the limit is ${maxEventStreams}`,
       )
@@ -456,37 +363,33 @@ export async function startControlServer(
     '/events': { GET: openEventStream },
     '/pause': {
       POST: async (req, res) => {
-        const request = parsePauseRequest(await readBody(req))
+        const request = parsePauseRequest(await readJson(req))
         await runOperation('pause', () => target.pause(request))
         sendJson(res, 200, target.status())
       },
     },
     '/resume': {
       POST: async (req, res) => {
-        const body = objectBody(await readBody(req), 'POST /resume')
+        const body = objectBody(await readJson(req), 'POST /resume')
         const extra = Object.keys(body)[0]
         if (extra != null)
-          throw new ControlHttpError(
-            'unknown_field',
-            `POST /resume takes no fields, not ${JSON.stringify(extra)}`,
-            {
-              field: extra,
-            },
-          )
+          throw apiError('unknown_field', `POST /resume takes no fields, not ${JSON.stringify(extra)}`, {
+            param: extra,
+          })
         await runOperation('resume', () => target.resume())
         sendJson(res, 200, target.status())
       },
     },
     '/idle': {
       POST: async (req, res) => {
-        target.reportIdle?.(parseIdleRequest(await readBody(req)))
+        target.reportIdle?.(parseIdleRequest(await readJson(req)))
         res.writeHead(204, baseHeaders).end()
       },
     },
     '/settings': {
       GET: (_req, res) => sendJson(res, 200, target.settings()),
       PUT: async (req, res) => {
-        const body = await readBody(req)
+        const body = await readJson(req)
         let patch: ReturnType<typeof validateSettingsPatch>
         try {
           patch = validateSettingsPatch(body ?? {})
@@ -506,15 +409,12 @@ export async function startControlServer(
   const handle = async (req: IncomingMessage, res: ServerResponse, reqLog: Logger): Promise<void> => {
     // A page on another site that rebinds its name to 127.0.0.1 still sends its own name as Host.
     if (loopback && !isLoopbackHost(hostName(req.headers.host)))
-      throw new ControlHttpError(
-        'host_not_allowed',
-        `Host ${JSON.stringify(req.headers.host ?? '')} is not loopback`,
-      )
+      throw apiError('host_not_allowed', `Host ${JSON.stringify(req.headers.host ?? '')} is not loopback`)
     const url = requestUrl(req.url)
     const file = dashboard.get(url.pathname)
     if (file != null) {
       if (req.method !== 'GET' && req.method !== 'HEAD')
-        throw new ControlHttpError('method_not_allowed', `${url.pathname} takes GET`, {
+        throw apiError('method_not_allowed', `${url.pathname} takes GET`, {
           headers: { allow: 'GET, HEAD' },
         })
       res.writeHead(200, {
@@ -526,17 +426,17 @@ export async function startControlServer(
       return
     }
     if (!bearerMatches(req.headers.authorization, token))
-      throw new ControlHttpError(
+      throw apiError(
         'unauthorized',
         'the control API needs "Authorization: Bearer <token>" with the token in control.token',
         { headers: { 'www-authenticate': 'Bearer realm="garage-control"' } },
       )
     const route = routes[url.pathname]
-    if (route == null) throw new ControlHttpError('not_found', `no such endpoint: ${url.pathname}`)
+    if (route == null) throw apiError('not_found', `no such endpoint: ${url.pathname}`)
     const handler = route[req.method ?? 'GET']
     if (handler == null) {
       const allow = Object.keys(route).join(', ')
-      throw new ControlHttpError('method_not_allowed', `${url.pathname} takes ${allow}`, {
+      throw apiError('method_not_allowed', `${url.pathname} takes ${allow}`, {
         headers: { allow },
       })
     }
@@ -549,51 +449,22 @@ export async function startControlServer(
     res.setHeader('x-request-id', id)
     const reqLog = log.child({ reqId: id })
     handle(req, res, reqLog).catch((err: unknown) => {
-      const httpErr =
-        err instanceof ControlHttpError
-          ? err
-          : new ControlHttpError('internal_error', `internal error: ${(err as Error).message}`)
+      const httpErr = err instanceof ApiError ? err : internalError(err)
       if (httpErr.status >= 500) reqLog.error({ err: (err as Error).message }, 'control request failed')
       if (res.headersSent) {
         res.destroy()
         return
       }
-      sendJson(res, httpErr.status, httpErr.body(), httpErr.headers)
+      sendJson(res, httpErr.status, controlErrorBody(httpErr), httpErr.headers)
     })
   })
-  server.requestTimeout = 10_000
-  server.headersTimeout = 5_000
-  server.keepAliveTimeout = 5_000
-
-  await new Promise<void>((resolve, reject) => {
-    const onError = (err: NodeJS.ErrnoException): void =>
-      reject(
-        new GarageError(
-          err.code === 'EADDRINUSE'
-            ? `the control API cannot listen on ${host}:${options.port}: the port is in use; pick another or 0 for any free port`
-            : `the control API cannot listen on ${host}:${options.port ?? 0}: ${err.message}`,
-          'CONTROL_LISTEN',
-          { cause: err },
-        ),
-      )
-    server.once('error', onError)
-    server.listen(options.port ?? 0, host, () => {
-      server.off('error', onError)
-      resolve()
-    })
-  })
-  const address = server.address()
-  if (address == null || typeof address === 'string') throw new Error('the control server has no TCP address')
   // Clients on this machine reach a wildcard listener through loopback.
-  const urlHost =
-    address.address === '0.0.0.0'
-      ? '127.0.0.1'
-      : address.address === '::'
-        ? '[::1]'
-        : address.family === 'IPv6'
-          ? `[${address.address}]`
-          : address.address
-  const url = `http://${urlHost}:${address.port}`
+  const url = await listen(server, options.port ?? 0, host, {
+    what: 'the control API',
+    timeouts: { requestTimeoutMs: 10_000, headersTimeoutMs: 5_000 },
+    reachableUrl: true,
+  })
+  const port = (server.address() as AddressInfo).port
   const info: ControlInfo = { url, pid: process.pid }
   try {
     await writeInfoFile(infoPath, info)
@@ -609,7 +480,7 @@ export async function startControlServer(
   return {
     url,
     host,
-    port: address.port,
+    port,
     token,
     tokenPath,
     infoPath,
@@ -630,12 +501,12 @@ export async function startControlServer(
   }
 }
 
-function settingsError(err: SettingsValidationError): ControlHttpError {
+function settingsError(err: SettingsValidationError): ApiError {
   const fields: Record<string, string> = {}
   for (const issue of err.issues) fields[issue.field] ??= issue.message
-  return new ControlHttpError(
+  return apiError(
     err.issues.every((i) => i.unknown === true) ? 'unknown_field' : 'invalid_field',
     err.message,
-    { field: err.field, fields },
+    { param: err.field, fields },
   )
 }

@@ -1,7 +1,7 @@
 import { constants } from 'node:fs'
 import { mkdir, open, readFile, rename, rm } from 'node:fs/promises'
 import { join } from 'node:path'
-import { GarageError } from '../../mesh/errors.ts'
+import { GarageError } from '../../core/errors.ts'
 import type { NodeSettings } from './types.ts'
 
 /**

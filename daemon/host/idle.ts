@@ -1,4 +1,4 @@
-import { GarageError } from '../../mesh/errors.ts'
+import { GarageError } from '../../core/errors.ts'
 import { runTool } from '../hardware/run.ts'
 
 /** The tray app reported something that is not a number of seconds. */

@@ -1,5 +1,5 @@
 import { TypedEventEmitter } from 'main-event'
-import { type Logger, silentLogger } from '../../mesh/logger.ts'
+import { type Logger, silentLogger } from '../../core/logger.ts'
 import type { NodeSettings } from '../control/types.ts'
 import { evaluateHost } from './policy.ts'
 import type { HostInput, HostVerdict } from './types.ts'

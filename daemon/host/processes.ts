@@ -1,6 +1,6 @@
 import { closeSync, openSync, readdirSync, readlinkSync, readSync } from 'node:fs'
 import si from 'systeminformation'
-import { GarageError } from '../../mesh/errors.ts'
+import { GarageError } from '../../core/errors.ts'
 import { baseName, linuxCommMaxChars } from './games.ts'
 import type { HostProcess } from './types.ts'
 

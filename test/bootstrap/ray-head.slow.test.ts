@@ -4,10 +4,10 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { RayHead, type RayHeadInit, rayHeadTokenFile } from '../../bootstrap/head/ray-head.ts'
-import { CliContainerRuntime } from '../../daemon/engines/container/cli.ts'
-import { freeLoopbackPort } from '../../daemon/engines/container/ports.ts'
+import { CliContainerRuntime } from '../../containers/cli.ts'
+import { freeLoopbackPort } from '../../containers/ports.ts'
 import { RayWorker } from '../../daemon/engines/ray/worker.ts'
-import { nextEvent } from '../daemon/engines/container/fake-runtime.ts'
+import { nextEvent } from '../containers/fake-runtime.ts'
 import {
   containersOf,
   inspectContainer,
@@ -16,7 +16,7 @@ import {
   requirePodman,
   standInImage,
   testPeerId,
-} from '../daemon/engines/container/podman.ts'
+} from '../containers/podman.ts'
 
 /**
  * The Ray head container against real Podman. The image is the engine suites' stand-in image with

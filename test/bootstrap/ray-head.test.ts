@@ -11,11 +11,11 @@ import {
   rayHeadContainerSpec,
   rayHeadTokenFile,
 } from '../../bootstrap/head/ray-head.ts'
-import { buildRunArgs } from '../../daemon/engines/container/argv.ts'
-import { freeLoopbackPort } from '../../daemon/engines/container/ports.ts'
-import type { ContainerSpec } from '../../daemon/engines/container/types.ts'
+import { buildRunArgs } from '../../containers/argv.ts'
+import { freeLoopbackPort } from '../../containers/ports.ts'
+import type { ContainerSpec } from '../../containers/types.ts'
 import { rayImage } from '../../daemon/engines/ray/spec.ts'
-import { FakeRuntime } from '../daemon/engines/container/fake-runtime.ts'
+import { FakeRuntime } from '../containers/fake-runtime.ts'
 
 const peer = '12D3KooWRHB6gqzSZSmC8V2JoUf8y5ZwpgCJmrEw6T8fXkgG7Xbe'
 const dirs: string[] = []

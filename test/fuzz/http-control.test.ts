@@ -4,9 +4,9 @@ import { join } from 'node:path'
 import fc from 'fast-check'
 import { pino } from 'pino'
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest'
+import { errorCodesOf } from '../../core/errors.ts'
 import {
   type ControlServer,
-  controlErrorCodes,
   maxBodyBytes,
   maxPauseMinutes,
   startControlServer,
@@ -38,7 +38,8 @@ const routes: Record<string, string[]> = {
   '/settings': ['GET', 'PUT'],
   '/logs': ['GET'],
 }
-const statuses = new Set([200, 204, ...Object.values(controlErrorCodes).map((c) => c.status)])
+const controlCodes = errorCodesOf('control')
+const statuses = new Set([200, 204, ...[...controlCodes.values()].map((c) => c.status)])
 
 const settingsFields = {
   games: fc.array(fc.stringMatching(/^[A-Za-z][A-Za-z0-9 ._-]{0,30}$/), { maxLength: 5 }),
@@ -174,8 +175,8 @@ describe('fuzz: the node control API (daemon/control/server.ts)', { timeout: fuz
           const body = JSON.parse(res.body.toString('utf8')) as {
             error: { message: string; code: string; field?: string }
           }
-          expect(Object.keys(controlErrorCodes)).toContain(body.error.code)
-          expect(controlErrorCodes[body.error.code as keyof typeof controlErrorCodes].status).toBe(res.status)
+          expect([...controlCodes.keys()]).toContain(body.error.code)
+          expect(controlCodes.get(body.error.code)?.status).toBe(res.status)
           expect(body.error.message.length).toBeGreaterThan(0)
           if (body.error.code === 'invalid_field' || body.error.code === 'unknown_field') {
             expect(typeof body.error.field).toBe('string')

@@ -1,9 +1,9 @@
 import fc from 'fast-check'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import type { ApiError } from '../../daemon/engines/openai-errors.ts'
-import { federationErrorCodes } from '../../federation/errors.ts'
+import type { ApiError } from '../../core/errors.ts'
+import { errorCodesOf } from '../../core/errors.ts'
 import { inferRequestBodyMaxBytes } from '../../mesh/protocols.ts'
-import { prepareUpstreamRequest } from '../../mesh/token-accounting.ts'
+import { prepareUpstreamRequest } from '../../openai/request.ts'
 import { TestMesh } from '../helpers/mesh.ts'
 import { announceFuzz, deepJson, fuzzParams, fuzzTimeoutMs } from './fuzz.ts'
 import {
@@ -115,8 +115,8 @@ function checkAnswer(c: HttpCase, res: HttpAnswer, want: Expected): void {
   if (res.status >= 400) {
     const error = openAiError(res.body)
     expect(error, res.body.toString('utf8').slice(0, 200)).not.toBeNull()
-    expect(Object.keys(federationErrorCodes)).toContain(error!.code)
-    expect(federationErrorCodes[error!.code as keyof typeof federationErrorCodes].status).toBe(res.status)
+    expect([...errorCodesOf('openai').keys()]).toContain(error!.code)
+    expect(errorCodesOf('openai').get(error!.code ?? '')?.status).toBe(res.status)
     if (want.code != null) expect(error!.code).toBe(want.code)
     if (error!.param != null) expect(error!.message).toContain(error!.param)
     return

@@ -1,4 +1,5 @@
-import { decodeCanonical, isPlainObject } from '../../mesh/cbor.ts'
+import { decodeCanonical } from '../../core/cbor.ts'
+import { isPlainObject } from '../../core/guards.ts'
 import { InferFrameType as T } from '../../mesh/infer-protocol.ts'
 import { inferFrameMaxBytes, inferHeadMaxBytes, inferRequestBodyMaxBytes } from '../../mesh/protocols.ts'
 

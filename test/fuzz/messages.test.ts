@@ -3,6 +3,7 @@ import type { PeerId, PrivateKey } from '@libp2p/interface'
 import { peerIdFromPrivateKey } from '@libp2p/peer-id'
 import fc from 'fast-check'
 import { beforeAll, describe, expect, it } from 'vitest'
+import { CborDecodeError, decodeCanonical, encodeCanonical } from '../../core/cbor.ts'
 import {
   CapabilityReportError,
   capabilityReportMaxBytes,
@@ -13,7 +14,6 @@ import {
   signCapabilityReport,
   verifyCapabilityReport,
 } from '../../mesh/capability-report.ts'
-import { CborDecodeError, decodeCanonical, encodeCanonical } from '../../mesh/cbor.ts'
 import {
   certificateMaxBytes,
   decodeRegionCertificate,

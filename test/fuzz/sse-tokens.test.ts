@@ -1,15 +1,9 @@
 import fc from 'fast-check'
 import { beforeAll, describe, expect, it } from 'vitest'
-import { ApiError } from '../../daemon/engines/openai-errors.ts'
-import { federationErrorCodes } from '../../federation/errors.ts'
-import { upstreamBody } from '../../mesh/openai-http.ts'
-import { maxSseEventBytes, type SseEvent, SseEventTooLargeError, SseSplitter } from '../../mesh/sse.ts'
-import {
-  BadRequestError,
-  countNonStreamed,
-  prepareUpstreamRequest,
-  StreamTokenCounter,
-} from '../../mesh/token-accounting.ts'
+import { ApiError, errorCodesOf } from '../../core/errors.ts'
+import { prepareUpstreamRequest, upstreamBody } from '../../openai/request.ts'
+import { maxSseEventBytes, type SseEvent, SseEventTooLargeError, SseSplitter } from '../../openai/sse.ts'
+import { countNonStreamed, StreamTokenCounter } from '../../openai/usage.ts'
 import { announceFuzz, deepJson, fuzzParams, fuzzTimeoutMs } from './fuzz.ts'
 
 const encoder = new TextEncoder()
@@ -353,10 +347,10 @@ describe('fuzz: request preparation (mesh/token-accounting.ts, mesh/openai-http.
         try {
           prepared = prepareUpstreamRequest(body, kind)
         } catch (err) {
-          expect(err).toBeInstanceOf(BadRequestError)
-          const e = err as BadRequestError
+          expect(err).toBeInstanceOf(ApiError)
+          const e = err as ApiError
           expect(e.status).toBe(400)
-          expect(Object.keys(federationErrorCodes)).toContain(e.code)
+          expect([...errorCodesOf('openai').keys()]).toContain(e.code)
           if (e.param != null) expect(e.message).toContain(e.param)
           return
         }

@@ -3,8 +3,9 @@ import type { PrivateKey, Stream } from '@libp2p/interface'
 import type { Multiaddr } from '@multiformats/multiaddr'
 import fc from 'fast-check'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import { decodeCanonical, encodeCanonical } from '../../core/cbor.ts'
+import { isPlainObject } from '../../core/guards.ts'
 import { signCapabilityReport } from '../../mesh/capability-report.ts'
-import { decodeCanonical, encodeCanonical, isPlainObject } from '../../mesh/cbor.ts'
 import { issueRegionCertificate } from '../../mesh/certificate.ts'
 import {
   encodeInferFrames,

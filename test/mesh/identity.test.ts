@@ -3,8 +3,12 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { peerIdFromPrivateKey } from '@libp2p/peer-id'
 import { afterEach, describe, expect, it } from 'vitest'
-import { IdentityKeyInvalidError, IdentityKeyPermissionsError } from '../../mesh/errors.ts'
-import { identityFileName, loadOrCreateIdentity } from '../../mesh/identity.ts'
+import {
+  IdentityKeyInvalidError,
+  IdentityKeyPermissionsError,
+  identityFileName,
+  loadOrCreateIdentity,
+} from '../../mesh/identity.ts'
 
 describe('persistent identity', () => {
   const dirs: string[] = []

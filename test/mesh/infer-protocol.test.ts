@@ -1,7 +1,7 @@
 import { createHash, randomBytes } from 'node:crypto'
 import type { PeerId, Stream } from '@libp2p/interface'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { encodeCanonical } from '../../mesh/cbor.ts'
+import { encodeCanonical } from '../../core/cbor.ts'
 import {
   encodeInferFrame,
   encodeInferFrames,

@@ -4,12 +4,12 @@ import { peerIdFromPrivateKey } from '@libp2p/peer-id'
 import { lpStream } from '@libp2p/utils'
 import { encode } from 'cborg'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import { decodeCanonical, encodeCanonical } from '../../core/cbor.ts'
 import {
   capabilityReportSigningDomain,
   signCapabilityReport,
   verifyCapabilityReport,
 } from '../../mesh/capability-report.ts'
-import { decodeCanonical, encodeCanonical } from '../../mesh/cbor.ts'
 import {
   handleJoinProtocol,
   type JoinHandlerInit,

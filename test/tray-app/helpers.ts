@@ -1,5 +1,5 @@
+import { silentLogger } from '../../core/logger.ts'
 import type { NodeStatus } from '../../daemon/control/types.ts'
-import { silentLogger } from '../../mesh/logger.ts'
 import { createTrayContext, type TrayContext, type TrayContextInit } from '../../tray-app/context.ts'
 import type { ControlEndpoint, ControlEvent, TrayControlClient } from '../../tray-app/control-client.ts'
 

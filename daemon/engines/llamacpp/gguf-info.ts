@@ -1,5 +1,5 @@
 import { stat } from 'node:fs/promises'
-import { GarageError } from '../../../mesh/errors.ts'
+import { GarageError } from '../../../core/errors.ts'
 
 /** What a user wants to know about a GGUF file before serving it. */
 export interface GgufModelSummary {

@@ -1,5 +1,5 @@
 import { mkdir, stat } from 'node:fs/promises'
-import { GarageError } from '../../../mesh/errors.ts'
+import { GarageError } from '../../../core/errors.ts'
 
 /** How long the network may stay silent (header read, URL resolution, no new bytes) before a pull gives up. */
 export const defaultPullTimeoutMs = 15_000

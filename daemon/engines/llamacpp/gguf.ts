@@ -1,7 +1,7 @@
 import { createHash } from 'node:crypto'
 import { open } from 'node:fs/promises'
 import { endianness } from 'node:os'
-import { GarageError } from '../../../mesh/errors.ts'
+import { GarageError } from '../../../core/errors.ts'
 
 /**
  * GGUF v3, the file format llama.cpp loads: a little-endian header (magic, version, counts), typed

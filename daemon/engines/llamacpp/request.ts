@@ -1,4 +1,4 @@
-import { ApiError } from '../openai-errors.ts'
+import { type ApiError, apiError, type HttpErrorCodeName } from '../../../core/errors.ts'
 
 export interface ChatMessage {
   role: 'system' | 'user' | 'assistant'
@@ -44,8 +44,8 @@ const neutral: Record<string, unknown> = {
   parallel_tool_calls: true,
 }
 
-function bad(message: string, param: string, code = 'invalid_value'): ApiError {
-  return new ApiError(400, message, { param, code })
+function bad(message: string, param: string, code: HttpErrorCodeName = 'invalid_value'): ApiError {
+  return apiError(code, message, { param })
 }
 
 function number(

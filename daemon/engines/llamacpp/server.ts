@@ -1,7 +1,6 @@
-import { randomBytes, randomUUID, timingSafeEqual } from 'node:crypto'
+import { randomBytes, randomUUID } from 'node:crypto'
 import { open } from 'node:fs/promises'
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http'
-import type { AddressInfo } from 'node:net'
 import { availableParallelism } from 'node:os'
 import { setTimeout as sleep } from 'node:timers/promises'
 import {
@@ -18,7 +17,16 @@ import {
   type Token,
 } from 'node-llama-cpp'
 import { Counter, Gauge, Histogram, Registry } from 'prom-client'
-import { ApiError, sendError } from '../openai-errors.ts'
+import { ApiError, apiError, internalError } from '../../../core/errors.ts'
+import {
+  bearerMatches,
+  closeServer,
+  listen,
+  readJsonBody,
+  requestPath,
+  sendError,
+} from '../../../core/http.ts'
+import { generationKind, modelsPath } from '../../../openai/endpoints.ts'
 import { type GenerationRequest, parseGenerationRequest } from './request.ts'
 
 export interface EmbeddedServerOptions {
@@ -162,13 +170,10 @@ class SequencePool {
     }
     if (this.waiting.length >= this.maxQueue) {
       return Promise.reject(
-        new ApiError(
-          429,
+        apiError(
+          'engine_overloaded',
           `the engine is busy: ${this.slots.length} requests running and ${this.waiting.length} waiting`,
-          {
-            code: 'engine_overloaded',
-            headers: { 'retry-after': '1' },
-          },
+          { headers: { 'retry-after': '1' } },
         ),
       )
     }
@@ -192,39 +197,6 @@ class SequencePool {
     if (next != null) next.resolve(slot)
     else slot.busy = false
   }
-}
-
-async function readBody(req: IncomingMessage, maxBytes: number): Promise<unknown> {
-  const declared = Number(req.headers['content-length'] ?? 0)
-  if (declared > maxBytes)
-    throw new ApiError(413, `the request body is ${declared} bytes; the limit is ${maxBytes}`, {
-      code: 'request_too_large',
-    })
-  const chunks: Buffer[] = []
-  let size = 0
-  for await (const chunk of req) {
-    size += (chunk as Buffer).byteLength
-    if (size > maxBytes)
-      throw new ApiError(413, `the request body is over the ${maxBytes}-byte limit`, {
-        code: 'request_too_large',
-      })
-    chunks.push(chunk as Buffer)
-  }
-  try {
-    return JSON.parse(Buffer.concat(chunks).toString('utf8'))
-  } catch (err) {
-    throw new ApiError(400, `the request body is not valid JSON: ${(err as Error).message}`, {
-      code: 'invalid_json',
-    })
-  }
-}
-
-function keyMatches(header: string | undefined, key: string): boolean {
-  const m = /^Bearer (.+)$/.exec(header ?? '')
-  if (m?.[1] == null) return false
-  const a = Buffer.from(m[1])
-  const b = Buffer.from(key)
-  return a.length === b.length && timingSafeEqual(a, b)
 }
 
 export class ModelFileError extends Error {
@@ -393,13 +365,10 @@ export async function startEmbeddedServer(options: EmbeddedServerOptions): Promi
   ): Promise<void> {
     const { tokens, stops } = render(req)
     if (tokens.length >= sequenceContext) {
-      throw new ApiError(
-        400,
+      throw apiError(
+        'context_length_exceeded',
         `the prompt is ${tokens.length} tokens; this engine's context is ${sequenceContext}`,
-        {
-          param: req.kind === 'chat' ? 'messages' : 'prompt',
-          code: 'context_length_exceeded',
-        },
+        { param: req.kind === 'chat' ? 'messages' : 'prompt' },
       )
     }
     const maxTokens = Math.min(
@@ -545,7 +514,7 @@ export async function startEmbeddedServer(options: EmbeddedServerOptions): Promi
   }
 
   async function handle(req: IncomingMessage, res: ServerResponse): Promise<void> {
-    const path = (req.url ?? '/').split('?')[0]
+    const path = requestPath(req)
     if (req.method === 'GET' && path === '/health') {
       res
         .writeHead(draining ? 503 : 200, { 'content-type': 'application/json' })
@@ -556,12 +525,10 @@ export async function startEmbeddedServer(options: EmbeddedServerOptions): Promi
       res.writeHead(200, { 'content-type': registry.contentType }).end(await registry.metrics())
       return
     }
-    if (!keyMatches(req.headers.authorization, apiKey)) {
-      throw new ApiError(401, 'a valid bearer key is required (Authorization: Bearer <key>)', {
-        code: 'invalid_api_key',
-      })
+    if (!bearerMatches(req.headers.authorization, apiKey)) {
+      throw apiError('invalid_api_key', 'a valid bearer key is required (Authorization: Bearer <key>)')
     }
-    if (req.method === 'GET' && path === '/v1/models') {
+    if (req.method === 'GET' && path === modelsPath) {
       res.writeHead(200, { 'content-type': 'application/json' }).end(
         JSON.stringify({
           object: 'list',
@@ -578,22 +545,17 @@ export async function startEmbeddedServer(options: EmbeddedServerOptions): Promi
       )
       return
     }
-    const kind = path === '/v1/chat/completions' ? 'chat' : path === '/v1/completions' ? 'completion' : null
-    if (kind == null)
-      throw new ApiError(404, `no such endpoint: ${req.method} ${path}`, { code: 'not_found' })
-    if (req.method !== 'POST') throw new ApiError(405, `${path} takes POST`, { code: 'method_not_allowed' })
-    if (draining)
-      throw new ApiError(503, 'the engine is draining and takes no new requests', { code: 'engine_draining' })
-    const body = await readBody(req, maxBodyBytes)
+    const kind = generationKind(path)
+    if (kind == null) throw apiError('not_found', `no such endpoint: ${req.method} ${path}`)
+    if (req.method !== 'POST') throw apiError('method_not_allowed', `${path} takes POST`)
+    if (draining) throw apiError('engine_draining', 'the engine is draining and takes no new requests')
+    const body = await readJsonBody(req, maxBodyBytes)
     const parsed = parseGenerationRequest(kind, body, sequenceContext)
     if (parsed.model !== options.servedModelName) {
-      throw new ApiError(
-        404,
+      throw apiError(
+        'model_not_found',
         `the model ${JSON.stringify(parsed.model)} does not exist here; this engine serves ${JSON.stringify(options.servedModelName)}`,
-        {
-          param: 'model',
-          code: 'model_not_found',
-        },
+        { param: 'model' },
       )
     }
     const gone = new AbortController()
@@ -605,25 +567,13 @@ export async function startEmbeddedServer(options: EmbeddedServerOptions): Promi
 
   const server: Server = createServer((req, res) => {
     handle(req, res).catch((err: unknown) => {
-      const e =
-        err instanceof ApiError
-          ? err
-          : new ApiError(500, `internal error: ${(err as Error).message}`, { code: 'internal_error' })
-      sendError(res, e)
+      sendError(res, err instanceof ApiError ? err : internalError(err))
     })
   })
-  server.headersTimeout = 10_000
-  // Time to receive the whole request (not to answer it: generations stream as long as they take).
-  server.requestTimeout = 30_000
-  server.keepAliveTimeout = 5_000
-  await new Promise<void>((resolve, reject) => {
-    server.once('error', reject)
-    server.listen(0, '127.0.0.1', () => resolve())
-  })
-  const port = (server.address() as AddressInfo).port
+  const url = await listen(server, 0, '127.0.0.1', { what: 'the embedded engine' })
   let closed = false
   return {
-    url: `http://127.0.0.1:${port}`,
+    url,
     apiKey,
     servedModelName: options.servedModelName,
     chatTemplate: chatWrapper.wrapperName,
@@ -643,8 +593,7 @@ export async function startEmbeddedServer(options: EmbeddedServerOptions): Promi
       if (closed) return
       closed = true
       draining = true
-      server.closeAllConnections()
-      await new Promise<void>((resolve) => server.close(() => resolve()))
+      await closeServer(server)
       // Closed connections abort their generations; let them unwind before the context goes.
       if (pool.running > 0) await new Promise<void>((resolve) => idle.push(resolve))
       await loadedContext.dispose()

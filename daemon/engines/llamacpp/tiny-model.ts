@@ -1,6 +1,6 @@
 import { randomBytes } from 'node:crypto'
 import { access, link, rename, rm } from 'node:fs/promises'
-import { GarageError } from '../../../mesh/errors.ts'
+import { GarageError } from '../../../core/errors.ts'
 import { type GgufFile, type GgufMetadataValue, type GgufTensor, writeGgufFile } from './gguf.ts'
 
 /**

@@ -1,6 +1,6 @@
 import { isIP } from 'node:net'
+import type { ContainerSpec, GpuRequest } from '../../../containers/types.ts'
 import { regionNamePattern } from '../../../mesh/certificate.ts'
-import type { ContainerSpec, GpuRequest } from '../container/types.ts'
 
 /**
  * The pinned Ray image (Ray 2.58.0, Python 3.12, CUDA). Token authentication needs Ray 2.52 or newer.

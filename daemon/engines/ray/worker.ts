@@ -3,12 +3,16 @@ import { mkdir } from 'node:fs/promises'
 import { join } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { TypedEventEmitter } from 'main-event'
-import { GarageError } from '../../../mesh/errors.ts'
-import { type Logger, silentLogger } from '../../../mesh/logger.ts'
-import { detectContainerRuntime } from '../container/cli.ts'
-import { type SecretEnvFile, writeSecretEnvFile } from '../container/env-file.ts'
-import { ContainerSupervisor, type RestartPolicy, stopSupervisedContainer } from '../container/supervisor.ts'
-import type { ContainerRuntime, GpuRequest } from '../container/types.ts'
+import { detectContainerRuntime } from '../../../containers/cli.ts'
+import { type SecretEnvFile, writeSecretEnvFile } from '../../../containers/env-file.ts'
+import {
+  ContainerSupervisor,
+  type RestartPolicy,
+  stopSupervisedContainer,
+} from '../../../containers/supervisor.ts'
+import type { ContainerRuntime, GpuRequest } from '../../../containers/types.ts'
+import { GarageError } from '../../../core/errors.ts'
+import { type Logger, silentLogger } from '../../../core/logger.ts'
 import { rayImage, rayWorkerContainerSpec } from './spec.ts'
 
 /** The region's certificate does not mark its Ray cluster as trusted: Ray has no isolation between members. */

@@ -3,13 +3,17 @@ import { mkdir } from 'node:fs/promises'
 import { join } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { TypedEventEmitter } from 'main-event'
-import { GarageError } from '../../../mesh/errors.ts'
-import { type Logger, silentLogger } from '../../../mesh/logger.ts'
-import { detectContainerRuntime } from '../container/cli.ts'
-import { type SecretEnvFile, writeSecretEnvFile } from '../container/env-file.ts'
-import { freeLoopbackPort, isPortInUse } from '../container/ports.ts'
-import { ContainerSupervisor, type RestartPolicy, stopSupervisedContainer } from '../container/supervisor.ts'
-import type { ContainerRuntime, GpuRequest, PullProgress } from '../container/types.ts'
+import { detectContainerRuntime } from '../../../containers/cli.ts'
+import { type SecretEnvFile, writeSecretEnvFile } from '../../../containers/env-file.ts'
+import { freeLoopbackPort, isPortInUse } from '../../../containers/ports.ts'
+import {
+  ContainerSupervisor,
+  type RestartPolicy,
+  stopSupervisedContainer,
+} from '../../../containers/supervisor.ts'
+import type { ContainerRuntime, GpuRequest, PullProgress } from '../../../containers/types.ts'
+import { GarageError } from '../../../core/errors.ts'
+import { type Logger, silentLogger } from '../../../core/logger.ts'
 import type {
   Engine,
   EngineEvents,

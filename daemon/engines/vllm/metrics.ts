@@ -1,4 +1,4 @@
-import { GarageError } from '../../../mesh/errors.ts'
+import { GarageError } from '../../../core/errors.ts'
 import type { EngineMetrics } from '../types.ts'
 
 export class VllmMetricsError extends GarageError {}

@@ -1,4 +1,4 @@
-import type { ContainerSpec, GpuRequest } from '../container/types.ts'
+import type { ContainerSpec, GpuRequest } from '../../../containers/types.ts'
 
 /**
  * The pinned vLLM image. Fully qualified, so rootless Podman never has to ask which registry a short

@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest'
+import { ApiError } from '../../../core/errors.ts'
 import { parseGenerationRequest } from '../../../daemon/engines/llamacpp/request.ts'
-import { ApiError } from '../../../daemon/engines/openai-errors.ts'
 
 function refusal(
   kind: 'chat' | 'completion',

@@ -1,0 +1,104 @@
+import { Counter, Gauge, Histogram, Registry } from 'prom-client'
+import type { VerifiedThroughput } from '../../openai/usage.ts'
+import type { RegionalRouter } from '../../routing/node-router.ts'
+import type { NodeRegistry } from './registry.ts'
+
+/** The head's /metrics: requests, retries, timings, tokens, and each node's numbers. */
+export interface HeadMetrics {
+  registry: Registry
+  requests: Counter<'model' | 'status'>
+  retries: Counter<'reason'>
+  streamErrors: Counter
+  ttft: Histogram<'model'>
+  duration: Histogram<'model'>
+  regionTokens: Counter<'model'>
+}
+
+export function headMetrics(
+  registry: NodeRegistry,
+  router: RegionalRouter,
+  verified: VerifiedThroughput,
+): HeadMetrics {
+  const metrics = new Registry()
+  const out: HeadMetrics = {
+    registry: metrics,
+    requests: new Counter({
+      name: 'garage_head_requests_total',
+      help: 'OpenAI requests the head answered, by model and HTTP status',
+      labelNames: ['model', 'status'] as const,
+      registers: [metrics],
+    }),
+    retries: new Counter({
+      name: 'garage_head_retries_total',
+      help: 'Requests moved to another node before their first byte, by reason',
+      labelNames: ['reason'] as const,
+      registers: [metrics],
+    }),
+    streamErrors: new Counter({
+      name: 'garage_head_stream_errors_total',
+      help: 'Responses that failed after their first byte (ended with an SSE error event)',
+      registers: [metrics],
+    }),
+    ttft: new Histogram({
+      name: 'garage_head_time_to_first_byte_seconds',
+      help: 'From the request reaching the head to the first response byte from a node',
+      labelNames: ['model'] as const,
+      buckets: [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
+      registers: [metrics],
+    }),
+    duration: new Histogram({
+      name: 'garage_head_request_duration_seconds',
+      help: 'Whole request, first byte in to last byte out',
+      labelNames: ['model'] as const,
+      buckets: [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120],
+      registers: [metrics],
+    }),
+    regionTokens: new Counter({
+      name: 'garage_head_completion_tokens_total',
+      help: 'Completion tokens the head proxied and verified, by model',
+      labelNames: ['model'] as const,
+      registers: [metrics],
+    }),
+  }
+  new Gauge({
+    name: 'garage_head_nodes',
+    help: 'Joined nodes by state',
+    labelNames: ['state'] as const,
+    registers: [metrics],
+    collect() {
+      this.reset()
+      for (const [state, count] of Object.entries(registry.countByState())) this.set({ state }, count)
+    },
+  })
+  const perNode = (name: string, help: string, value: (peer: string) => number): void => {
+    new Gauge({
+      name,
+      help,
+      labelNames: ['node', 'model'] as const,
+      registers: [metrics],
+      collect() {
+        this.reset()
+        for (const n of registry.nodes())
+          this.set({ node: n.peerId, model: n.assignment.model }, value(n.peerId))
+      },
+    })
+  }
+  perNode('garage_head_node_verified_tokens', 'Completion tokens the head proxied for the node', (p) =>
+    verified.verified(p),
+  )
+  perNode(
+    'garage_head_node_reported_tokens',
+    'Completion tokens the node says it generated since it joined',
+    (p) => registry.get(p)?.telemetry?.tokensTotal ?? 0,
+  )
+  perNode('garage_head_node_flagged', '1 when the node claims over 10% more tokens than verified', (p) =>
+    verified.flagged(p) ? 1 : 0,
+  )
+  perNode('garage_head_node_capacity_tokens_per_second', 'Capacity the head measured', (p) =>
+    router.capacity(p),
+  )
+  perNode('garage_head_node_inflight', 'Requests the head has outstanding at the node', (p) =>
+    router.inflight(p),
+  )
+  return out
+}

@@ -1,0 +1,83 @@
+import { Counter, collectDefaultMetrics, Gauge, Histogram, Registry } from 'prom-client'
+import type { RegionDirectory } from './regions.ts'
+
+/** The federation's /metrics. */
+export interface FederationMetrics {
+  registry: Registry
+  requests: Counter<'model' | 'region' | 'status'>
+  ttft: Histogram<'model' | 'region'>
+  e2e: Histogram<'model' | 'region'>
+  tokens: Counter<'model' | 'kind'>
+  rateLimited: Counter<'reason'>
+  failovers: Counter<'reason'>
+  /** Streamed answers in progress. */
+  activeStreams: { value: number }
+}
+
+export function federationMetrics(directory: RegionDirectory): FederationMetrics {
+  const metrics = new Registry()
+  collectDefaultMetrics({ register: metrics, prefix: 'garage_federation_process_' })
+  const activeStreams = { value: 0 }
+  new Gauge({
+    name: 'garage_federation_active_streams',
+    help: 'Streamed answers in progress',
+    registers: [metrics],
+    collect() {
+      this.set(activeStreams.value)
+    },
+  })
+  new Gauge({
+    name: 'garage_federation_regions',
+    help: 'Regions known, by reachability',
+    labelNames: ['reachable'] as const,
+    registers: [metrics],
+    collect() {
+      this.reset()
+      const all = directory.regions()
+      this.set({ reachable: 'true' }, all.filter((r) => r.reachable).length)
+      this.set({ reachable: 'false' }, all.filter((r) => !r.reachable).length)
+    },
+  })
+  return {
+    registry: metrics,
+    activeStreams,
+    requests: new Counter({
+      name: 'garage_federation_requests_total',
+      help: 'Requests answered, by model, region and HTTP status',
+      labelNames: ['model', 'region', 'status'] as const,
+      registers: [metrics],
+    }),
+    ttft: new Histogram({
+      name: 'garage_federation_time_to_first_byte_seconds',
+      help: 'From the request reaching the gateway to the first byte of its answer',
+      labelNames: ['model', 'region'] as const,
+      buckets: [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
+      registers: [metrics],
+    }),
+    e2e: new Histogram({
+      name: 'garage_federation_request_duration_seconds',
+      help: 'Whole request, end to end',
+      labelNames: ['model', 'region'] as const,
+      buckets: [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120],
+      registers: [metrics],
+    }),
+    tokens: new Counter({
+      name: 'garage_federation_tokens_total',
+      help: 'Tokens billed, by model and kind (prompt, completion)',
+      labelNames: ['model', 'kind'] as const,
+      registers: [metrics],
+    }),
+    rateLimited: new Counter({
+      name: 'garage_federation_rate_limited_total',
+      help: 'Requests refused by a per-key limit, by which limit',
+      labelNames: ['reason'] as const,
+      registers: [metrics],
+    }),
+    failovers: new Counter({
+      name: 'garage_federation_failovers_total',
+      help: 'Requests moved to another region before their first byte, by reason',
+      labelNames: ['reason'] as const,
+      registers: [metrics],
+    }),
+  }
+}

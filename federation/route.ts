@@ -1,0 +1,191 @@
+import type { PeerId } from '@libp2p/interface'
+import { peerIdFromString } from '@libp2p/peer-id'
+import { ApiError, apiError } from '../core/errors.ts'
+import type { Logger } from '../core/logger.ts'
+import { type InferResponse, sendInferRequest } from '../mesh/infer-protocol.ts'
+import type { MeshNode } from '../mesh/node.ts'
+import { type ProxyCall, type ProxyRoute, type ProxyTicket, proxyRequest, readText } from '../openai/proxy.ts'
+import type { RelayOutcome } from '../openai/relay.ts'
+import type { FederationRouter } from '../routing/region-router.ts'
+import type { KeyInfo } from './keys.ts'
+import type { UsageLedger } from './ledger.ts'
+import type { FederationMetrics } from './metrics.ts'
+import type { RateLimiter } from './rate-limit.ts'
+
+/**
+ * Head answers that mean "try another region" while nothing has reached the client (404: the
+ * region stopped serving the model since the last refresh).
+ */
+export const federationRetryableStatuses: ReadonlySet<number> = new Set([404, 429, 500, 502, 503, 504])
+
+/** One request at the gateway: who pays, which region the client prefers, what the metrics say. */
+export interface FederationCall extends ProxyCall {
+  key: KeyInfo
+  /** X-Garage-Region. */
+  prefer: string | undefined
+  /** Labels of the request's metrics, filled in as it goes. */
+  labels: { model: string; region: string }
+}
+
+export interface RegionRouteInit {
+  maxAttempts: number
+  firstByteTimeoutMs: number
+  logger: Logger
+}
+
+export interface RegionRouteComponents {
+  /** Sends to heads; null in tests that stub send(). */
+  node: MeshNode | null
+  router: FederationRouter
+  /** The head of a region now (the directory's view). */
+  headOf(region: string): string | null
+  ledger: Pick<UsageLedger, 'record'>
+  limiter: Pick<RateLimiter, 'record'>
+  metrics: FederationMetrics
+}
+
+/**
+ * How the federation runs the shared failover loop (openai/proxy.ts): over the regions that serve
+ * the model, as the region router picks them; bills the key and credits the node that served.
+ */
+export class RegionRoute implements ProxyRoute<FederationCall> {
+  readonly noun = 'region'
+  readonly retryableStatuses = federationRetryableStatuses
+  readonly unreachableCode = 'region_unreachable' as const
+  readonly maxAttempts: number
+  readonly #init: RegionRouteInit
+  readonly #c: RegionRouteComponents
+  /** Heads' PeerIds, parsed once (a base58 decode and a key each time otherwise). */
+  readonly #headIds = new Map<string, PeerId>()
+
+  constructor(init: RegionRouteInit, components: RegionRouteComponents) {
+    this.#init = init
+    this.#c = components
+    this.maxAttempts = init.maxAttempts
+  }
+
+  pick(call: FederationCall, tried: ReadonlySet<string>): string | null {
+    return this.#c.router.pick(call.model, {
+      ...(call.prefer != null ? { prefer: call.prefer } : {}),
+      exclude: tried,
+    })
+  }
+
+  peerOf(region: string): PeerId | null {
+    const head = this.#c.headOf(region)
+    if (head == null) return null
+    let id = this.#headIds.get(head)
+    if (id == null) {
+      if (this.#headIds.size >= 1024) this.#headIds.clear()
+      id = peerIdFromString(head) as PeerId
+      this.#headIds.set(head, id)
+    }
+    return id
+  }
+
+  begin(region: string): ProxyTicket {
+    const ticket = this.#c.router.begin(region)
+    return { firstByte: () => {}, end: (ok) => ticket.end(ok) }
+  }
+
+  success(region: string): void {
+    this.#c.router.success(region)
+  }
+
+  failure(region: string): void {
+    this.#c.router.failure(region)
+  }
+
+  send(peer: PeerId, call: FederationCall, signal: AbortSignal): Promise<InferResponse> {
+    const { node } = this.#c
+    if (node == null) throw new Error('the region route has no mesh node to send with')
+    return sendInferRequest(node, peer, proxyRequest(call), {
+      signal,
+      firstByteTimeoutMs: this.#init.firstByteTimeoutMs,
+    })
+  }
+
+  retried(call: FederationCall, region: string, reason: string, err: Error | null): void {
+    this.#c.metrics.failovers.inc({ reason })
+    if (err != null)
+      this.#init.logger.warn(
+        { requestId: call.requestId, region, err: err.message },
+        'region failed before the first byte',
+      )
+  }
+
+  async refusal(_call: FederationCall, region: string, response: InferResponse): Promise<ApiError> {
+    return passThroughError(response.status, await readText(response), region)
+  }
+
+  answerHeaders(call: FederationCall, region: string, response: InferResponse): Record<string, string> {
+    const servedBy = servedByOf(response)
+    return {
+      'x-request-id': call.requestId,
+      'x-garage-region': region,
+      ...(servedBy !== '' ? { 'x-garage-node': servedBy } : {}),
+    }
+  }
+
+  answering(call: FederationCall, region: string): void {
+    call.labels.region = region
+    this.#c.metrics.ttft.observe({ model: call.model, region }, (performance.now() - call.started) / 1000)
+    if (call.prepared.stream) this.#c.metrics.activeStreams.value++
+  }
+
+  answered(
+    call: FederationCall,
+    region: string,
+    response: InferResponse,
+    outcome: RelayOutcome | null,
+  ): void {
+    const { metrics } = this.#c
+    if (outcome != null) {
+      if (response.status === 200) {
+        // The client received these tokens: bill the key, credit the node that generated them.
+        this.#c.ledger.record({
+          keyId: call.key.id,
+          model: call.model,
+          region,
+          node: servedByOf(response),
+          promptTokens: outcome.promptTokens,
+          completionTokens: outcome.completionTokens,
+        })
+        this.#c.limiter.record(call.key.id, outcome.promptTokens + outcome.completionTokens)
+        metrics.tokens.inc({ model: call.model, kind: 'prompt' }, outcome.promptTokens)
+        metrics.tokens.inc({ model: call.model, kind: 'completion' }, outcome.completionTokens)
+      }
+      metrics.requests.inc({ model: call.model, region, status: String(response.status) })
+    }
+    if (call.prepared.stream) metrics.activeStreams.value--
+    metrics.e2e.observe({ model: call.model, region }, (performance.now() - call.started) / 1000)
+  }
+
+  noCapacity(call: FederationCall): ApiError {
+    return apiError('no_capacity', `no region can take a ${call.model} request right now; retry shortly`, {
+      headers: { 'retry-after': '2' },
+    })
+  }
+}
+
+function servedByOf(response: InferResponse): string {
+  return response.headers.find(([k]) => k === 'x-garage-node')?.[1] ?? ''
+}
+
+/** A head's error answer, kept as the client will see it when no other region can help. */
+export function passThroughError(status: number, text: string, region: string): ApiError {
+  try {
+    const body = JSON.parse(text) as { error?: { message?: string; code?: unknown; param?: string } }
+    if (body.error?.message != null) {
+      const code = body.error.code
+      return new ApiError(status, `region ${region}: ${body.error.message}`, {
+        ...(code != null ? { code: String(code) } : {}),
+        ...(body.error.param != null ? { param: body.error.param } : {}),
+        ...(status === 429 || status === 503 ? { headers: { 'retry-after': '1' } } : {}),
+      })
+    }
+  } catch {
+    // not JSON: fall through
+  }
+  return apiError('node_failed', `region ${region} answered ${status}`)
+}

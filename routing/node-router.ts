@@ -1,0 +1,427 @@
+/**
+ * The regional router: which node of a model's pool takes the next request.
+ *
+ * Score = (inflight + 1) / capacity, lowest wins. `inflight` is the head's own count of requests it
+ * has outstanding at the node; `capacity` is the decode throughput the head MEASURED on requests it
+ * proxied (tokens/s per sequence, an EWMA, times the node's parallel slots), never what the node
+ * claims. (inflight + 1) / capacity is roughly the time the new request would take to finish there,
+ * so the pick equalises expected latency: under saturation requests queue in proportion to capacity
+ * and each node's share of completed requests follows its capacity.
+ *
+ * Scores within 1% tie; ties go to lower KV-cache usage, then fewer waiting (from telemetry), then
+ * chance. A node is never picked when it is not 'serving', when the caller excludes it (already tried
+ * for this request), or when its circuit breaker is open.
+ *
+ * Circuit breaker, fed only by failure() and success(): 3 consecutive failures open it for 1 s; after
+ * that it is half-open and lets one trial request through; a failure then re-opens it for twice as
+ * long (up to 30 s); any success closes it and resets the backoff.
+ *
+ * Usage: `const peer = router.pick(model, { exclude })`, then at once (same tick)
+ * `const ticket = router.begin(peer)`; `ticket.firstByte()` when the stream starts,
+ * `ticket.end({ ok, completionTokens })` when it ends, and `router.success(peer)` or `router.failure(peer)`
+ * when the node proved healthy or broken (not when the client went away or sent a bad request).
+ */
+import type { NodeServingState } from '../mesh/region-messages.ts'
+
+export const breakerFailureThreshold = 3
+export const breakerBaseOpenMs = 1_000
+export const breakerMaxOpenMs = 30_000
+/** Weight of the newest decode-rate sample in the EWMA. */
+export const rateEwmaAlpha = 0.2
+/** Shorter requests say more about latency than about decode speed. */
+export const minMeasuredTokens = 4
+export const minMeasuredDecodeMs = 5
+/** Scores this close (relative) count as equal, so load signals decide. */
+const scoreTieTolerance = 0.01
+
+/**
+ * A measurement marks the pool's median stale; it is re-sorted at most this often (it moves slowly,
+ * and re-sorting a large pool after every finished request made pick() O(n log n)).
+ */
+export const medianRefreshMs = 1_000
+
+export class UnknownNodeError extends Error {
+  override name = 'UnknownNodeError'
+}
+
+export class InvalidNodeSlotsError extends Error {
+  override name = 'InvalidNodeSlotsError'
+}
+
+export interface RegionalRouterInit {
+  /** Milliseconds; tests inject a simulated clock. */
+  now?: () => number
+  /** Uniform in [0, 1); breaks exact ties. */
+  random?: () => number
+}
+
+export interface NodeRegistration {
+  model: string
+  /** Sequences the node's engine decodes in parallel. */
+  slots: number
+  state: NodeServingState
+}
+
+export interface NodeLoad {
+  running: number
+  waiting: number
+  /** 0..1 */
+  kvCacheUsage: number
+  state: NodeServingState
+}
+
+export type BreakerState = 'closed' | 'open' | 'half-open'
+
+export interface RequestOutcome {
+  /** The node answered in full; only such requests are measured. */
+  ok: boolean
+  /** Completion tokens the head verified for this request. */
+  completionTokens: number
+}
+
+export interface RequestTicket {
+  readonly peerId: string
+  /** The first streamed byte arrived: decode time is measured from here (never call it for a buffered body). */
+  firstByte(): void
+  /** Completion tokens seen on the stream since the last call (an increment); implies the first byte. */
+  tokens(n: number): void
+  /** Ends the request (idempotent): frees its inflight slot and measures the decode rate when ok. */
+  end(outcome: RequestOutcome): void
+}
+
+export interface RouterNodeSnapshot {
+  peerId: string
+  model: string
+  state: NodeServingState
+  slots: number
+  inflight: number
+  /** Tokens per second the head uses for this node (measured, or the pool's stand-in). */
+  capacity: number
+  /** False while capacity is the pool median stand-in. */
+  measured: boolean
+  /** EWMA of per-sequence decode rate (tokens/s), null before the first measurement. */
+  decodeRate: number | null
+  breaker: BreakerState
+  consecutiveFailures: number
+  /** Completion tokens the head saw streamed from this node (ticket.tokens). */
+  tokensSeen: number
+  running: number
+  waiting: number
+  kvCacheUsage: number
+}
+
+interface NodeRecord {
+  peerId: string
+  model: string
+  slots: number
+  state: NodeServingState
+  running: number
+  waiting: number
+  kvCacheUsage: number
+  inflight: number
+  decodeRate: number | null
+  tokensSeen: number
+  consecutiveFailures: number
+  /** null = closed; otherwise open until this time, half-open after it. */
+  openUntil: number | null
+  /** Length of the last opening (0 = never opened since the last success). */
+  openMs: number
+  /** The half-open trial in flight, if any. */
+  trial: object | null
+}
+
+interface Pool {
+  nodes: Set<NodeRecord>
+  /** Median measured capacity, recomputed lazily after a measurement or membership change. */
+  median: number | null
+  medianStale: boolean
+  /** When the median was last computed (the router's clock). */
+  medianAt: number
+}
+
+export class RegionalRouter {
+  readonly #now: () => number
+  readonly #random: () => number
+  readonly #nodes = new Map<string, NodeRecord>()
+  readonly #pools = new Map<string, Pool>()
+
+  constructor(init: RegionalRouterInit = {}) {
+    this.#now = init.now ?? (() => performance.now())
+    this.#random = init.random ?? Math.random
+  }
+
+  /** Adds a node or updates its registration; a model change forgets its measurements. */
+  upsert(peerId: string, registration: NodeRegistration): void {
+    const { model, slots, state } = registration
+    if (!Number.isInteger(slots) || slots < 1) {
+      throw new InvalidNodeSlotsError(`slots must be a positive integer, got ${slots} for ${peerId}`)
+    }
+    let node = this.#nodes.get(peerId)
+    if (node == null) {
+      node = {
+        peerId,
+        model,
+        slots,
+        state,
+        running: 0,
+        waiting: 0,
+        kvCacheUsage: 0,
+        inflight: 0,
+        decodeRate: null,
+        tokensSeen: 0,
+        consecutiveFailures: 0,
+        openUntil: null,
+        openMs: 0,
+        trial: null,
+      }
+      this.#nodes.set(peerId, node)
+      this.#poolOf(model).nodes.add(node)
+    } else if (node.model !== model) {
+      this.#leavePool(node)
+      node.model = model
+      // A rate measured on another model says nothing about this one.
+      node.decodeRate = null
+      this.#poolOf(model).nodes.add(node)
+    }
+    node.slots = slots
+    node.state = state
+    this.#markStale(model)
+  }
+
+  remove(peerId: string): boolean {
+    const node = this.#nodes.get(peerId)
+    if (node == null) return false
+    this.#nodes.delete(peerId)
+    this.#leavePool(node)
+    return true
+  }
+
+  /** Load signals from the node's telemetry; false for a node the router does not know. */
+  updateTelemetry(peerId: string, load: NodeLoad): boolean {
+    const node = this.#nodes.get(peerId)
+    if (node == null) return false
+    node.running = load.running
+    node.waiting = load.waiting
+    node.kvCacheUsage = load.kvCacheUsage
+    node.state = load.state
+    return true
+  }
+
+  /** The best node for a new request of `model`, or null when none can take it. */
+  pick(model: string, options: { exclude?: ReadonlySet<string> } = {}): string | null {
+    const pool = this.#pools.get(model)
+    if (pool == null) return null
+    const now = this.#now()
+    const exclude = options.exclude
+    const candidates: Array<{ node: NodeRecord; score: number }> = []
+    let best = Number.POSITIVE_INFINITY
+    for (const node of pool.nodes) {
+      if (node.state !== 'serving' || exclude?.has(node.peerId)) continue
+      const breaker = this.#breaker(node, now)
+      if (breaker === 'open' || (breaker === 'half-open' && node.trial != null)) continue
+      const score = (node.inflight + 1) / this.#capacity(node, pool)
+      candidates.push({ node, score })
+      if (score < best) best = score
+    }
+    if (candidates.length === 0) return null
+    const limit = best * (1 + scoreTieTolerance)
+    let tied: NodeRecord[] = []
+    for (const c of candidates) {
+      if (c.score > limit) continue
+      const first = tied[0]
+      if (first == null) {
+        tied.push(c.node)
+        continue
+      }
+      const order = c.node.kvCacheUsage - first.kvCacheUsage || c.node.waiting - first.waiting
+      if (order < 0) tied = [c.node]
+      else if (order === 0) tied.push(c.node)
+    }
+    const index = Math.min(tied.length - 1, Math.floor(this.#random() * tied.length))
+    return tied[index]!.peerId
+  }
+
+  /** Counts a request as outstanding at the node until its ticket ends. */
+  begin(peerId: string): RequestTicket {
+    const node = this.#nodes.get(peerId)
+    if (node == null) throw new UnknownNodeError(`no node ${peerId} in the router`)
+    node.inflight++
+    const token = {}
+    if (node.trial == null && this.#breaker(node, this.#now()) === 'half-open') node.trial = token
+    let firstByteAt: number | null = null
+    let ended = false
+    return {
+      peerId,
+      firstByte: () => {
+        if (firstByteAt == null && !ended) firstByteAt = this.#now()
+      },
+      tokens: (n: number) => {
+        if (ended || !(n > 0)) return
+        if (firstByteAt == null) firstByteAt = this.#now()
+        if (this.#nodes.get(peerId) === node) node.tokensSeen += n
+      },
+      end: (outcome: RequestOutcome) => {
+        if (ended) return
+        ended = true
+        // The node may have left (or left and rejoined as a new record) meanwhile.
+        if (this.#nodes.get(peerId) !== node) return
+        node.inflight--
+        if (node.trial === token) node.trial = null
+        if (outcome.ok && firstByteAt != null) this.#measure(node, outcome.completionTokens, firstByteAt)
+      },
+    }
+  }
+
+  /** The node failed a request (unreachable, 5xx, broke mid-stream). */
+  failure(peerId: string): void {
+    const node = this.#nodes.get(peerId)
+    if (node == null) return
+    const breaker = this.#breaker(node, this.#now())
+    // Requests begun before the breaker opened say nothing new while it is open.
+    if (breaker === 'open') return
+    if (breaker === 'half-open') {
+      this.#open(node)
+      return
+    }
+    node.consecutiveFailures++
+    if (node.consecutiveFailures >= breakerFailureThreshold) this.#open(node)
+  }
+
+  /** The node answered a request in full. */
+  success(peerId: string): void {
+    const node = this.#nodes.get(peerId)
+    if (node == null) return
+    node.consecutiveFailures = 0
+    node.openUntil = null
+    node.openMs = 0
+    node.trial = null
+  }
+
+  /** Tokens per second the router assumes for the node; 0 for an unknown node. */
+  capacity(peerId: string): number {
+    const node = this.#nodes.get(peerId)
+    if (node == null) return 0
+    return this.#capacity(node, this.#pools.get(node.model)!)
+  }
+
+  inflight(peerId: string): number {
+    return this.#nodes.get(peerId)?.inflight ?? 0
+  }
+
+  breakerState(peerId: string): BreakerState | null {
+    const node = this.#nodes.get(peerId)
+    return node == null ? null : this.#breaker(node, this.#now())
+  }
+
+  /** Models with at least one serving node, and how many serve each. */
+  models(): Array<{ model: string; nodes: number }> {
+    const out: Array<{ model: string; nodes: number }> = []
+    for (const [model, pool] of this.#pools) {
+      let serving = 0
+      for (const node of pool.nodes) if (node.state === 'serving') serving++
+      if (serving > 0) out.push({ model, nodes: serving })
+    }
+    return out.sort((a, b) => (a.model < b.model ? -1 : a.model > b.model ? 1 : 0))
+  }
+
+  /** Every node, for /metrics and /health. */
+  snapshot(): RouterNodeSnapshot[] {
+    const now = this.#now()
+    const out: RouterNodeSnapshot[] = []
+    for (const node of this.#nodes.values()) {
+      out.push({
+        peerId: node.peerId,
+        model: node.model,
+        state: node.state,
+        slots: node.slots,
+        inflight: node.inflight,
+        capacity: this.#capacity(node, this.#pools.get(node.model)!),
+        measured: node.decodeRate != null,
+        decodeRate: node.decodeRate,
+        breaker: this.#breaker(node, now),
+        consecutiveFailures: node.consecutiveFailures,
+        tokensSeen: node.tokensSeen,
+        running: node.running,
+        waiting: node.waiting,
+        kvCacheUsage: node.kvCacheUsage,
+      })
+    }
+    return out.sort((a, b) =>
+      a.model !== b.model
+        ? a.model < b.model
+          ? -1
+          : 1
+        : a.peerId < b.peerId
+          ? -1
+          : a.peerId > b.peerId
+            ? 1
+            : 0,
+    )
+  }
+
+  #breaker(node: NodeRecord, now: number): BreakerState {
+    if (node.openUntil == null) return 'closed'
+    return now < node.openUntil ? 'open' : 'half-open'
+  }
+
+  #open(node: NodeRecord): void {
+    node.openMs = node.openMs === 0 ? breakerBaseOpenMs : Math.min(node.openMs * 2, breakerMaxOpenMs)
+    node.openUntil = this.#now() + node.openMs
+    node.consecutiveFailures = 0
+    node.trial = null
+  }
+
+  #measure(node: NodeRecord, completionTokens: number, firstByteAt: number): void {
+    const decodeMs = this.#now() - firstByteAt
+    if (!(completionTokens >= minMeasuredTokens) || !(decodeMs >= minMeasuredDecodeMs)) return
+    const rate = completionTokens / (decodeMs / 1000)
+    node.decodeRate =
+      node.decodeRate == null ? rate : node.decodeRate + rateEwmaAlpha * (rate - node.decodeRate)
+    this.#markStale(node.model)
+  }
+
+  #capacity(node: NodeRecord, pool: Pool): number {
+    if (node.decodeRate != null) return node.decodeRate * node.slots
+    if (pool.medianStale) {
+      const now = this.#now()
+      if (pool.median == null || now - pool.medianAt >= medianRefreshMs) {
+        pool.median = medianCapacity(pool.nodes)
+        pool.medianStale = false
+        pool.medianAt = now
+      }
+    }
+    // Unmeasured nodes stand in at the pool's median, so a newcomer gets work and gets measured.
+    return pool.median ?? 1
+  }
+
+  #poolOf(model: string): Pool {
+    let pool = this.#pools.get(model)
+    if (pool == null) {
+      pool = { nodes: new Set(), median: null, medianStale: true, medianAt: 0 }
+      this.#pools.set(model, pool)
+    }
+    return pool
+  }
+
+  #leavePool(node: NodeRecord): void {
+    const pool = this.#pools.get(node.model)
+    if (pool == null) return
+    pool.nodes.delete(node)
+    if (pool.nodes.size === 0) this.#pools.delete(node.model)
+    else pool.medianStale = true
+  }
+
+  #markStale(model: string): void {
+    const pool = this.#pools.get(model)
+    if (pool != null) pool.medianStale = true
+  }
+}
+
+function medianCapacity(nodes: Iterable<NodeRecord>): number | null {
+  const measured: number[] = []
+  for (const node of nodes) if (node.decodeRate != null) measured.push(node.decodeRate * node.slots)
+  if (measured.length === 0) return null
+  measured.sort((a, b) => a - b)
+  const mid = measured.length >> 1
+  return measured.length % 2 === 1 ? measured[mid]! : (measured[mid - 1]! + measured[mid]!) / 2
+}
