@@ -12,9 +12,7 @@
  * chance. A node is never picked when it is not 'serving', when the caller excludes it (already tried
  * for this request), or when its circuit breaker is open.
  *
- * Circuit breaker, fed only by failure() and success(): 3 consecutive failures open it for 1 s; after
- * that it is half-open and lets one trial request through; a failure then re-opens it for twice as
- * long (up to 30 s); any success closes it and resets the backoff.
+ * Each node has a circuit breaker (routing/breaker.ts), fed only by failure() and success().
  *
  * Usage: `const peer = router.pick(model, { exclude })`, then at once (same tick)
  * `const ticket = router.begin(peer)`; `ticket.firstByte()` when the stream starts,
@@ -22,10 +20,8 @@
  * when the node proved healthy or broken (not when the client went away or sent a bad request).
  */
 import type { NodeServingState } from '../mesh/region-messages.ts'
-
-export const breakerFailureThreshold = 3
-export const breakerBaseOpenMs = 1_000
-export const breakerMaxOpenMs = 30_000
+import { type BreakerState, CircuitBreaker } from './breaker.ts'
+import { ewma, median } from './stats.ts'
 /** Weight of the newest decode-rate sample in the EWMA. */
 export const rateEwmaAlpha = 0.2
 /** Shorter requests say more about latency than about decode speed. */
@@ -39,6 +35,8 @@ const scoreTieTolerance = 0.01
  * and re-sorting a large pool after every finished request made pick() O(n log n)).
  */
 export const medianRefreshMs = 1_000
+
+export type { BreakerState }
 
 export class UnknownNodeError extends Error {
   override name = 'UnknownNodeError'
@@ -69,8 +67,6 @@ export interface NodeLoad {
   kvCacheUsage: number
   state: NodeServingState
 }
-
-export type BreakerState = 'closed' | 'open' | 'half-open'
 
 export interface RequestOutcome {
   /** The node answered in full; only such requests are measured. */
@@ -121,13 +117,7 @@ interface NodeRecord {
   inflight: number
   decodeRate: number | null
   tokensSeen: number
-  consecutiveFailures: number
-  /** null = closed; otherwise open until this time, half-open after it. */
-  openUntil: number | null
-  /** Length of the last opening (0 = never opened since the last success). */
-  openMs: number
-  /** The half-open trial in flight, if any. */
-  trial: object | null
+  breaker: CircuitBreaker
 }
 
 interface Pool {
@@ -169,10 +159,7 @@ export class RegionalRouter {
         inflight: 0,
         decodeRate: null,
         tokensSeen: 0,
-        consecutiveFailures: 0,
-        openUntil: null,
-        openMs: 0,
-        trial: null,
+        breaker: new CircuitBreaker(),
       }
       this.#nodes.set(peerId, node)
       this.#poolOf(model).nodes.add(node)
@@ -217,8 +204,7 @@ export class RegionalRouter {
     let best = Number.POSITIVE_INFINITY
     for (const node of pool.nodes) {
       if (node.state !== 'serving' || exclude?.has(node.peerId)) continue
-      const breaker = this.#breaker(node, now)
-      if (breaker === 'open' || (breaker === 'half-open' && node.trial != null)) continue
+      if (!node.breaker.admits(now)) continue
       const score = (node.inflight + 1) / this.#capacity(node, pool)
       candidates.push({ node, score })
       if (score < best) best = score
@@ -246,8 +232,7 @@ export class RegionalRouter {
     const node = this.#nodes.get(peerId)
     if (node == null) throw new UnknownNodeError(`no node ${peerId} in the router`)
     node.inflight++
-    const token = {}
-    if (node.trial == null && this.#breaker(node, this.#now()) === 'half-open') node.trial = token
+    const token = node.breaker.begin(this.#now())
     let firstByteAt: number | null = null
     let ended = false
     return {
@@ -266,7 +251,7 @@ export class RegionalRouter {
         // The node may have left (or left and rejoined as a new record) meanwhile.
         if (this.#nodes.get(peerId) !== node) return
         node.inflight--
-        if (node.trial === token) node.trial = null
+        node.breaker.end(token)
         if (outcome.ok && firstByteAt != null) this.#measure(node, outcome.completionTokens, firstByteAt)
       },
     }
@@ -274,27 +259,12 @@ export class RegionalRouter {
 
   /** The node failed a request (unreachable, 5xx, broke mid-stream). */
   failure(peerId: string): void {
-    const node = this.#nodes.get(peerId)
-    if (node == null) return
-    const breaker = this.#breaker(node, this.#now())
-    // Requests begun before the breaker opened say nothing new while it is open.
-    if (breaker === 'open') return
-    if (breaker === 'half-open') {
-      this.#open(node)
-      return
-    }
-    node.consecutiveFailures++
-    if (node.consecutiveFailures >= breakerFailureThreshold) this.#open(node)
+    this.#nodes.get(peerId)?.breaker.failure(this.#now())
   }
 
   /** The node answered a request in full. */
   success(peerId: string): void {
-    const node = this.#nodes.get(peerId)
-    if (node == null) return
-    node.consecutiveFailures = 0
-    node.openUntil = null
-    node.openMs = 0
-    node.trial = null
+    this.#nodes.get(peerId)?.breaker.success()
   }
 
   /** Tokens per second the router assumes for the node; 0 for an unknown node. */
@@ -310,7 +280,7 @@ export class RegionalRouter {
 
   breakerState(peerId: string): BreakerState | null {
     const node = this.#nodes.get(peerId)
-    return node == null ? null : this.#breaker(node, this.#now())
+    return node == null ? null : node.breaker.state(this.#now())
   }
 
   /** Models with at least one serving node, and how many serve each. */
@@ -338,8 +308,8 @@ export class RegionalRouter {
         capacity: this.#capacity(node, this.#pools.get(node.model)!),
         measured: node.decodeRate != null,
         decodeRate: node.decodeRate,
-        breaker: this.#breaker(node, now),
-        consecutiveFailures: node.consecutiveFailures,
+        breaker: node.breaker.state(now),
+        consecutiveFailures: node.breaker.consecutiveFailures,
         tokensSeen: node.tokensSeen,
         running: node.running,
         waiting: node.waiting,
@@ -359,24 +329,11 @@ export class RegionalRouter {
     )
   }
 
-  #breaker(node: NodeRecord, now: number): BreakerState {
-    if (node.openUntil == null) return 'closed'
-    return now < node.openUntil ? 'open' : 'half-open'
-  }
-
-  #open(node: NodeRecord): void {
-    node.openMs = node.openMs === 0 ? breakerBaseOpenMs : Math.min(node.openMs * 2, breakerMaxOpenMs)
-    node.openUntil = this.#now() + node.openMs
-    node.consecutiveFailures = 0
-    node.trial = null
-  }
-
   #measure(node: NodeRecord, completionTokens: number, firstByteAt: number): void {
     const decodeMs = this.#now() - firstByteAt
     if (!(completionTokens >= minMeasuredTokens) || !(decodeMs >= minMeasuredDecodeMs)) return
     const rate = completionTokens / (decodeMs / 1000)
-    node.decodeRate =
-      node.decodeRate == null ? rate : node.decodeRate + rateEwmaAlpha * (rate - node.decodeRate)
+    node.decodeRate = ewma(node.decodeRate, rate, rateEwmaAlpha)
     this.#markStale(node.model)
   }
 
@@ -420,8 +377,5 @@ export class RegionalRouter {
 function medianCapacity(nodes: Iterable<NodeRecord>): number | null {
   const measured: number[] = []
   for (const node of nodes) if (node.decodeRate != null) measured.push(node.decodeRate * node.slots)
-  if (measured.length === 0) return null
-  measured.sort((a, b) => a - b)
-  const mid = measured.length >> 1
-  return measured.length % 2 === 1 ? measured[mid]! : (measured[mid - 1]! + measured[mid]!) / 2
+  return median(measured)
 }

@@ -14,15 +14,16 @@
  *
  * Loads within 10% of the best tie; ties go to the lower RTT (the client waits less), then chance.
  *
- * Circuit breaker per region, fed only by failure() and success(): 3 consecutive failures open it for
- * 1 s; after that it is half-open and lets one trial request through; a failure then re-opens it for
- * twice as long (up to 30 s); any success closes it and resets the backoff.
+ * Each region has a circuit breaker (routing/breaker.ts), fed only by failure() and success().
  *
  * Usage: `const region = router.pick(model, { prefer, exclude })`, then at once (same tick)
  * `const ticket = router.begin(region)`; `ticket.end(ok)` when the request is over, and
  * `router.success(region)` or `router.failure(region)` when the region proved healthy or broken (not
  * when the client went away or sent a bad request).
  */
+import { type BreakerState, CircuitBreaker } from './breaker.ts'
+import { median } from './stats.ts'
+
 export interface RegionModelLoad {
   /** Nodes serving the model now. */
   nodes: number
@@ -46,9 +47,6 @@ export interface RoutableRegion {
   reachable: boolean
 }
 
-export const breakerFailureThreshold = 3
-export const breakerBaseOpenMs = 1_000
-export const breakerMaxOpenMs = 30_000
 /** Loads this close (relative) to the best count as equal, so proximity decides. */
 export const loadTieTolerance = 0.1
 
@@ -56,7 +54,7 @@ export class UnknownRegionError extends Error {
   override name = 'UnknownRegionError'
 }
 
-export type BreakerState = 'closed' | 'open' | 'half-open'
+export type { BreakerState }
 
 export interface FederationRouterInit {
   /** Milliseconds; tests inject a simulated clock. */
@@ -99,13 +97,7 @@ interface RegionRecord {
   rttMs: number | null
   models: ReadonlyMap<string, RegionModelLoad>
   outstanding: number
-  consecutiveFailures: number
-  /** null = closed; otherwise open until this time, half-open after it. */
-  openUntil: number | null
-  /** Length of the last opening (0 = never opened since the last success). */
-  openMs: number
-  /** The half-open trial in flight, if any. */
-  trial: object | null
+  breaker: CircuitBreaker
 }
 
 export class FederationRouter {
@@ -129,10 +121,7 @@ export class FederationRouter {
         rttMs: status.rttMs,
         models: status.models,
         outstanding: 0,
-        consecutiveFailures: 0,
-        openUntil: null,
-        openMs: 0,
-        trial: null,
+        breaker: new CircuitBreaker(),
       })
       return
     }
@@ -180,8 +169,7 @@ export class FederationRouter {
     const record = this.#regions.get(region)
     if (record == null) throw new UnknownRegionError(`no region ${region} in the router`)
     record.outstanding++
-    const token = {}
-    if (record.trial == null && this.#breaker(record, this.#now()) === 'half-open') record.trial = token
+    const token = record.breaker.begin(this.#now())
     let ended = false
     return {
       region,
@@ -191,39 +179,24 @@ export class FederationRouter {
         // The region may have been removed (or got a new head) meanwhile.
         if (this.#regions.get(region) !== record) return
         record.outstanding--
-        if (record.trial === token) record.trial = null
+        record.breaker.end(token)
       },
     }
   }
 
   /** The region failed a request (unreachable head, 5xx, broke mid-stream). */
   failure(region: string): void {
-    const record = this.#regions.get(region)
-    if (record == null) return
-    const breaker = this.#breaker(record, this.#now())
-    // Requests begun before the breaker opened say nothing new while it is open.
-    if (breaker === 'open') return
-    if (breaker === 'half-open') {
-      this.#open(record)
-      return
-    }
-    record.consecutiveFailures++
-    if (record.consecutiveFailures >= breakerFailureThreshold) this.#open(record)
+    this.#regions.get(region)?.breaker.failure(this.#now())
   }
 
   /** The region answered a request in full. */
   success(region: string): void {
-    const record = this.#regions.get(region)
-    if (record == null) return
-    record.consecutiveFailures = 0
-    record.openUntil = null
-    record.openMs = 0
-    record.trial = null
+    this.#regions.get(region)?.breaker.success()
   }
 
   breakerState(region: string): BreakerState | null {
     const record = this.#regions.get(region)
-    return record == null ? null : this.#breaker(record, this.#now())
+    return record == null ? null : record.breaker.state(this.#now())
   }
 
   outstanding(region: string): number {
@@ -243,7 +216,7 @@ export class FederationRouter {
     const now = this.#now()
     const out: RegionRouterSnapshot[] = []
     for (const record of this.#regions.values()) {
-      const breaker = this.#breaker(record, now)
+      const breaker = record.breaker.state(now)
       out.push({
         region: record.region,
         head: record.head,
@@ -251,8 +224,8 @@ export class FederationRouter {
         rttMs: record.rttMs,
         outstanding: record.outstanding,
         breaker,
-        consecutiveFailures: record.consecutiveFailures,
-        openUntil: record.openUntil,
+        consecutiveFailures: record.breaker.consecutiveFailures,
+        openUntil: record.breaker.openUntil,
         models: [...record.models]
           .map(([model, m]) => ({
             model,
@@ -275,8 +248,7 @@ export class FederationRouter {
     if (!record.reachable || exclude?.has(record.region)) return null
     const m = record.models.get(model)
     if (m == null || !(m.nodes > 0)) return null
-    const breaker = this.#breaker(record, now)
-    if (breaker === 'open' || (breaker === 'half-open' && record.trial != null)) return null
+    if (!record.breaker.admits(now)) return null
     return loadOf(m, record.outstanding, standIn)
   }
 
@@ -288,22 +260,7 @@ export class FederationRouter {
       if (m != null && m.capacityTokensPerSecond > 0 && m.slots > 0)
         perSlot.push(m.capacityTokensPerSecond / m.slots)
     }
-    if (perSlot.length === 0) return 1
-    perSlot.sort((a, b) => a - b)
-    const mid = perSlot.length >> 1
-    return perSlot.length % 2 === 1 ? perSlot[mid]! : (perSlot[mid - 1]! + perSlot[mid]!) / 2
-  }
-
-  #breaker(record: RegionRecord, now: number): BreakerState {
-    if (record.openUntil == null) return 'closed'
-    return now < record.openUntil ? 'open' : 'half-open'
-  }
-
-  #open(record: RegionRecord): void {
-    record.openMs = record.openMs === 0 ? breakerBaseOpenMs : Math.min(record.openMs * 2, breakerMaxOpenMs)
-    record.openUntil = this.#now() + record.openMs
-    record.consecutiveFailures = 0
-    record.trial = null
+    return median(perSlot) ?? 1
   }
 }
 

@@ -1,20 +1,14 @@
-import { randomBytes } from 'node:crypto'
 import { connect, isIP } from 'node:net'
 import { join } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { TypedEventEmitter } from 'main-event'
-import { detectContainerRuntime } from '../../containers/cli.ts'
-import { type SecretEnvFile, writeSecretEnvFile } from '../../containers/env-file.ts'
-import {
-  ContainerSupervisor,
-  type RestartPolicy,
-  stopSupervisedContainer,
-} from '../../containers/supervisor.ts'
+import { rayImage } from '../../containers/images.ts'
+import { type RunningContainer, SupervisedContainer } from '../../containers/supervised.ts'
+import type { RestartPolicy } from '../../containers/supervisor.ts'
 import type { ContainerRuntime, ContainerSpec, GarageContainerRole } from '../../containers/types.ts'
 import { GarageError } from '../../core/errors.ts'
 import { type Logger, silentLogger } from '../../core/logger.ts'
 import { loadOrCreateSecret } from '../../core/secret-file.ts'
-import { rayImage } from '../../daemon/engines/ray/spec.ts'
 import type { RayCredentials } from '../../mesh/region-messages.ts'
 
 /** The Ray head could not start, or is not running when its credentials are asked for. */
@@ -127,12 +121,6 @@ const defaults = {
   stopGraceMs: 30_000,
 }
 
-interface RunningHead {
-  id: string
-  name: string
-  supervisor: ContainerSupervisor
-}
-
 /** True when something accepts a TCP connection at host:port within timeoutMs. */
 function accepts(host: string, port: number, timeoutMs: number): Promise<boolean> {
   return new Promise((resolve) => {
@@ -151,6 +139,7 @@ function accepts(host: string, port: number, timeoutMs: number): Promise<boolean
  * The region's Ray head in a container, run by a regional head whose policy enables a trusted Ray
  * cluster. Token authentication: a random token kept 0600 in the data dir, passed to the container in
  * a 0600 env file (never argv or labels), and handed to workers only inside assignments (credentials()).
+ * The container's lifecycle is containers/supervised.ts.
  */
 export class RayHead extends TypedEventEmitter<RayHeadEvents> {
   readonly kind = 'ray-head' as const
@@ -158,12 +147,8 @@ export class RayHead extends TypedEventEmitter<RayHeadEvents> {
   private readonly log: Logger
   private readonly nodeIpAddress: string
   private readonly gcsPort: number
-  private runtime: ContainerRuntime | null
-  private current: RayHeadState = 'stopped'
-  private active: RunningHead | null = null
+  private readonly supervised: SupervisedContainer
   private token: string | null = null
-  private recovery: AbortController | null = null
-  private starting: { controller: AbortController; done: Promise<unknown> } | null = null
 
   constructor(init: RayHeadInit) {
     super()
@@ -171,12 +156,38 @@ export class RayHead extends TypedEventEmitter<RayHeadEvents> {
     this.nodeIpAddress = init.nodeIpAddress ?? defaults.nodeIpAddress
     this.gcsPort = init.gcsPort ?? defaultRayGcsPort
     checkAddress(this.nodeIpAddress, this.gcsPort)
-    this.runtime = init.runtime ?? null
     this.log = (init.logger ?? silentLogger).child({ component: 'bootstrap:ray-head' })
+    this.supervised = new SupervisedContainer({
+      what: 'the Ray head',
+      runtime: init.runtime ?? null,
+      logger: this.log,
+      stopGraceMs: init.stopGraceMs ?? defaults.stopGraceMs,
+      ...(init.restartPolicy != null ? { restartPolicy: init.restartPolicy } : {}),
+      error: (message, code, options) => new RayHeadStartError(message, code, options),
+      codes: {
+        running: 'RAY_HEAD_RUNNING',
+        stopped: 'RAY_HEAD_STOPPED',
+        startFailed: 'RAY_HEAD_START_FAILED',
+      },
+    })
+    const address = (): { address: string } => ({ address: this.address })
+    this.supervised.addEventListener('starting', () =>
+      this.safeDispatchEvent('starting', { detail: address() }),
+    )
+    this.supervised.addEventListener('ready', (e) =>
+      this.safeDispatchEvent('ready', { detail: { container: e.detail.name, address: this.address } }),
+    )
+    this.supervised.addEventListener('crashed', (e) => {
+      this.token = null
+      this.safeDispatchEvent('crashed', { detail: e.detail })
+    })
+    this.supervised.addEventListener('stopped', () =>
+      this.safeDispatchEvent('stopped', { detail: address() }),
+    )
   }
 
   get state(): RayHeadState {
-    return this.current
+    return this.supervised.state
   }
 
   /** host:port of the GCS, as workers pass it to `ray start --address`. */
@@ -185,119 +196,62 @@ export class RayHead extends TypedEventEmitter<RayHeadEvents> {
   }
 
   get container(): { id: string; name: string } | null {
-    return this.active == null ? null : { id: this.active.id, name: this.active.name }
+    const run = this.supervised.running
+    return run == null ? null : { id: run.id, name: run.name }
   }
 
   /** What an assignment carries to a worker; from a successful start() until stop() or a crash loop. */
   credentials(): RayCredentials {
-    if (this.token == null || this.active == null || this.current === 'crashed') {
+    if (this.token == null || this.supervised.running == null || this.supervised.state === 'crashed') {
       throw new RayHeadStartError('the Ray head is not running', 'RAY_HEAD_NOT_RUNNING')
     }
     return { address: this.address, token: this.token }
   }
 
   async start(options: { signal?: AbortSignal } = {}): Promise<{ container: string; address: string }> {
-    if (this.starting == null && this.current === 'crashed') await this.teardown()
-    if (this.active != null || this.starting != null) {
-      throw new RayHeadStartError('the Ray head is already running', 'RAY_HEAD_RUNNING')
-    }
-    const controller = new AbortController()
-    const done = this.startContainer(options.signal, controller.signal)
-    this.starting = { controller, done }
-    try {
-      return await done
-    } finally {
-      this.starting = null
-    }
-  }
-
-  private async startContainer(
-    callerSignal: AbortSignal | undefined,
-    stopSignal: AbortSignal,
-  ): Promise<{ container: string; address: string }> {
-    this.current = 'starting'
-    this.safeDispatchEvent('starting', { detail: { address: this.address } })
-    const signal = callerSignal != null ? AbortSignal.any([callerSignal, stopSignal]) : stopSignal
-    let envFile: SecretEnvFile | null = null
-    try {
-      const token = await loadOrCreateSecret(join(this.init.dataDir, rayHeadTokenFile), 32)
-      const runtime = this.runtime ?? (await detectContainerRuntime({ logger: this.log }))
-      this.runtime = runtime
-      // A head process that died left its container holding the GCS port: this head's, so remove it.
-      const orphans = await runtime.removeOrphans(this.init.nodePeerId, { role: rayHeadRole })
-      if (orphans.length > 0)
-        this.log.warn({ containers: orphans }, 'removed Ray head containers left running')
-      if (await accepts(this.nodeIpAddress, this.gcsPort, defaults.connectTimeoutMs)) {
-        throw new RayHeadStartError(
-          `something already listens on ${this.address}; the Ray head needs that port for its GCS`,
-          'RAY_HEAD_PORT_IN_USE',
-        )
-      }
-      const image = this.init.image ?? rayImage
-      if (!(await runtime.imageExists(image))) await runtime.pull(image, { signal })
-      envFile = await writeSecretEnvFile(join(this.init.dataDir, 'run'), {
-        RAY_AUTH_MODE: 'token',
-        RAY_AUTH_TOKEN: token,
-      })
-      const name = `garage-ray-head-${randomBytes(5).toString('hex')}`
-      const spec = rayHeadContainerSpec({
+    const image = this.init.image ?? rayImage
+    let token = ''
+    const run = await this.supervised.start(
+      {
         image,
-        name,
-        nodePeerId: this.init.nodePeerId,
-        nodeIpAddress: this.nodeIpAddress,
-        gcsPort: this.gcsPort,
-        envFile: envFile.path,
-        shmSize: this.init.shmSize ?? defaults.shmSize,
-      })
-      const id = await runtime.run(spec, { signal })
-      const supervisor = new ContainerSupervisor({
-        runtime,
-        container: id,
-        logger: this.log.child({ container: name }),
-        armed: false,
-        ...(this.init.restartPolicy != null ? { policy: this.init.restartPolicy } : {}),
-      })
-      const run: RunningHead = { id, name, supervisor }
-      this.active = run
-      // The container holds its environment from now on; the file has no reason to stay on disk.
-      await envFile.remove()
-      envFile = null
-      supervisor.start()
-      await this.waitReady(run, signal)
-      supervisor.arm()
-      this.token = token
-      this.watch(run)
-      this.current = 'ready'
-      this.log.info({ container: name, address: this.address }, 'Ray head ready')
-      this.safeDispatchEvent('ready', { detail: { container: name, address: this.address } })
-      return { container: name, address: this.address }
-    } catch (err) {
-      await envFile?.remove()
-      await this.teardown().catch((e: unknown) =>
-        this.log.warn({ err: e }, 'could not remove the Ray head container'),
-      )
-      if (signal.aborted) {
-        this.current = 'stopped'
-        throw signal.reason instanceof Error ? signal.reason : err
-      }
-      this.current = 'crashed'
-      const error =
-        err instanceof GarageError
-          ? err
-          : new RayHeadStartError(
-              `the Ray head could not start: ${(err as Error).message}`,
-              'RAY_HEAD_START_FAILED',
-              {
-                cause: err,
-              },
+        namePrefix: 'garage-ray-head',
+        secrets: () => ({ RAY_AUTH_MODE: 'token', RAY_AUTH_TOKEN: token }),
+        runDir: join(this.init.dataDir, 'run'),
+        prepare: async (runtime) => {
+          token = await loadOrCreateSecret(join(this.init.dataDir, rayHeadTokenFile), 32)
+          // A head process that died left its container holding the GCS port: this head's, so remove it.
+          const orphans = await runtime.removeOrphans(this.init.nodePeerId, { role: rayHeadRole })
+          if (orphans.length > 0)
+            this.log.warn({ containers: orphans }, 'removed Ray head containers left running')
+          if (await accepts(this.nodeIpAddress, this.gcsPort, defaults.connectTimeoutMs)) {
+            throw new RayHeadStartError(
+              `something already listens on ${this.address}; the Ray head needs that port for its GCS`,
+              'RAY_HEAD_PORT_IN_USE',
             )
-      this.safeDispatchEvent('crashed', { detail: { error, restarts: 0 } })
-      throw error
-    }
+          }
+        },
+        spec: ({ name, envFile }) =>
+          rayHeadContainerSpec({
+            image,
+            name,
+            nodePeerId: this.init.nodePeerId,
+            nodeIpAddress: this.nodeIpAddress,
+            gcsPort: this.gcsPort,
+            envFile,
+            shmSize: this.init.shmSize ?? defaults.shmSize,
+          }),
+        ready: (r, signal) => this.waitReady(r, signal),
+        readyTimeoutCode: 'RAY_HEAD_READY_TIMEOUT',
+      },
+      options.signal,
+    )
+    this.token = token
+    this.log.info({ container: run.name, address: this.address }, 'Ray head ready')
+    return { container: run.name, address: this.address }
   }
 
   /** Resolves once the container runs and its GCS port accepts a connection; fails if it exits first or time runs out. */
-  private async waitReady(run: RunningHead, signal: AbortSignal): Promise<void> {
+  private async waitReady(run: RunningContainer, signal: AbortSignal): Promise<void> {
     const timeoutMs = this.init.readyTimeoutMs ?? defaults.readyTimeoutMs
     const pollMs = this.init.readyPollIntervalMs ?? defaults.readyPollIntervalMs
     const stop = new AbortController()
@@ -315,7 +269,7 @@ export class RayHead extends TypedEventEmitter<RayHeadEvents> {
     try {
       while (!waiting.aborted) {
         if (await accepts(this.nodeIpAddress, this.gcsPort, defaults.connectTimeoutMs)) {
-          const status = await this.runtime?.inspect(run.id)
+          const status = await this.supervised.runtime?.inspect(run.id)
           if (status?.running === true) return
         }
         if (performance.now() >= deadline) {
@@ -338,69 +292,20 @@ export class RayHead extends TypedEventEmitter<RayHeadEvents> {
     }
   }
 
-  private watch(run: RunningHead): void {
-    run.supervisor.addEventListener('exited', () => {
-      this.recovery?.abort()
-      if (this.current === 'ready') this.current = 'starting'
-    })
-    run.supervisor.addEventListener('restarted', () => {
-      this.recovery?.abort()
-      const recovery = new AbortController()
-      this.recovery = recovery
-      this.current = 'starting'
-      this.safeDispatchEvent('starting', { detail: { address: this.address } })
-      this.waitReady(run, recovery.signal).then(
-        () => {
-          if (this.active !== run) return
-          this.current = 'ready'
-          this.safeDispatchEvent('ready', { detail: { container: run.name, address: this.address } })
-        },
-        (err: unknown) => {
-          if (recovery.signal.aborted || this.active !== run) return
-          // A restarted head that never serves counts as one more crash.
-          if ((err as GarageError).code === 'RAY_HEAD_READY_TIMEOUT')
-            this.runtime?.kill(run.id).catch(() => undefined)
-        },
-      )
-    })
-    run.supervisor.addEventListener('gave-up', (e) => {
-      this.recovery?.abort()
-      this.current = 'crashed'
-      this.safeDispatchEvent('crashed', { detail: e.detail })
-    })
-  }
-
   /** True while the head's container runs and its GCS port accepts connections. */
   async health(): Promise<boolean> {
-    const run = this.active
-    if (run == null || this.runtime == null) return false
-    const status = await this.runtime.inspect(run.id).catch(() => null)
+    const run = this.supervised.running
+    const runtime = this.supervised.runtime
+    if (run == null || runtime == null) return false
+    const status = await runtime.inspect(run.id).catch(() => null)
     return (
       status?.running === true && (await accepts(this.nodeIpAddress, this.gcsPort, defaults.connectTimeoutMs))
     )
   }
 
   async stop(): Promise<void> {
-    const wasRunning = this.active != null || this.starting != null || this.current !== 'stopped'
-    if (this.starting != null) {
-      this.starting.controller.abort(
-        new RayHeadStartError('the Ray head was stopped while starting', 'RAY_HEAD_STOPPED'),
-      )
-      await this.starting.done.catch(() => undefined)
-    }
-    await this.teardown()
-    this.current = 'stopped'
-    if (wasRunning) this.safeDispatchEvent('stopped', { detail: { address: this.address } })
-  }
-
-  private async teardown(): Promise<void> {
-    const run = this.active
-    if (run == null) return
-    this.recovery?.abort()
-    this.recovery = null
     this.token = null
     // Ray's SIGTERM handler stops the head's processes cleanly; workers then lose the cluster.
-    await stopSupervisedContainer(this.runtime, run, this.init.stopGraceMs ?? defaults.stopGraceMs)
-    this.active = null
+    await this.supervised.stop()
   }
 }

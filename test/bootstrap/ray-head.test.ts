@@ -12,9 +12,9 @@ import {
   rayHeadTokenFile,
 } from '../../bootstrap/head/ray-head.ts'
 import { buildRunArgs } from '../../containers/argv.ts'
+import { rayImage } from '../../containers/images.ts'
 import { freeLoopbackPort } from '../../containers/ports.ts'
 import type { ContainerSpec } from '../../containers/types.ts'
-import { rayImage } from '../../daemon/engines/ray/spec.ts'
 import { FakeRuntime } from '../containers/fake-runtime.ts'
 
 const peer = '12D3KooWRHB6gqzSZSmC8V2JoUf8y5ZwpgCJmrEw6T8fXkgG7Xbe'

@@ -5,20 +5,16 @@ import { afterAll, describe, expect, it } from 'vitest'
 import { buildRunArgs } from '../../containers/argv.ts'
 import { CliContainerRuntime } from '../../containers/cli.ts'
 import { writeSecretEnvFile } from '../../containers/env-file.ts'
+import { rayImage, vllmImage, vllmImageForDriver } from '../../containers/images.ts'
 import type { ContainerSpec } from '../../containers/types.ts'
-import { rayImage, rayWorkerContainerSpec } from '../../daemon/engines/ray/spec.ts'
+import { rayWorkerContainerSpec } from '../../daemon/engines/ray/spec.ts'
 import {
   type RayClusterAssignment,
   RayClusterNotTrustedError,
   RayClusterOptInRequiredError,
   RayWorker,
 } from '../../daemon/engines/ray/worker.ts'
-import {
-  vllmContainerSpec,
-  vllmImage,
-  vllmImageForDriver,
-  vllmSecrets,
-} from '../../daemon/engines/vllm/spec.ts'
+import { vllmContainerSpec, vllmSecrets } from '../../daemon/engines/vllm/spec.ts'
 import { FakeRuntime } from './fake-runtime.ts'
 
 const peer = '12D3KooWRHB6gqzSZSmC8V2JoUf8y5ZwpgCJmrEw6T8fXkgG7Xbe'

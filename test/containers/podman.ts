@@ -9,7 +9,7 @@ import { nodeLabelFilter } from '../../containers/labels.ts'
 
 /** Helpers for the suites that run real Podman: the CLI, cleanup by label, the local stand-in image. */
 
-const fixtures = join(dirname(fileURLToPath(import.meta.url)), '..', '..', '..', 'fixtures', 'vllm')
+const fixtures = join(dirname(fileURLToPath(import.meta.url)), '..', 'fixtures', 'vllm')
 export const standInRepository = 'localhost/garage-test-stand-in'
 // Bump when the image layout below changes (the content hash covers the files themselves).
 const layoutVersion = '1'

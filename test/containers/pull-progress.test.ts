@@ -5,7 +5,7 @@ import { describe, expect, it } from 'vitest'
 import { PullProgressParser, parseByteSize } from '../../containers/pull-progress.ts'
 import type { PullProgress } from '../../containers/types.ts'
 
-const fixtures = join(dirname(fileURLToPath(import.meta.url)), '..', '..', '..', 'fixtures', 'vllm', 'pull')
+const fixtures = join(dirname(fileURLToPath(import.meta.url)), '..', 'fixtures', 'vllm', 'pull')
 
 async function parse(file: string, chunkSize?: number): Promise<PullProgress[]> {
   const text = await readFile(join(fixtures, file), 'utf8')

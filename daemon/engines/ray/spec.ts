@@ -2,13 +2,6 @@ import { isIP } from 'node:net'
 import type { ContainerSpec, GpuRequest } from '../../../containers/types.ts'
 import { regionNamePattern } from '../../../mesh/certificate.ts'
 
-/**
- * The pinned Ray image (Ray 2.58.0, Python 3.12, CUDA). Token authentication needs Ray 2.52 or newer.
- * Every node of a Ray cluster must run the head's Ray and Python versions, and for vLLM across nodes
- * the head's vLLM too: an assignment names its image, and this is only the default.
- */
-export const rayImage = 'docker.io/rayproject/ray:2.58.0-py312-gpu'
-
 /** The model cache inside the container; HF_HOME points at it, whichever user the image runs as. */
 export const rayCacheMount = '/garage/huggingface'
 

@@ -1,19 +1,13 @@
-import { randomBytes } from 'node:crypto'
 import { mkdir } from 'node:fs/promises'
 import { join } from 'node:path'
-import { setTimeout as sleep } from 'node:timers/promises'
 import { TypedEventEmitter } from 'main-event'
-import { detectContainerRuntime } from '../../../containers/cli.ts'
-import { type SecretEnvFile, writeSecretEnvFile } from '../../../containers/env-file.ts'
-import {
-  ContainerSupervisor,
-  type RestartPolicy,
-  stopSupervisedContainer,
-} from '../../../containers/supervisor.ts'
+import { rayImage } from '../../../containers/images.ts'
+import { SupervisedContainer, waitForLine } from '../../../containers/supervised.ts'
+import type { RestartPolicy } from '../../../containers/supervisor.ts'
 import type { ContainerRuntime, GpuRequest } from '../../../containers/types.ts'
 import { GarageError } from '../../../core/errors.ts'
 import { type Logger, silentLogger } from '../../../core/logger.ts'
-import { rayImage, rayWorkerContainerSpec } from './spec.ts'
+import { rayWorkerContainerSpec } from './spec.ts'
 
 /** The region's certificate does not mark its Ray cluster as trusted: Ray has no isolation between members. */
 export class RayClusterNotTrustedError extends GarageError {}
@@ -78,43 +72,55 @@ const defaults = {
   stopGraceMs: 30_000,
 }
 
-interface RunningWorker {
-  id: string
-  name: string
-  region: string
-  headAddress: string
-  supervisor: ContainerSupervisor
-}
-
 /**
  * A Ray worker node in a container, for models larger than one GPU. Joins only a trusted cluster the
  * user opted in to; the cluster token travels in a 0600 env file, never on a command line or in labels.
+ * The container's lifecycle is containers/supervised.ts.
  */
 export class RayWorker extends TypedEventEmitter<RayWorkerEvents> {
   readonly kind = 'ray-worker' as const
   private readonly init: RayWorkerInit
   private readonly log: Logger
-  private runtime: ContainerRuntime | null
-  private current: RayWorkerState = 'stopped'
-  private active: RunningWorker | null = null
-  private readonly lineListeners = new Set<(line: string) => void>()
-  private recovery: AbortController | null = null
-  private starting: { controller: AbortController; done: Promise<unknown> } | null = null
-  private startingRegion: string | null = null
+  private readonly supervised: SupervisedContainer
+  /** The cluster being joined or served. */
+  private cluster: { region: string; headAddress: string } | null = null
 
   constructor(init: RayWorkerInit) {
     super()
     this.init = init
-    this.runtime = init.runtime ?? null
     this.log = (init.logger ?? silentLogger).child({ component: 'daemon:engine', engine: 'ray-worker' })
+    this.supervised = new SupervisedContainer({
+      what: 'the Ray worker',
+      runtime: init.runtime ?? null,
+      logger: this.log,
+      stopGraceMs: init.stopGraceMs ?? defaults.stopGraceMs,
+      ...(init.restartPolicy != null ? { restartPolicy: init.restartPolicy } : {}),
+      error: (message, code, options) => new RayWorkerStartError(message, code, options),
+      codes: { running: 'ENGINE_RUNNING', stopped: 'ENGINE_STOPPED', startFailed: 'RAY_START_FAILED' },
+    })
+    this.supervised.addEventListener('starting', () =>
+      this.safeDispatchEvent('starting', { detail: { region: this.cluster?.region ?? '' } }),
+    )
+    this.supervised.addEventListener('ready', (e) =>
+      this.safeDispatchEvent('ready', {
+        detail: { container: e.detail.name, headAddress: this.cluster?.headAddress ?? '' },
+      }),
+    )
+    this.supervised.addEventListener('crashed', (e) =>
+      this.safeDispatchEvent('crashed', { detail: e.detail }),
+    )
+    this.supervised.addEventListener('stopped', () =>
+      this.safeDispatchEvent('stopped', { detail: { region: this.cluster?.region ?? '' } }),
+    )
   }
 
   get state(): RayWorkerState {
-    return this.current
+    return this.supervised.state
   }
 
   get container(): { id: string; name: string } | null {
-    return this.active == null ? null : { id: this.active.id, name: this.active.name }
+    const run = this.supervised.running
+    return run == null ? null : { id: run.id, name: run.name }
   }
 
   /** Refuses untrusted clusters and missing consent before anything runs. */
@@ -137,223 +143,74 @@ export class RayWorker extends TypedEventEmitter<RayWorkerEvents> {
   }
 
   async start(options: RayWorkerStartOptions): Promise<{ container: string }> {
-    RayWorker.check(options.assignment, this.init.optIn)
-    if (this.starting == null && this.current === 'crashed') await this.teardown()
-    if (this.active != null || this.starting != null) {
-      throw new RayWorkerStartError('the Ray worker is already running', 'ENGINE_RUNNING')
-    }
-    const controller = new AbortController()
-    const done = this.startContainer(options, controller.signal)
-    this.starting = { controller, done }
-    this.startingRegion = options.assignment.region
-    try {
-      return await done
-    } finally {
-      this.starting = null
-      this.startingRegion = null
-    }
-  }
-
-  private async startContainer(
-    options: RayWorkerStartOptions,
-    stopSignal: AbortSignal,
-  ): Promise<{ container: string }> {
     const { assignment } = options
-    this.current = 'starting'
-    this.safeDispatchEvent('starting', { detail: { region: assignment.region } })
-    const signal = options.signal != null ? AbortSignal.any([options.signal, stopSignal]) : stopSignal
-    let envFile: SecretEnvFile | null = null
-    try {
-      const runtime = this.runtime ?? (await detectContainerRuntime({ logger: this.log }))
-      this.runtime = runtime
-      const image = this.init.image ?? assignment.image ?? rayImage
-      if (!(await runtime.imageExists(image))) await runtime.pull(image, { signal })
-      const cacheDir = join(this.init.dataDir, 'huggingface')
-      await mkdir(cacheDir, { recursive: true })
-      envFile = await writeSecretEnvFile(join(this.init.dataDir, 'run'), {
-        RAY_AUTH_MODE: 'token',
-        RAY_AUTH_TOKEN: assignment.token,
-      })
-      const name = `garage-ray-worker-${randomBytes(5).toString('hex')}`
-      const spec = rayWorkerContainerSpec({
+    RayWorker.check(assignment, this.init.optIn)
+    if (this.supervised.running == null && !this.supervised.isStarting)
+      this.cluster = { region: assignment.region, headAddress: assignment.headAddress }
+    const image = this.init.image ?? assignment.image ?? rayImage
+    const cacheDir = join(this.init.dataDir, 'huggingface')
+    const readyTimeoutMs = this.init.readyTimeoutMs ?? defaults.readyTimeoutMs
+    const run = await this.supervised.start(
+      {
         image,
-        name,
-        nodePeerId: this.init.nodePeerId,
-        headAddress: assignment.headAddress,
-        nodeIpAddress: assignment.nodeIpAddress,
-        numGpus: options.numGpus,
-        region: assignment.region,
-        vramMiB: options.vramMiB,
-        envFile: envFile.path,
-        cacheDir,
-        gpu: this.init.gpu ?? 'all',
-        shmSize: this.init.shmSize ?? defaults.shmSize,
-      })
-      const id = await runtime.run(spec, { signal })
-      const supervisor = new ContainerSupervisor({
-        runtime,
-        container: id,
-        logger: this.log.child({ container: name }),
-        armed: false,
-        onLine: (line) => {
-          for (const listener of this.lineListeners) listener(line)
+        namePrefix: 'garage-ray-worker',
+        secrets: () => ({ RAY_AUTH_MODE: 'token', RAY_AUTH_TOKEN: assignment.token }),
+        runDir: join(this.init.dataDir, 'run'),
+        prepare: async () => {
+          await mkdir(cacheDir, { recursive: true })
         },
-        ...(this.init.restartPolicy != null ? { policy: this.init.restartPolicy } : {}),
-      })
-      const run: RunningWorker = {
-        id,
-        name,
-        region: assignment.region,
-        headAddress: assignment.headAddress,
-        supervisor,
-      }
-      this.active = run
-      // The container holds its environment from now on; the file has no reason to stay on disk.
-      await envFile.remove()
-      envFile = null
-      const joined = this.waitJoined(run, signal)
-      supervisor.start()
-      await joined
-      supervisor.arm()
-      this.watch(run)
-      this.current = 'ready'
-      this.log.info(
-        { container: name, head: assignment.headAddress, region: assignment.region },
-        'joined the Ray cluster',
-      )
-      this.safeDispatchEvent('ready', { detail: { container: name, headAddress: assignment.headAddress } })
-      return { container: name }
-    } catch (err) {
-      await envFile?.remove()
-      await this.teardown().catch((e: unknown) =>
-        this.log.warn({ err: e }, 'could not remove the Ray container'),
-      )
-      if (signal.aborted) {
-        this.current = 'stopped'
-        // Whoever aborted says why (stop() while starting, the caller's signal), not a bare AbortError.
-        throw signal.reason instanceof Error ? signal.reason : err
-      }
-      this.current = 'crashed'
-      const error =
-        err instanceof GarageError
-          ? err
-          : new RayWorkerStartError(
-              `the Ray worker could not start: ${(err as Error).message}`,
-              'RAY_START_FAILED',
-              {
-                cause: err,
-              },
-            )
-      this.safeDispatchEvent('crashed', { detail: { error, restarts: 0 } })
-      throw error
-    }
-  }
-
-  /** Resolves on "Ray runtime started"; fails when the container exits first or the deadline passes. */
-  private waitJoined(run: RunningWorker, signal: AbortSignal): Promise<void> {
-    const timeoutMs = this.init.readyTimeoutMs ?? defaults.readyTimeoutMs
-    return new Promise<void>((resolve, reject) => {
-      const stop = new AbortController()
-      const finish = (err?: Error): void => {
-        stop.abort()
-        this.lineListeners.delete(onLine)
-        if (err != null) reject(err)
-        else resolve()
-      }
-      const onLine = (line: string): void => {
-        if (joinedLine.test(line)) finish()
-      }
-      this.lineListeners.add(onLine)
-      run.supervisor.addEventListener(
-        'exited',
-        (e) => {
-          void run.supervisor.logsSettled(2_000).then(() => {
-            const last = run.supervisor.tail().slice(-3).join(' | ')
-            finish(
+        spec: ({ name, envFile }) =>
+          rayWorkerContainerSpec({
+            image,
+            name,
+            nodePeerId: this.init.nodePeerId,
+            headAddress: assignment.headAddress,
+            nodeIpAddress: assignment.nodeIpAddress,
+            numGpus: options.numGpus,
+            region: assignment.region,
+            vramMiB: options.vramMiB,
+            envFile,
+            cacheDir,
+            gpu: this.init.gpu ?? 'all',
+            shmSize: this.init.shmSize ?? defaults.shmSize,
+          }),
+        ready: (r, signal) =>
+          waitForLine(this.supervised, r, joinedLine, {
+            timeoutMs: readyTimeoutMs,
+            signal,
+            exited: (code, last) =>
               new RayWorkerStartError(
-                `ray start exited (code ${e.detail.exitCode ?? 'unknown'}) before joining ${run.headAddress}${last !== '' ? `: ${last}` : ''}`,
+                `ray start exited (code ${code ?? 'unknown'}) before joining ${assignment.headAddress}${last !== '' ? `: ${last}` : ''}`,
                 'RAY_EXITED',
               ),
-            )
-          })
-        },
-        { once: true, signal: stop.signal },
-      )
-      sleep(timeoutMs, undefined, { signal: AbortSignal.any([signal, stop.signal]) }).then(
-        () =>
-          finish(
-            new RayWorkerStartError(
-              `the Ray worker did not join ${run.headAddress} within ${Math.round(timeoutMs / 1_000)} s`,
-              'RAY_JOIN_TIMEOUT',
-            ),
-          ),
-        () => {
-          if (signal.aborted) finish(signal.reason instanceof Error ? signal.reason : new Error('aborted'))
-        },
-      )
-    })
-  }
-
-  private watch(run: RunningWorker): void {
-    run.supervisor.addEventListener('exited', () => {
-      this.recovery?.abort()
-      if (this.current === 'ready') this.current = 'starting'
-    })
-    run.supervisor.addEventListener('restarted', () => {
-      this.recovery?.abort()
-      const recovery = new AbortController()
-      this.recovery = recovery
-      this.current = 'starting'
-      this.safeDispatchEvent('starting', { detail: { region: run.region } })
-      this.waitJoined(run, recovery.signal).then(
-        () => {
-          if (this.active !== run) return
-          this.current = 'ready'
-          this.safeDispatchEvent('ready', { detail: { container: run.name, headAddress: run.headAddress } })
-        },
-        (err: unknown) => {
-          if (recovery.signal.aborted || this.active !== run) return
-          if ((err as GarageError).code === 'RAY_JOIN_TIMEOUT')
-            this.runtime?.kill(run.id).catch(() => undefined)
-        },
-      )
-    })
-    run.supervisor.addEventListener('gave-up', (e) => {
-      this.recovery?.abort()
-      this.current = 'crashed'
-      this.safeDispatchEvent('crashed', { detail: e.detail })
-    })
+            timedOut: () =>
+              new RayWorkerStartError(
+                `the Ray worker did not join ${assignment.headAddress} within ${Math.round(readyTimeoutMs / 1_000)} s`,
+                'RAY_JOIN_TIMEOUT',
+              ),
+          }),
+        readyTimeoutCode: 'RAY_JOIN_TIMEOUT',
+      },
+      options.signal,
+    )
+    this.log.info(
+      { container: run.name, head: assignment.headAddress, region: assignment.region },
+      'joined the Ray cluster',
+    )
+    return { container: run.name }
   }
 
   /** True while the worker's container runs. */
   async health(): Promise<boolean> {
-    const run = this.active
-    if (run == null || this.runtime == null) return false
-    const status = await this.runtime.inspect(run.id).catch(() => null)
+    const run = this.supervised.running
+    const runtime = this.supervised.runtime
+    if (run == null || runtime == null) return false
+    const status = await runtime.inspect(run.id).catch(() => null)
     return status?.running === true
   }
 
   async stop(): Promise<void> {
-    const wasRunning = this.active != null || this.starting != null || this.current !== 'stopped'
-    const region = this.active?.region ?? this.startingRegion ?? ''
-    if (this.starting != null) {
-      this.starting.controller.abort(
-        new RayWorkerStartError('the Ray worker was stopped while starting', 'ENGINE_STOPPED'),
-      )
-      await this.starting.done.catch(() => undefined)
-    }
-    await this.teardown()
-    this.current = 'stopped'
-    if (wasRunning) this.safeDispatchEvent('stopped', { detail: { region } })
-  }
-
-  private async teardown(): Promise<void> {
-    const run = this.active
-    if (run == null) return
-    this.recovery?.abort()
-    this.recovery = null
     // Ray's SIGTERM handler leaves the cluster cleanly (the head reschedules the node's work).
-    await stopSupervisedContainer(this.runtime, run, this.init.stopGraceMs ?? defaults.stopGraceMs)
-    this.active = null
+    await this.supervised.stop()
   }
 }

@@ -3,14 +3,9 @@ import { mkdir } from 'node:fs/promises'
 import { join } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { TypedEventEmitter } from 'main-event'
-import { detectContainerRuntime } from '../../../containers/cli.ts'
-import { type SecretEnvFile, writeSecretEnvFile } from '../../../containers/env-file.ts'
-import { freeLoopbackPort, isPortInUse } from '../../../containers/ports.ts'
-import {
-  ContainerSupervisor,
-  type RestartPolicy,
-  stopSupervisedContainer,
-} from '../../../containers/supervisor.ts'
+import { vllmImage } from '../../../containers/images.ts'
+import { type RunningContainer, SupervisedContainer } from '../../../containers/supervised.ts'
+import type { RestartPolicy } from '../../../containers/supervisor.ts'
 import type { ContainerRuntime, GpuRequest, PullProgress } from '../../../containers/types.ts'
 import { GarageError } from '../../../core/errors.ts'
 import { type Logger, silentLogger } from '../../../core/logger.ts'
@@ -23,7 +18,7 @@ import type {
   EngineState,
 } from '../types.ts'
 import { VllmMetricsError, vllmEngineMetrics } from './metrics.ts'
-import { vllmContainerSpec, vllmImage, vllmSecrets } from './spec.ts'
+import { vllmContainerSpec, vllmSecrets } from './spec.ts'
 
 export class VllmStartError extends GarageError {}
 
@@ -66,180 +61,117 @@ const defaults = {
   healthTimeoutMs: 30 * 60_000,
   healthIntervalMs: 1_000,
   stopGraceMs: 30_000,
-  pullLogIntervalMs: 5_000,
-}
-
-interface RunningContainer {
-  id: string
-  name: string
-  handle: EngineHandle
-  supervisor: ContainerSupervisor
 }
 
 /**
  * vLLM's OpenAI-compatible server in a Podman or Docker container: 127.0.0.1 only, a random API key
- * per start (in a 0600 env file, not on the command line), GPUs by CDI (Podman) or --gpus (Docker), health wait, metrics from /metrics, restart
- * with backoff on a crash, drain and stop.
+ * per start (in a 0600 env file, not on the command line), GPUs by CDI (Podman) or --gpus (Docker),
+ * health wait, metrics from /metrics, restart with backoff on a crash, drain and stop. The container's
+ * lifecycle is containers/supervised.ts; this class says what to run and how to tell it serves.
  */
 export class VllmEngine extends TypedEventEmitter<VllmEngineEvents> implements Engine {
   readonly kind = 'vllm' as const
   private readonly init: VllmEngineInit
   private readonly log: Logger
-  private runtime: ContainerRuntime | null
-  private current: EngineState = 'stopped'
-  private active: RunningContainer | null = null
-  private starting: { controller: AbortController; done: Promise<unknown> } | null = null
-  private recovery: AbortController | null = null
+  private readonly supervised: SupervisedContainer
+  private draining = false
+  private handle: EngineHandle | null = null
 
   constructor(init: VllmEngineInit) {
     super()
     this.init = init
-    this.runtime = init.runtime ?? null
     this.log = (init.logger ?? silentLogger).child({ component: 'daemon:engine', engine: 'vllm' })
+    this.supervised = new SupervisedContainer({
+      what: 'vLLM',
+      runtime: init.runtime ?? null,
+      logger: this.log,
+      stopGraceMs: init.stopGraceMs ?? defaults.stopGraceMs,
+      ...(init.restartPolicy != null ? { restartPolicy: init.restartPolicy } : {}),
+      error: (message, code, options) => new VllmStartError(message, code, options),
+      codes: { running: 'ENGINE_RUNNING', stopped: 'ENGINE_STOPPED', startFailed: 'VLLM_START_FAILED' },
+      explains: (err) => err instanceof VllmStartError,
+    })
+    this.supervised.addEventListener('starting', () => {
+      this.draining = false
+      this.safeDispatchEvent('starting', { detail: { kind: this.kind } })
+    })
+    this.supervised.addEventListener('ready', () => {
+      if (this.handle != null) this.safeDispatchEvent('ready', { detail: this.handle })
+    })
+    this.supervised.addEventListener('exited', (e) => this.safeDispatchEvent('exited', { detail: e.detail }))
+    this.supervised.addEventListener('restarting', (e) =>
+      this.safeDispatchEvent('restarting', { detail: e.detail }),
+    )
+    this.supervised.addEventListener('crashed', (e) =>
+      this.safeDispatchEvent('crashed', { detail: e.detail }),
+    )
+    this.supervised.addEventListener('stopped', () =>
+      this.safeDispatchEvent('stopped', { detail: { kind: this.kind } }),
+    )
   }
 
   get state(): EngineState {
-    return this.current
+    const state = this.supervised.state
+    return state === 'ready' && this.draining ? 'draining' : state
   }
 
   /** The container serving now, for status displays and cleanup. */
   get container(): { id: string; name: string } | null {
-    return this.active == null ? null : { id: this.active.id, name: this.active.name }
+    const run = this.supervised.running
+    return run == null ? null : { id: run.id, name: run.name }
   }
 
   async start(options: EngineStartOptions): Promise<EngineHandle> {
-    // A run the supervisor gave up on still holds its exited container: clear it first.
-    if (this.starting == null && this.current === 'crashed') await this.teardown()
-    if (this.starting != null || this.active != null) {
-      throw new VllmStartError('the vLLM engine is already running; stop it first', 'ENGINE_RUNNING')
-    }
-    const controller = new AbortController()
-    const done = this.startContainer(options, controller.signal)
-    this.starting = { controller, done }
-    try {
-      return await done
-    } finally {
-      this.starting = null
-    }
-  }
-
-  private async startContainer(options: EngineStartOptions, stopSignal: AbortSignal): Promise<EngineHandle> {
-    const signal = options.signal != null ? AbortSignal.any([options.signal, stopSignal]) : stopSignal
-    this.current = 'starting'
-    this.safeDispatchEvent('starting', { detail: { kind: this.kind } })
-    let envFile: SecretEnvFile | null = null
-    try {
-      const runtime = this.runtime ?? (await detectContainerRuntime({ logger: this.log }))
-      this.runtime = runtime
-      const image = this.init.image ?? vllmImage
-      if (!(await runtime.imageExists(image))) await this.pull(runtime, image, signal)
-      signal.throwIfAborted()
-
-      const cacheDir = join(this.init.dataDir, 'huggingface')
-      await mkdir(cacheDir, { recursive: true })
-      const apiKey = randomBytes(32).toString('base64url')
-      envFile = await writeSecretEnvFile(
-        join(this.init.dataDir, 'run'),
-        vllmSecrets(apiKey, this.init.huggingFaceToken),
-      )
-      const servedModelName = options.servedModelName ?? options.model
-      const name = `garage-vllm-${randomBytes(5).toString('hex')}`
-      let id = ''
-      let port = 0
-      for (let attempt = 1; id === ''; attempt++) {
-        port = await freeLoopbackPort()
-        const spec = vllmContainerSpec({
+    const image = this.init.image ?? vllmImage
+    const cacheDir = join(this.init.dataDir, 'huggingface')
+    const apiKey = randomBytes(32).toString('base64url')
+    const servedModelName = options.servedModelName ?? options.model
+    const run = await this.supervised
+      .start(
+        {
           image,
-          name,
-          nodePeerId: this.init.nodePeerId,
-          hostPort: port,
-          model: options.model,
-          servedModelName,
-          gpuMemoryUtilization: options.gpuMemoryUtilization ?? defaults.gpuMemoryUtilization,
-          ...(options.contextLength != null ? { maxModelLen: options.contextLength } : {}),
-          ...(options.parallel != null ? { maxNumSeqs: options.parallel } : {}),
-          cacheDir,
-          gpu: this.init.gpu ?? 'all',
-          shmSize: this.init.shmSize ?? defaults.shmSize,
-          envFile: envFile.path,
-        })
-        try {
-          id = await runtime.run(spec, { signal })
-        } catch (err) {
-          // The port was free a moment ago; another process took it.
-          if (attempt < 3 && isPortInUse((err as Error).message)) continue
-          throw err
-        }
-      }
-      const handle: EngineHandle = {
-        kind: this.kind,
-        baseUrl: `http://127.0.0.1:${port}`,
-        apiKey,
-        servedModelName,
-      }
-      const supervisor = new ContainerSupervisor({
-        runtime,
-        container: id,
-        logger: this.log.child({ container: name }),
-        armed: false,
-        ...(this.init.restartPolicy != null ? { policy: this.init.restartPolicy } : {}),
+          namePrefix: 'garage-vllm',
+          secrets: () => vllmSecrets(apiKey, this.init.huggingFaceToken),
+          runDir: join(this.init.dataDir, 'run'),
+          publishPort: true,
+          prepare: async () => {
+            await mkdir(cacheDir, { recursive: true })
+          },
+          spec: ({ name, envFile, port }) =>
+            vllmContainerSpec({
+              image,
+              name,
+              nodePeerId: this.init.nodePeerId,
+              hostPort: port!,
+              model: options.model,
+              servedModelName,
+              gpuMemoryUtilization: options.gpuMemoryUtilization ?? defaults.gpuMemoryUtilization,
+              ...(options.contextLength != null ? { maxModelLen: options.contextLength } : {}),
+              ...(options.parallel != null ? { maxNumSeqs: options.parallel } : {}),
+              cacheDir,
+              gpu: this.init.gpu ?? 'all',
+              shmSize: this.init.shmSize ?? defaults.shmSize,
+              envFile,
+            }),
+          ready: (r, signal) => {
+            // The handle exists before /health answers: health() polls through it.
+            this.handle = { kind: this.kind, baseUrl: `http://127.0.0.1:${r.port}`, apiKey, servedModelName }
+            return this.waitHealthy(r, signal)
+          },
+          readyTimeoutCode: 'VLLM_HEALTH_TIMEOUT',
+          ...(this.init.onPullProgress != null ? { onPullProgress: this.init.onPullProgress } : {}),
+        },
+        options.signal,
+      )
+      .catch((err: unknown) => {
+        this.handle = null
+        throw err
       })
-      this.active = { id, name, handle, supervisor }
-      // The container holds its environment from now on; the file has no reason to stay on disk.
-      await envFile?.remove()
-      envFile = null
-      supervisor.start()
-      await this.waitHealthy(this.active, signal)
-      supervisor.arm()
-      this.watch(this.active)
-      this.current = 'ready'
-      this.log.info(
-        { baseUrl: handle.baseUrl, model: options.model, servedModelName, container: name },
-        'vLLM is ready',
-      )
-      this.safeDispatchEvent('ready', { detail: handle })
-      return handle
-    } catch (err) {
-      const lastLines = this.active?.supervisor.tail().slice(-10) ?? []
-      await envFile?.remove()
-      await this.teardown().catch((e: unknown) =>
-        this.log.warn({ err: e }, 'could not remove the vLLM container'),
-      )
-      if (signal.aborted) {
-        this.current = 'stopped'
-        // Whoever aborted says why (stop() while starting, the caller's signal), not a bare AbortError.
-        throw signal.reason instanceof Error ? signal.reason : err
-      }
-      this.current = 'crashed'
-      const error =
-        err instanceof VllmStartError
-          ? err
-          : new VllmStartError(`vLLM could not start: ${(err as Error).message}`, 'VLLM_START_FAILED', {
-              cause: err,
-            })
-      this.log.error({ err: error, lastLines }, 'vLLM did not start')
-      this.safeDispatchEvent('crashed', { detail: { error, restarts: 0 } })
-      throw error
-    }
-  }
-
-  private async pull(runtime: ContainerRuntime, image: string, signal: AbortSignal): Promise<void> {
-    let lastLog = 0
-    await runtime.pull(image, {
-      signal,
-      onProgress: (progress) => {
-        this.init.onPullProgress?.(progress)
-        const now = Date.now()
-        if (now - lastLog >= defaults.pullLogIntervalMs || progress.phase === 'done') {
-          lastLog = now
-          const { phase, layersDone, layersTotal, bytesDone, bytesTotal, fraction } = progress
-          this.log.info(
-            { image, phase, layersDone, layersTotal, bytesDone, bytesTotal, fraction },
-            'pulling vLLM image',
-          )
-        }
-      },
-    })
+    this.log.info(
+      { baseUrl: this.handle!.baseUrl, model: options.model, servedModelName, container: run.name },
+      'vLLM is ready',
+    )
+    return this.handle!
   }
 
   /** Polls /health until it answers 200; fails when the container exits or the deadline passes. */
@@ -280,51 +212,11 @@ export class VllmEngine extends TypedEventEmitter<VllmEngineEvents> implements E
     )
   }
 
-  /** After a restart by the supervisor: wait for health again, then report ready with the same handle. */
-  private watch(run: RunningContainer): void {
-    run.supervisor.addEventListener('exited', (e) => {
-      this.recovery?.abort()
-      if (this.current === 'ready' || this.current === 'draining') this.current = 'starting'
-      this.safeDispatchEvent('exited', { detail: e.detail })
-    })
-    run.supervisor.addEventListener('restarting', (e) =>
-      this.safeDispatchEvent('restarting', { detail: e.detail }),
-    )
-    run.supervisor.addEventListener('restarted', () => {
-      this.recovery?.abort()
-      const recovery = new AbortController()
-      this.recovery = recovery
-      this.current = 'starting'
-      this.safeDispatchEvent('starting', { detail: { kind: this.kind } })
-      this.waitHealthy(run, recovery.signal).then(
-        () => {
-          if (this.active !== run) return
-          this.current = 'ready'
-          this.log.info({ restarts: run.supervisor.restarts }, 'vLLM is ready again')
-          this.safeDispatchEvent('ready', { detail: run.handle })
-        },
-        (err: unknown) => {
-          if (recovery.signal.aborted || this.active !== run) return
-          if ((err as GarageError).code === 'VLLM_HEALTH_TIMEOUT') {
-            // A hung engine counts as a crash: kill it and let the supervisor decide.
-            this.log.warn({ err }, 'vLLM did not become healthy after a restart; killing it')
-            this.runtime?.kill(run.id).catch(() => undefined)
-          }
-        },
-      )
-    })
-    run.supervisor.addEventListener('gave-up', (e) => {
-      this.recovery?.abort()
-      this.current = 'crashed'
-      this.safeDispatchEvent('crashed', { detail: e.detail })
-    })
-  }
-
   async health(options: { signal?: AbortSignal } = {}): Promise<boolean> {
-    const run = this.active
-    if (run == null) return false
+    const handle = this.handle
+    if (handle == null || this.supervised.running == null) return false
     try {
-      const res = await fetch(`${run.handle.baseUrl}/health`, {
+      const res = await fetch(`${handle.baseUrl}/health`, {
         signal: options.signal ?? AbortSignal.timeout(2_000),
       })
       await res.arrayBuffer()
@@ -335,12 +227,13 @@ export class VllmEngine extends TypedEventEmitter<VllmEngineEvents> implements E
   }
 
   async metrics(options: { signal?: AbortSignal } = {}): Promise<EngineMetrics> {
-    const run = this.active
-    if (run == null) throw new VllmMetricsError('the vLLM engine is not running', 'ENGINE_NOT_RUNNING')
+    const handle = this.handle
+    if (handle == null || this.supervised.running == null)
+      throw new VllmMetricsError('the vLLM engine is not running', 'ENGINE_NOT_RUNNING')
     let text: string
     try {
-      const res = await fetch(`${run.handle.baseUrl}/metrics`, {
-        headers: { authorization: `Bearer ${run.handle.apiKey}` },
+      const res = await fetch(`${handle.baseUrl}/metrics`, {
+        headers: { authorization: `Bearer ${handle.apiKey}` },
         signal: options.signal ?? AbortSignal.timeout(5_000),
       })
       text = await res.text()
@@ -359,10 +252,10 @@ export class VllmEngine extends TypedEventEmitter<VllmEngineEvents> implements E
 
   /** Waits until vLLM has no running or waiting request, or the grace period ends; routing away is the head's job. */
   async drain(options: { graceMs?: number } = {}): Promise<void> {
-    if (this.active == null) return
-    if (this.current === 'ready') this.current = 'draining'
+    if (this.supervised.running == null) return
+    if (this.supervised.state === 'ready') this.draining = true
     const deadline = Date.now() + (options.graceMs ?? 30_000)
-    while (this.active != null && Date.now() < deadline) {
+    while (this.supervised.running != null && Date.now() < deadline) {
       const m = await this.metrics({ signal: AbortSignal.timeout(2_000) }).catch(() => null)
       if (m == null) return
       if (m['vllm:num_requests_running'] + m['vllm:num_requests_waiting'] === 0) return
@@ -371,25 +264,8 @@ export class VllmEngine extends TypedEventEmitter<VllmEngineEvents> implements E
   }
 
   async stop(): Promise<void> {
-    const wasRunning = this.active != null || this.starting != null || this.current !== 'stopped'
-    if (this.starting != null) {
-      this.starting.controller.abort(
-        new VllmStartError('the engine was stopped while starting', 'ENGINE_STOPPED'),
-      )
-      await this.starting.done.catch(() => undefined)
-    }
-    await this.teardown()
-    this.current = 'stopped'
-    if (wasRunning) this.safeDispatchEvent('stopped', { detail: { kind: this.kind } })
-  }
-
-  private async teardown(): Promise<void> {
-    const run = this.active
-    if (run == null) return
-    this.recovery?.abort()
-    this.recovery = null
-    await stopSupervisedContainer(this.runtime, run, this.init.stopGraceMs ?? defaults.stopGraceMs)
-    this.active = null
-    this.log.info({ container: run.name }, 'vLLM container removed')
+    await this.supervised.stop()
+    this.handle = null
+    this.draining = false
   }
 }

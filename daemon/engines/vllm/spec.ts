@@ -1,19 +1,5 @@
 import type { ContainerSpec, GpuRequest } from '../../../containers/types.ts'
 
-/**
- * The pinned vLLM image. Fully qualified, so rootless Podman never has to ask which registry a short
- * name means. v0.30.0's default image is built on CUDA 13.0 (NVIDIA driver 580 or newer); the
- * `-cu129` image of the same release runs on the drivers before it.
- */
-export const vllmImage = 'docker.io/vllm/vllm-openai:v0.30.0'
-export const vllmImageCuda129 = 'docker.io/vllm/vllm-openai:v0.30.0-cu129'
-
-/** The image for a driver version as nvidia-smi prints it ("550.120"); the default image when unknown. */
-export function vllmImageForDriver(driverVersion: string | null | undefined): string {
-  const major = Number.parseInt(driverVersion ?? '', 10)
-  return Number.isFinite(major) && major < 580 ? vllmImageCuda129 : vllmImage
-}
-
 /** The port vLLM listens on inside its container; the host side is a free 127.0.0.1 port. */
 export const vllmContainerPort = 8000
 /** Where the image's Hugging Face cache lives (it runs as root). */

@@ -308,7 +308,7 @@ describe('VllmEngine failures on Podman', () => {
     const child = execa(
       process.execPath,
       [
-        join(here, '../../../fixtures/vllm/crashing-daemon.ts'),
+        join(here, '../../fixtures/vllm/crashing-daemon.ts'),
         JSON.stringify({ nodePeerId: peer, dataDir, image }),
       ],
       { reject: false, stdin: 'ignore', buffer: false, stderr: 'inherit' },

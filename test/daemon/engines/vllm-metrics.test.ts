@@ -4,7 +4,7 @@ import { fileURLToPath } from 'node:url'
 import { describe, expect, it } from 'vitest'
 import { parsePrometheusText, vllmEngineMetrics } from '../../../daemon/engines/vllm/metrics.ts'
 
-const fixtures = join(dirname(fileURLToPath(import.meta.url)), '..', '..', '..', 'fixtures', 'vllm')
+const fixtures = join(dirname(fileURLToPath(import.meta.url)), '..', '..', 'fixtures', 'vllm')
 
 describe('vLLM /metrics to EngineMetrics', () => {
   it('current names: counts summed over data-parallel engines, KV usage averaged', async () => {
