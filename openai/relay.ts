@@ -1,8 +1,8 @@
 import type { ServerResponse } from 'node:http'
 import { type ApiError, apiError } from '../core/errors.ts'
+import { SseSplitter } from '../core/sse.ts'
 import { type InferReply, InferReplyError, type InferResponse } from '../mesh/infer-protocol.ts'
 import type { PreparedRequest } from './request.ts'
-import { SseSplitter } from './sse.ts'
 import { countNonStreamed, StreamTokenCounter } from './usage.ts'
 
 /**

@@ -1,8 +1,20 @@
 import type { Tray } from 'electron'
 import type { Logger } from '../core/logger.ts'
-import type { TrayControlClient } from './control-client.ts'
+import type { ControlEndpoint, ControlEvent } from '../daemon/control/client.ts'
+import type { NodeStatus } from '../daemon/control/types.ts'
 import type { DaemonPhase, TrayNotice } from './state.ts'
 import { TrayStore } from './state.ts'
+
+/** What the tray needs of the control API (daemon/control/client.ts); tests pass a stand-in. */
+export interface TrayControlClient {
+  endpoint(): Promise<ControlEndpoint>
+  status(options?: { signal?: AbortSignal }): Promise<NodeStatus>
+  /** `/events` as a stream; `onOpen` runs once the daemon accepted the subscription. */
+  events(options: { signal: AbortSignal; onOpen?: () => Promise<void> }): AsyncIterable<ControlEvent>
+  pause(options: { minutes?: number; until?: Date }, opts?: { signal?: AbortSignal }): Promise<unknown>
+  resume(opts?: { signal?: AbortSignal }): Promise<unknown>
+  reportIdle(seconds: number, opts?: { signal?: AbortSignal }): Promise<void>
+}
 
 /** How the tray found or started the daemon. */
 export type DaemonMode = 'attached' | 'service' | 'child' | 'none'

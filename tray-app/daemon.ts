@@ -4,8 +4,8 @@ import { readFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { GarageError } from '../core/errors.ts'
+import { type ControlEndpoint, isProcessAlive, readControlEndpoint } from '../daemon/control/client.ts'
 import { daemonEnv } from '../daemon/launch.ts'
-import { type ControlEndpoint, isProcessAlive, readControlEndpoint } from './control-client.ts'
 
 /** The tray's own settings: how to start `garage node` when no daemon runs. */
 export interface TrayConfig {
@@ -165,7 +165,7 @@ export async function findRunningDaemon(
   answers: (endpoint: ControlEndpoint) => Promise<boolean>,
   options: { patienceMs?: number; retryMs?: number } = {},
 ): Promise<ControlEndpoint | null> {
-  const endpoint = await readControlEndpoint(dataDir).catch(() => null)
+  const endpoint = await readControlEndpoint(dataDir, { loopbackOnly: true }).catch(() => null)
   if (endpoint == null) return null
   if (endpoint.pid != null && !isProcessAlive(endpoint.pid)) return null
   const deadline = Date.now() + (endpoint.pid != null ? (options.patienceMs ?? 10_000) : 0)

@@ -1,8 +1,8 @@
 import fc from 'fast-check'
 import { beforeAll, describe, expect, it } from 'vitest'
 import { ApiError, errorCodesOf } from '../../core/errors.ts'
+import { maxSseEventBytes, type SseEvent, SseEventTooLargeError, SseSplitter } from '../../core/sse.ts'
 import { prepareUpstreamRequest, upstreamBody } from '../../openai/request.ts'
-import { maxSseEventBytes, type SseEvent, SseEventTooLargeError, SseSplitter } from '../../openai/sse.ts'
 import { countNonStreamed, StreamTokenCounter } from '../../openai/usage.ts'
 import { announceFuzz, deepJson, fuzzParams, fuzzTimeoutMs } from './fuzz.ts'
 

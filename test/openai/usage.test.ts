@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest'
+import { SseSplitter } from '../../core/sse.ts'
 import { prepareUpstreamRequest } from '../../openai/request.ts'
-import { SseSplitter } from '../../openai/sse.ts'
 import { countNonStreamed, StreamTokenCounter, VerifiedThroughput } from '../../openai/usage.ts'
 
 const chunk = (v: unknown): string => `data: ${JSON.stringify(v)}\n\n`

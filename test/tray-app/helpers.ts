@@ -1,7 +1,8 @@
 import { silentLogger } from '../../core/logger.ts'
+import type { ControlEndpoint, ControlEvent } from '../../daemon/control/client.ts'
 import type { NodeStatus } from '../../daemon/control/types.ts'
+import type { TrayControlClient } from '../../tray-app/context.ts'
 import { createTrayContext, type TrayContext, type TrayContextInit } from '../../tray-app/context.ts'
-import type { ControlEndpoint, ControlEvent, TrayControlClient } from '../../tray-app/control-client.ts'
 
 export function statusOf(state: NodeStatus['state'], patch: Partial<NodeStatus> = {}): NodeStatus {
   return {

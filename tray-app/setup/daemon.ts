@@ -1,7 +1,7 @@
 import { mkdir } from 'node:fs/promises'
 import { join } from 'node:path'
+import { isProcessAlive, readControlEndpoint } from '../../daemon/control/client.ts'
 import type { DaemonHandle, DaemonMode, TrayContext } from '../context.ts'
-import { isProcessAlive, readControlEndpoint } from '../control-client.ts'
 import {
   findRunningDaemon,
   garageCommand,
@@ -110,7 +110,7 @@ export async function setupDaemon(ctx: TrayContext, options: DaemonSetupOptions 
     async phaseAfterDisconnect(): Promise<DaemonPhase> {
       if (mode === 'child') return child?.running === true ? 'starting' : 'absent'
       if (mode === 'service') return (await isServiceActive(run)) ? 'starting' : 'absent'
-      const endpoint = await readControlEndpoint(ctx.dataDir).catch(() => null)
+      const endpoint = await readControlEndpoint(ctx.dataDir, { loopbackOnly: true }).catch(() => null)
       return endpoint?.pid != null && isProcessAlive(endpoint.pid) ? 'starting' : 'absent'
     },
     async stop() {

@@ -1,7 +1,7 @@
 import { fileURLToPath } from 'node:url'
 import { app, BrowserWindow, shell } from 'electron'
+import { type ControlEndpoint, dashboardUrl } from '../../daemon/control/client.ts'
 import type { TrayContext } from '../context.ts'
-import { type ControlEndpoint, dashboardUrl } from '../control-client.ts'
 
 export const preloadPath = fileURLToPath(new URL('../preload.cjs', import.meta.url))
 

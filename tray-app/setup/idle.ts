@@ -1,6 +1,6 @@
 import { powerMonitor } from 'electron'
+import { ControlApiError } from '../../daemon/control/client.ts'
 import type { TrayContext } from '../context.ts'
-import { ControlApiError } from '../control-client.ts'
 
 export const idleReportIntervalMs = 30_000
 

@@ -1,6 +1,6 @@
 import { type FSWatcher, watch } from 'node:fs'
+import { controlInfoFileName } from '../../daemon/control/server.ts'
 import type { TrayContext } from '../context.ts'
-import { controlFileName } from '../control-client.ts'
 import type { DaemonPhase } from '../state.ts'
 
 export interface StateSetupOptions {
@@ -27,7 +27,7 @@ export function setupState(ctx: TrayContext, options: StateSetupOptions = {}): v
   let watcher: FSWatcher | null = null
   try {
     watcher = watch(ctx.dataDir, (_event, name) => {
-      if (name == null || String(name) === controlFileName) ctx.wakeConnection()
+      if (name == null || String(name) === controlInfoFileName) ctx.wakeConnection()
     })
     watcher.on('error', () => {})
   } catch {

@@ -4,7 +4,8 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { pino } from 'pino'
 import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest'
-import { ControlClient, type ControlEvent, parseSseBlock } from '../../../daemon/control/client.ts'
+import { SseSplitter } from '../../../core/sse.ts'
+import { ControlClient, type ControlEvent, toControlEvent } from '../../../daemon/control/client.ts'
 import {
   type ControlServer,
   type ControlServerOptions,
@@ -326,7 +327,9 @@ describe('control server', () => {
 
   it('streams the state at once, state changes, stats and heartbeats; cleans up on disconnect', async () => {
     const { server, call, target } = await start(new StandInTarget(), { heartbeatIntervalMs: 50 })
-    const client = new ControlClient(server)
+    const client = new ControlClient({
+      endpoint: async () => ({ url: server.url, token: server.token, pid: null }),
+    })
     const controller = new AbortController()
     const events = client.events({ signal: controller.signal })
     const next = async (): Promise<ControlEvent> => (await events.next()).value as ControlEvent
@@ -357,7 +360,8 @@ describe('control server', () => {
     let text = ''
     while (!text.includes(': heartbeat\n\n')) text += (await reader.read()).value ?? ''
     expect(text.startsWith('event: state\ndata: {')).toBe(true)
-    expect(parseSseBlock(text.split('\n\n')[0]!)).toMatchObject({ type: 'state' })
+    const [wire] = new SseSplitter().push(new TextEncoder().encode(text))
+    expect(toControlEvent(wire!.event, wire!.data)).toMatchObject({ type: 'state' })
     await reader.cancel()
   })
 

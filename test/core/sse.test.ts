@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest'
-import { type SseEvent, SseSplitter } from '../../openai/sse.ts'
+import { type SseEvent, SseSplitter } from '../../core/sse.ts'
 
 const utf8 = new TextEncoder()
 
