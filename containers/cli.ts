@@ -1,9 +1,9 @@
 import { createInterface } from 'node:readline'
 import { execa } from 'execa'
 import { type Logger, silentLogger } from '../core/logger.ts'
-import { probeDocker, probePodman } from '../daemon/hardware/containers.ts'
-import { runTool, type ToolResult } from '../daemon/hardware/run.ts'
-import type { ContainerRuntimeInfo } from '../daemon/hardware/types.ts'
+import { probeDocker, probePodman } from './probe.ts'
+import { runTool, type ToolResult } from '../core/tools.ts'
+import type { ContainerRuntimeInfo } from './types.ts'
 import { buildRunArgs, isValidImageReference } from './argv.ts'
 import {
   ContainerCommandError,

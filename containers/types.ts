@@ -159,3 +159,18 @@ export interface ContainerRuntime {
     options?: CommandOptions & { role?: GarageContainerRole; keep?: string[] },
   ): Promise<string[]>
 }
+
+/** What the probe found of one container runtime. */
+export interface ContainerRuntimeInfo {
+  name: 'podman' | 'docker'
+  installed: boolean
+  version: string | null
+  /** The engine answers (Docker's daemon, Podman's service or machine). */
+  reachable: boolean
+  rootless: boolean | null
+  /** Docker: an `nvidia` runtime registered in the daemon. */
+  nvidiaRuntime: boolean
+  /** Docker: CDI support enabled in the daemon (`CDISpecDirs` in docker info). */
+  cdiEnabled: boolean
+  message: string | null
+}

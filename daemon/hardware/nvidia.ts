@@ -1,4 +1,4 @@
-import { runTool } from './run.ts'
+import { runTool } from '../../core/tools.ts'
 import type { GpuComputeApp, GpuInfo, GpuProbe } from './types.ts'
 
 export const nvidiaGpuQuery =

@@ -1,3 +1,5 @@
+import type { ContainerRuntimeInfo } from '../../containers/types.ts'
+
 /** What the hardware probe reports. docs/doctor.md documents the JSON form of these. */
 
 export type GpuVendor = 'nvidia' | 'amd' | 'apple' | 'intel' | 'other'
@@ -55,19 +57,6 @@ export interface SystemInfo {
   disk: { path: string; totalMiB: number | null; freeMiB: number | null }
 }
 
-export interface ContainerRuntimeInfo {
-  name: 'podman' | 'docker'
-  installed: boolean
-  version: string | null
-  /** The engine answers (Docker's daemon, Podman's service or machine). */
-  reachable: boolean
-  rootless: boolean | null
-  /** Docker: an `nvidia` runtime registered in the daemon. */
-  nvidiaRuntime: boolean
-  /** Docker: CDI support enabled in the daemon (`CDISpecDirs` in docker info). */
-  cdiEnabled: boolean
-  message: string | null
-}
 
 export interface NvidiaContainerPath {
   /** CDI spec files found, and the nvidia.com/gpu devices they declare. */

@@ -1,5 +1,5 @@
 import { GarageError } from '../../core/errors.ts'
-import { runTool } from '../hardware/run.ts'
+import { runTool } from '../../core/tools.ts'
 
 /** The tray app reported something that is not a number of seconds. */
 export class InvalidIdleReportError extends GarageError {}
