@@ -1,40 +1,24 @@
-import { access, mkdir } from 'node:fs/promises'
-import { isAbsolute, join } from 'node:path'
-import type { PeerId, PrivateKey } from '@libp2p/interface'
-import { peerIdFromString } from '@libp2p/peer-id'
+import type { PrivateKey } from '@libp2p/interface'
 import { TypedEventEmitter } from 'main-event'
 import { GarageError } from '../core/errors.ts'
 import { type Logger, type LogTail, silentLogger } from '../core/logger.ts'
-import { signCapabilityReport } from '../mesh/capability-report.ts'
-import { type DiscoveredHead, RegionDiscovery } from '../mesh/discovery.ts'
 import { loadOrCreateIdentity } from '../mesh/identity.ts'
-import { JoinRefusedError, requestJoin, requestLeave } from '../mesh/join-protocol.ts'
-import { createMeshNode, type MeshNode } from '../mesh/node.ts'
-import type {
-  Assignment,
-  CapabilityReport,
-  GpuTelemetry,
-  NodeServingState,
-  TelemetryReport,
-} from '../mesh/region-messages.ts'
-import { sendTelemetry, TelemetryReporter } from '../mesh/telemetry-protocol.ts'
+import type { MeshNode } from '../mesh/node.ts'
+import type { Assignment, CapabilityReport, NodeServingState } from '../mesh/region-messages.ts'
 import { defaultSettings } from './control/settings.ts'
 import type { ControlEvents, ControlTarget, NodeSettings, NodeStatus } from './control/types.ts'
-import { LlamaCppEngine } from './engines/llamacpp/engine.ts'
-import { pullGgufModel } from './engines/llamacpp/gguf-pull.ts'
-import { writeTinyModel } from './engines/llamacpp/tiny-model.ts'
 import { RayWorker } from './engines/ray/worker.ts'
-import type { Engine, EngineHandle } from './engines/types.ts'
 import { cpuRamShare, llamaCppCapability, vllmCapability } from './hardware/capability.ts'
-import { nvidiaGpuArgs, parseNvidiaGpus } from './hardware/nvidia.ts'
-import { probeHardware } from './hardware/probe.ts'
-import { runTool } from '../core/tools.ts'
 import type { HardwareReport } from './hardware/types.ts'
 import { HostPolicyMonitor, type HostPolicyState } from './host/monitor.ts'
 import { createHostSampler, type HostSampler } from './host/sampler.ts'
-import { type InferMeshServer, serveInferOverMesh } from './infer-handler.ts'
+import type { InferMeshServer } from './infer-handler.ts'
+import { defaultNodeComponents, type NodeComponents } from './node/components.ts'
+import { NodeEngine } from './node/engine.ts'
+import { NodeMembership } from './node/membership.ts'
+import { PauseController } from './node/pause.ts'
+import { NodeTelemetry } from './node/telemetry.ts'
 
-export class NodeJoinError extends GarageError {}
 
 export type NodeDaemonState = 'stopped' | 'starting' | NodeServingState | 'stopping'
 
@@ -42,32 +26,6 @@ export interface NodeDaemonEvents extends ControlEvents {
   joined: CustomEvent<{ head: string; region: string; assignment: Assignment }>
   /** The engine let go of the model (and the GPU) for a pause: how long it took from the pause. */
   released: CustomEvent<{ ms: number; reasons: string[] }>
-}
-
-/** Sums a cumulative counter that may restart (a rejoin) into a per-UTC-day total. */
-class DailyTotal {
-  private day = ''
-  private today = 0
-  private last = 0
-
-  feed(cumulative: number, now = new Date()): void {
-    const day = now.toISOString().slice(0, 10)
-    if (day !== this.day) {
-      this.day = day
-      this.today = 0
-    }
-    this.today += cumulative >= this.last ? cumulative - this.last : cumulative
-    this.last = cumulative
-  }
-
-  /** A counter that restarts from zero (a new join) must not count its first value twice. */
-  restart(): void {
-    this.last = 0
-  }
-
-  value(now = new Date()): number {
-    return now.toISOString().slice(0, 10) === this.day ? this.today : 0
-  }
 }
 
 export interface NodeDaemonOptions {
@@ -95,13 +53,9 @@ export interface NodeDaemonOptions {
   rayOptIn?: boolean
   /** The address the region's Ray head reaches this node at (LAN or VPN); default 127.0.0.1. */
   rayNodeIpAddress?: string
-  /** For tests: make the Ray worker (default: a container through Podman or Docker). */
-  createRayWorker?: () => RayWorker
   /** Where models are kept (default `<dataDir>/models`). */
   modelsDir?: string
   daemonVersion?: string
-  /** For tests: make the engine (default: the embedded llama.cpp engine). */
-  createEngine?: (assignment: Assignment) => Engine
   /**
    * How long requests in flight may run when the node pauses before the engine is stopped (the
    * GPU must be free within 2 s of a game starting).
@@ -117,6 +71,8 @@ export interface NodeDaemonOptions {
   hostPolicies?: boolean
   /** How often the host is sampled (default 1 s: a game frees the GPU within about 1.2 s at worst). */
   hostPolicyIntervalMs?: number
+  /** Stand-ins for the mesh, the head, the engine (tests); the rest are the real ones. */
+  components?: Partial<NodeComponents>
 }
 
 export const defaultPauseGraceMs = 1_000
@@ -126,9 +82,6 @@ export const defaultHostPolicyIntervalMs = 1_000
 export const defaultNodeSettings: NodeSettings = Object.freeze(defaultSettings()) as NodeSettings
 
 export const defaultDrainGraceMs = 30_000
-const joinTimeoutMs = 15_000
-const leaveTimeoutMs = 5_000
-const gpuTelemetryTimeoutMs = 2_000
 
 /** The capability report a node sends to join: what it has, what it may use, what it can run. */
 export function capabilityFromHardware(
@@ -172,51 +125,39 @@ export function capabilityFromHardware(
   }
 }
 
-async function exists(path: string): Promise<boolean> {
-  return access(path).then(
-    () => true,
-    () => false,
-  )
+/** Resolves when `work` is done or after `ms`, whichever is first. */
+async function atMost(work: Promise<void>, ms: number): Promise<void> {
+  let timer: NodeJS.Timeout | undefined
+  await Promise.race([work, new Promise<void>((resolve) => (timer = setTimeout(resolve, ms)))])
+  clearTimeout(timer)
 }
 
 /**
  * `garage node`: probe → discovery → join → engine → telemetry → serve over /garage/infer/1.0.0.
- * stop() drains (no new requests, in-flight ones finish within the grace period) and leaves.
+ * The state machine lives here; each concern is a service in daemon/node/ (membership, engine,
+ * telemetry, pause) over the components it reaches (daemon/node/components.ts). stop() drains (no
+ * new requests, in-flight ones finish within the grace period) and leaves.
  */
 export class NodeDaemon extends TypedEventEmitter<NodeDaemonEvents> implements ControlTarget {
   private readonly options: NodeDaemonOptions
+  private readonly components: NodeComponents
   private readonly log: Logger
   private current: NodeDaemonState = 'stopped'
-  private key: PrivateKey | null = null
-  private node: MeshNode | null = null
-  private discovery: RegionDiscovery | null = null
-  private hardware: HardwareReport | null = null
-  private head: DiscoveredHead | null = null
-  private assignment: Assignment | null = null
-  private engine: Engine | null = null
-  private handle: EngineHandle | null = null
-  private infer: InferMeshServer | null = null
-  private reporter: TelemetryReporter | null = null
-  private seq = 0
-  /** Engine counters when this node joined: telemetry reports tokens since the join. */
-  private baseline = { generation: 0, prompt: 0 }
-  private lastRate = { at: 0, tokens: 0, perSecond: 0 }
-  private rejoining: Promise<void> | null = null
-  private rayWorker: RayWorker | null = null
-  /** Why the node is paused: 'user' and/or host-policy reasons. Paused while any remains. */
-  private readonly pauseReasons = new Map<string, string[]>()
-  private pausedUntil: Date | null = null
-  private pauseTimer: NodeJS.Timeout | null = null
-  private readonly startedAt = Date.now()
-  private readonly tokensToday = new DailyTotal()
-  private readonly creditsToday = new DailyTotal()
-  private currentSettings: NodeSettings
-  private statsTimer: NodeJS.Timeout | null = null
-  /** Pause and resume run one at a time, in order. */
-  private transitions: Promise<void> = Promise.resolve()
-  private idleSeconds: number | null = null
   /** Why the node entered its current state (a failed start says what failed). */
   private stateReason: string | null = null
+  private key: PrivateKey | null = null
+  private node: MeshNode | null = null
+  private hardware: HardwareReport | null = null
+  private membership: NodeMembership | null = null
+  private readonly engine: NodeEngine
+  private readonly telemetry: NodeTelemetry
+  private readonly pauses: PauseController
+  private infer: InferMeshServer | null = null
+  private rejoining: Promise<void> | null = null
+  private readonly startedAt = Date.now()
+  private currentSettings: NodeSettings
+  private statsTimer: NodeJS.Timeout | null = null
+  private idleSeconds: number | null = null
   private hostSampler: HostSampler | null = null
   private hostMonitor: HostPolicyMonitor | null = null
 
@@ -225,6 +166,56 @@ export class NodeDaemon extends TypedEventEmitter<NodeDaemonEvents> implements C
     this.options = options
     this.log = (options.logger ?? silentLogger).child({ component: 'daemon' })
     this.currentSettings = { ...defaultNodeSettings, ...options.settings }
+    this.components = {
+      ...defaultNodeComponents,
+      createRayWorker: () =>
+        new RayWorker({
+          nodePeerId: this.node!.peerId.toString(),
+          dataDir: options.dataDir,
+          optIn: options.rayOptIn === true,
+          logger: this.log,
+        }),
+      ...options.components,
+    }
+    this.engine = new NodeEngine(
+      {
+        dataDir: options.dataDir,
+        logger: this.log,
+        ...(options.modelsDir != null ? { modelsDir: options.modelsDir } : {}),
+        ...(options.threads != null ? { threads: options.threads } : {}),
+        ...(options.maxTokensPerSecond != null ? { maxTokensPerSecond: options.maxTokensPerSecond } : {}),
+        ...(options.vramCapMiB != null ? { vramCapMiB: options.vramCapMiB } : {}),
+        ...(options.rayNodeIpAddress != null ? { rayNodeIpAddress: options.rayNodeIpAddress } : {}),
+      },
+      this.components,
+    )
+    this.telemetry = new NodeTelemetry(
+      {
+        metrics: () => this.engine.metrics(),
+        state: () =>
+          this.current === 'serving' || this.current === 'paused' || this.current === 'draining'
+            ? this.current
+            : 'starting',
+        model: () => this.membership?.assignment?.model ?? '',
+        nvidia: () => this.hardware?.nvidia.status === 'ok',
+        send: async (report, onVerified) => {
+          const head = this.membership?.headPeerId()
+          if (this.node == null || head == null) return 'ok'
+          return this.components.sendTelemetry(this.node, head, report, {
+            signal: AbortSignal.timeout(5_000),
+            onVerified,
+          })
+        },
+      },
+      this.log,
+    )
+    this.pauses = new PauseController({
+      state: () => this.current,
+      enter: (reasons) => this.enterPause(reasons),
+      leave: () => this.leavePause(),
+      changed: () => this.safeDispatchEvent('state', { detail: this.status() }),
+      failed: (err) => this.log.error({ err: err.message }, 'pause or resume failed'),
+    })
   }
 
   get state(): NodeDaemonState {
@@ -250,14 +241,15 @@ export class NodeDaemon extends TypedEventEmitter<NodeDaemonEvents> implements C
     engineKey: string | null
     state: NodeDaemonState
   } {
+    const head = this.membership?.head
     return {
       peerId: this.peerId,
-      region: this.head?.region ?? null,
-      head: this.head?.peerId ?? null,
-      rttMs: this.head?.rttMs ?? null,
-      model: this.assignment?.model ?? null,
-      engineUrl: this.handle?.baseUrl ?? null,
-      engineKey: this.handle?.apiKey ?? null,
+      region: head?.region ?? null,
+      head: head?.peerId ?? null,
+      rttMs: head?.rttMs ?? null,
+      model: this.membership?.assignment?.model ?? null,
+      engineUrl: this.engine.handle?.baseUrl ?? null,
+      engineKey: this.engine.handle?.apiKey ?? null,
       state: this.current,
     }
   }
@@ -273,17 +265,19 @@ export class NodeDaemon extends TypedEventEmitter<NodeDaemonEvents> implements C
   /** The control API's view: state, where, what, how fast, what it earned today. */
   status(): NodeStatus {
     const gpu = this.hardware?.gpus[0]
-    const reasons = [...this.pauseReasons.values()].flat()
+    const reasons = this.pauses.reasons()
+    const head = this.membership?.head
+    const assignment = this.membership?.assignment
     return {
       state: this.current,
       reason: this.current === 'paused' && reasons.length > 0 ? reasons.join(', ') : this.stateReason,
-      pausedUntil: this.pausedUntil?.toISOString() ?? null,
+      pausedUntil: this.pauses.until?.toISOString() ?? null,
       peerId: this.peerId,
-      region: this.head?.region ?? null,
-      head: this.head?.peerId ?? null,
-      model: this.assignment?.model ?? null,
+      region: head?.region ?? null,
+      head: head?.peerId ?? null,
+      model: assignment?.model ?? null,
       engine:
-        this.assignment != null ? { kind: this.assignment.engine, url: this.handle?.baseUrl ?? null } : null,
+        assignment != null ? { kind: assignment.engine, url: this.engine.handle?.baseUrl ?? null } : null,
       gpu:
         gpu != null
           ? {
@@ -293,9 +287,9 @@ export class NodeDaemon extends TypedEventEmitter<NodeDaemonEvents> implements C
               temperatureC: gpu.temperatureC,
             }
           : null,
-      tokensPerSecond: Math.max(0, Math.round(this.lastRate.perSecond * 10) / 10),
-      tokensToday: this.tokensToday.value(),
-      creditsToday: this.creditsToday.value(),
+      tokensPerSecond: this.telemetry.tokensPerSecond,
+      tokensToday: this.telemetry.tokensToday(),
+      creditsToday: this.telemetry.creditsToday(),
       uptimeSeconds: Math.round((Date.now() - this.startedAt) / 1000),
     }
   }
@@ -320,43 +314,14 @@ export class NodeDaemon extends TypedEventEmitter<NodeDaemonEvents> implements C
     this.hostSampler?.idle.report(seconds)
   }
 
-  /** What the host policies see now (for status displays and tests). */
-  hostPolicy(): HostPolicyState | null {
-    return this.hostMonitor?.current() ?? null
-  }
-
-  /** Watches the host: a game, the schedule, battery, temperature, idle-only mode pause the node. */
-  private startHostPolicies(): void {
-    if (this.options.hostPolicies === false) return
-    const sampler = createHostSampler({
-      nvidia: this.hardware?.nvidia.status === 'ok',
-      // The engine's own work on the GPU must not count as "someone else is using it".
-      ourPids: () => {
-        const pid = (this.engine as { pid?: number | null } | null)?.pid
-        return pid != null ? [pid] : []
-      },
-      settings: () => this.currentSettings,
-    })
-    const monitor = new HostPolicyMonitor({
-      sample: (o) => sampler.sample(o),
-      settings: () => this.currentSettings,
-      intervalMs: this.options.hostPolicyIntervalMs ?? defaultHostPolicyIntervalMs,
-      logger: this.log,
-    })
-    monitor.addEventListener('pause', (evt) => {
-      void this.pause({ source: 'host', reason: evt.detail.reasons.join(', ') }).catch(() => {})
-    })
-    monitor.addEventListener('resume', () => {
-      void this.resume({ source: 'host' }).catch(() => {})
-    })
-    this.hostSampler = sampler
-    this.hostMonitor = monitor
-    monitor.start()
-  }
-
   /** Seconds without user input, as the tray app last reported (null: unknown). */
   get userIdleSeconds(): number | null {
     return this.idleSeconds
+  }
+
+  /** What the host policies see now (for status displays and tests). */
+  hostPolicy(): HostPolicyState | null {
+    return this.hostMonitor?.current() ?? null
   }
 
   async start(): Promise<void> {
@@ -364,50 +329,41 @@ export class NodeDaemon extends TypedEventEmitter<NodeDaemonEvents> implements C
     this.setState('starting')
     try {
       const o = this.options
+      const c = this.components
       this.key = await loadOrCreateIdentity(o.dataDir)
-      this.hardware =
-        o.hardware ?? (await probeHardware({ dataDir: o.dataDir, commandTimeoutMs: 5_000, otherGpus: false }))
-      this.node = await createMeshNode({
+      this.hardware = o.hardware ?? (await c.probeHardware({ dataDir: o.dataDir }))
+      this.node = await c.createMeshNode({
         privateKey: this.key,
         ...(o.listen != null ? { listen: o.listen } : {}),
         bootstrap: o.bootstrap,
         allowPrivateAddresses: o.allowPrivateAddresses ?? false,
       })
-      this.discovery = new RegionDiscovery(this.node, {
-        authority: o.authority,
-        ...(o.region != null ? { region: o.region } : {}),
-      })
-      this.discovery.addEventListener('region:lost', (evt) => {
-        this.log.warn({ head: evt.detail.peerId }, 'lost the regional head; finding a region again')
-      })
-      this.discovery.addEventListener('region:chosen', (evt) => {
-        // A new head after a loss: join it (the first choice is joined by start()).
-        if (this.head != null && this.head.peerId !== evt.detail.peerId && this.current !== 'stopping') {
-          this.head = evt.detail
-          void this.rejoin('head changed')
-        }
-      })
-      this.discovery.start()
-      this.head = await this.discovery.choose()
-      this.infer = await serveInferOverMesh(this.node, {
-        allowedHeads: () => new Set(this.assignment != null ? [this.assignment.head] : []),
+      this.membership = new NodeMembership(
+        { authority: o.authority, logger: this.log, ...(o.region != null ? { region: o.region } : {}) },
+        this.node,
+        c,
+      )
+      await this.membership.start((reason) => void this.rejoin(reason))
+      this.infer = await c.serveInfer(this.node, {
+        allowedHeads: () => {
+          const head = this.membership?.assignment?.head
+          return new Set(head != null ? [head] : [])
+        },
         // A request the head routed just before it learnt of a drain is still served.
-        engine: () =>
-          this.handle != null && (this.current === 'serving' || this.current === 'draining')
-            ? { baseUrl: this.handle.baseUrl, apiKey: this.handle.apiKey }
-            : null,
+        engine: () => {
+          const handle = this.engine.handle
+          return handle != null && (this.current === 'serving' || this.current === 'draining')
+            ? { baseUrl: handle.baseUrl, apiKey: handle.apiKey }
+            : null
+        },
         logger: this.log,
       })
       await this.join()
-      this.reporter = new TelemetryReporter({
-        intervalMs: this.assignment!.telemetryIntervalMs,
-        send: (report) => this.sendReport(report),
-        collect: () => this.collect(),
-        onNotJoined: () => void this.rejoin('the head does not know this node'),
-        onError: (err) => this.log.debug({ err: err.message }, 'telemetry not delivered'),
-      })
       this.setState('serving')
-      this.reporter.start()
+      this.telemetry.start(
+        this.membership.assignment!.telemetryIntervalMs,
+        () => void this.rejoin('the head does not know this node'),
+      )
       // 1 Hz numbers for the dashboard's chart.
       this.statsTimer = setInterval(() => {
         const st = this.status()
@@ -429,237 +385,35 @@ export class NodeDaemon extends TypedEventEmitter<NodeDaemonEvents> implements C
     }
   }
 
-  private async sendReport(report: Omit<TelemetryReport, 'v' | 'seq'>): Promise<'ok' | 'not_joined'> {
-    if (this.node == null || this.assignment == null) return 'ok'
-    const full: TelemetryReport = { v: 1, seq: ++this.seq, ...report }
-    return sendTelemetry(this.node, peerIdFromString(this.assignment.head) as PeerId, full, {
-      signal: AbortSignal.timeout(5_000),
-      onVerified: (tokens) => this.creditsToday.feed(tokens),
-    })
-  }
-
   /** Joins the chosen head and starts (or keeps) the engine the assignment names. */
   private async join(): Promise<void> {
-    const node = this.node!
-    const head = this.head!
-    if (head.region == null) throw new NodeJoinError(`head ${head.peerId} has no region`, 'NO_REGION')
-    const report = capabilityFromHardware(node.peerId.toString(), head.region, this.hardware!, {
-      // The user's VRAM cap (settings) wins over the command line's; it sizes the engine's memory.
-      ...((this.currentSettings.vramCapMiB ?? this.options.vramCapMiB) != null
-        ? { vramCapMiB: (this.currentSettings.vramCapMiB ?? this.options.vramCapMiB)! }
-        : {}),
-      ...(this.options.ramCapMiB != null ? { ramCapMiB: this.options.ramCapMiB } : {}),
-      rayOptIn: this.options.rayOptIn === true,
-      daemonVersion: this.options.daemonVersion ?? '0.1.0',
-    })
-    const signed = await signCapabilityReport(this.key!, report)
-    let assignment: Assignment
-    try {
-      assignment = await requestJoin(node, peerIdFromString(head.peerId) as PeerId, signed, {
-        signal: AbortSignal.timeout(joinTimeoutMs),
-      })
-    } catch (err) {
-      if (err instanceof JoinRefusedError) {
-        throw new NodeJoinError(`region ${head.region} refused this node: ${err.message}`, 'JOIN_REFUSED', {
-          cause: err,
-        })
-      }
-      throw new NodeJoinError(
-        `cannot join region ${head.region} (head ${head.peerId}): ${(err as Error).message}`,
-        'JOIN_FAILED',
-        {
-          cause: err,
-        },
-      )
-    }
-    const previous = this.assignment
-    this.assignment = assignment
-    this.seq = 0
-    this.safeDispatchEvent('joined', { detail: { head: head.peerId, region: head.region, assignment } })
-    this.log.info({ region: head.region, head: head.peerId, model: assignment.model }, 'joined the region')
-    const sameModel =
-      previous != null &&
-      previous.model === assignment.model &&
-      previous.engine === assignment.engine &&
-      this.handle != null
-    if (!sameModel) {
-      if (this.engine != null) await this.engine.stop()
-      this.handle = null
-      await this.startEngine(assignment)
-    }
-    await this.startRayWorker(assignment)
-    const m = await this.engine!.metrics().catch(() => null)
-    this.baseline = {
-      generation: m?.['vllm:generation_tokens_total'] ?? 0,
-      prompt: m?.['vllm:prompt_tokens_total'] ?? 0,
-    }
-    this.lastRate = { at: performance.now(), tokens: 0, perSecond: 0 }
-    // Both cumulative counts start again from zero with this join.
-    this.tokensToday.restart()
-    this.creditsToday.restart()
+    const membership = this.membership!
+    const assignment = await membership.join(this.key!, (region) =>
+      capabilityFromHardware(this.node!.peerId.toString(), region, this.hardware!, {
+        // The user's VRAM cap (settings) wins over the command line's; it sizes the engine's memory.
+        ...((this.currentSettings.vramCapMiB ?? this.options.vramCapMiB) != null
+          ? { vramCapMiB: (this.currentSettings.vramCapMiB ?? this.options.vramCapMiB)! }
+          : {}),
+        ...(this.options.ramCapMiB != null ? { ramCapMiB: this.options.ramCapMiB } : {}),
+        rayOptIn: this.options.rayOptIn === true,
+        daemonVersion: this.options.daemonVersion ?? '0.1.0',
+      }),
+    )
+    this.telemetry.resetSequence()
+    const head = membership.head!
+    this.safeDispatchEvent('joined', { detail: { head: head.peerId, region: head.region!, assignment } })
+    if (!this.engine.serves(assignment)) await this.engine.start(assignment)
+    await this.engine.startRayWorker(assignment, this.hardware, head.certificate?.rayTrusted === true)
+    await this.telemetry.joined()
   }
 
-  private async startEngine(assignment: Assignment): Promise<void> {
-    const engine = this.options.createEngine?.(assignment) ?? new LlamaCppEngine()
-    this.engine = engine
-    engine.addEventListener('crashed', (evt) => {
-      this.log.error({ err: evt.detail.error.message }, 'engine crashed')
-    })
-    const model = assignment.engine === 'llamacpp' ? await this.resolveGguf(assignment) : assignment.source.hf
-    if (model == null) {
-      throw new NodeJoinError(
-        `the assignment for ${assignment.model} names no model source`,
-        'NO_MODEL_SOURCE',
-      )
-    }
-    this.handle = await engine.start({
-      model,
-      servedModelName: assignment.model,
-      ...(assignment.engineArgs.parallel != null ? { parallel: assignment.engineArgs.parallel } : {}),
-      ...(assignment.engineArgs.contextLength != null
-        ? { contextLength: assignment.engineArgs.contextLength }
-        : {}),
-      ...(assignment.engineArgs.gpuMemoryUtilization != null
-        ? { gpuMemoryUtilization: assignment.engineArgs.gpuMemoryUtilization }
-        : {}),
-      ...(this.options.threads != null ? { threads: this.options.threads } : {}),
-      ...(this.options.maxTokensPerSecond != null
-        ? { maxTokensPerSecond: this.options.maxTokensPerSecond }
-        : {}),
-    })
-    this.log.info({ model: assignment.model, url: this.handle.baseUrl }, 'engine ready')
-  }
-
-  /**
-   * Joins the region's Ray cluster when the assignment carries its credentials: the head sends them
-   * only to nodes that opted in, for a cluster its certificate marks as trusted. A failure here
-   * leaves the node serving its own model.
-   */
-  private async startRayWorker(assignment: Assignment): Promise<void> {
-    if (assignment.ray == null || this.rayWorker != null) return
-    const trusted = this.head?.certificate?.rayTrusted === true
-    const worker =
-      this.options.createRayWorker?.() ??
-      new RayWorker({
-        nodePeerId: this.node!.peerId.toString(),
-        dataDir: this.options.dataDir,
-        optIn: this.options.rayOptIn === true,
-        logger: this.log,
-      })
-    const nvidia = this.hardware?.gpus.filter((g) => g.vendor === 'nvidia') ?? []
-    try {
-      await worker.start({
-        assignment: {
-          region: assignment.region,
-          headAddress: assignment.ray.address,
-          token: assignment.ray.token,
-          trusted,
-          nodeIpAddress: this.options.rayNodeIpAddress ?? '127.0.0.1',
-        },
-        numGpus: nvidia.length,
-        vramMiB: Math.min(
-          this.options.vramCapMiB ?? Number.POSITIVE_INFINITY,
-          nvidia.reduce((n, g) => n + g.vramTotalMiB, 0),
-        ),
-      })
-      this.rayWorker = worker
-      this.log.info({ head: assignment.ray.address }, "joined the region's Ray cluster")
-    } catch (err) {
-      this.log.error(
-        { err: (err as Error).message },
-        "cannot join the region's Ray cluster; serving without it",
-      )
-    }
-  }
-
-  /** The GGUF file the assignment names: the project's tiny model, a local path, or an hf: download. */
-  private async resolveGguf(assignment: Assignment): Promise<string> {
-    const source = assignment.source.gguf
-    const dir = this.options.modelsDir ?? join(this.options.dataDir, 'models')
-    if (source == null) throw new NodeJoinError(`no GGUF source for ${assignment.model}`, 'NO_MODEL_SOURCE')
-    if (source === 'garage-tiny') {
-      const path = join(dir, 'garage-tiny.gguf')
-      if (!(await exists(path))) {
-        await mkdir(dir, { recursive: true })
-        await writeTinyModel(path)
-      }
-      return path
-    }
-    if (source.startsWith('hf:') || source.startsWith('https://')) {
-      let lastLog = 0
-      const pulled = await pullGgufModel(source, {
-        dir,
-        onProgress: (p) => {
-          if (Date.now() - lastLog < 5_000) return
-          lastLog = Date.now()
-          this.log.info(
-            { model: assignment.model, done: p.downloadedBytes, total: p.totalBytes },
-            'downloading model',
-          )
-        },
-      })
-      return pulled.path
-    }
-    if (!isAbsolute(source) || !(await exists(source))) {
-      throw new NodeJoinError(
-        `the model file ${source} for ${assignment.model} is not on this machine`,
-        'MODEL_MISSING',
-      )
-    }
-    return source
-  }
-
-  private async collect(): Promise<Omit<TelemetryReport, 'v' | 'seq'>> {
-    const m = await this.engine?.metrics().catch(() => null)
-    const tokensTotal = Math.max(0, (m?.['vllm:generation_tokens_total'] ?? 0) - this.baseline.generation)
-    if (m != null) this.tokensToday.feed(tokensTotal)
-    const now = performance.now()
-    const elapsed = (now - this.lastRate.at) / 1000
-    if (elapsed >= 1) {
-      this.lastRate = {
-        at: now,
-        tokens: tokensTotal,
-        perSecond: (tokensTotal - this.lastRate.tokens) / elapsed,
-      }
-    }
-    const gpu = await this.gpuTelemetry()
-    const state: NodeServingState =
-      this.current === 'serving' || this.current === 'paused' || this.current === 'draining'
-        ? this.current
-        : 'starting'
-    return {
-      state,
-      model: this.assignment?.model ?? '',
-      tokensTotal,
-      promptTokensTotal: Math.max(0, (m?.['vllm:prompt_tokens_total'] ?? 0) - this.baseline.prompt),
-      tokensPerSecond: Math.max(0, Math.round(this.lastRate.perSecond * 10) / 10),
-      running: m?.['vllm:num_requests_running'] ?? 0,
-      waiting: m?.['vllm:num_requests_waiting'] ?? 0,
-      kvCacheUsage: Math.min(1, Math.max(0, m?.['vllm:kv_cache_usage_perc'] ?? 0)),
-      ...(gpu != null ? { gpu } : {}),
-    }
-  }
-
-  /** Utilisation, temperature and power of the first NVIDIA GPU, when there is one. */
-  private async gpuTelemetry(): Promise<GpuTelemetry | null> {
-    if (this.hardware?.nvidia.status !== 'ok') return null
-    const result = await runTool('nvidia-smi', nvidiaGpuArgs, { timeoutMs: gpuTelemetryTimeoutMs })
-    if (result.status !== 'ok') return null
-    const gpu = parseNvidiaGpus(result.stdout)[0]
-    if (gpu == null) return null
-    return {
-      utilizationPct: gpu.utilizationPct ?? 0,
-      temperatureC: gpu.temperatureC ?? 0,
-      powerW: gpu.powerDrawW ?? 0,
-    }
-  }
-
+  /** Joins again (the head forgot this node, or another head took over); one rejoin at a time. */
   private async rejoin(reason: string): Promise<void> {
     if (this.rejoining != null || this.current === 'stopping' || this.current === 'stopped') return
     this.log.info({ reason }, 'joining the region again')
     this.rejoining = (async () => {
       try {
-        if (this.head == null && this.discovery != null) this.head = await this.discovery.choose()
+        await this.membership?.ensureHead()
         await this.join()
       } catch (err) {
         this.log.warn({ err: (err as Error).message }, 'rejoin failed; the next telemetry tick retries')
@@ -670,11 +424,33 @@ export class NodeDaemon extends TypedEventEmitter<NodeDaemonEvents> implements C
     await this.rejoining
   }
 
-  /** Sends a telemetry report now rather than at the next tick (state changes the head must know). */
-  private async reportNow(): Promise<void> {
-    await this.collect()
-      .then((r) => this.sendReport(r))
-      .catch((err: Error) => this.log.debug({ err: err.message }, 'telemetry not delivered'))
+  /** Watches the host: a game, the schedule, battery, temperature, idle-only mode pause the node. */
+  private startHostPolicies(): void {
+    if (this.options.hostPolicies === false) return
+    const sampler = createHostSampler({
+      nvidia: this.hardware?.nvidia.status === 'ok',
+      // The engine's own work on the GPU must not count as "someone else is using it".
+      ourPids: () => {
+        const pid = this.engine.pid
+        return pid != null ? [pid] : []
+      },
+      settings: () => this.currentSettings,
+    })
+    const monitor = new HostPolicyMonitor({
+      sample: (o) => sampler.sample(o),
+      settings: () => this.currentSettings,
+      intervalMs: this.options.hostPolicyIntervalMs ?? defaultHostPolicyIntervalMs,
+      logger: this.log,
+    })
+    monitor.addEventListener('pause', (evt) => {
+      void this.pause({ source: 'host', reason: evt.detail.reasons.join(', ') }).catch(() => {})
+    })
+    monitor.addEventListener('resume', () => {
+      void this.resume({ source: 'host' }).catch(() => {})
+    })
+    this.hostSampler = sampler
+    this.hostMonitor = monitor
+    monitor.start()
   }
 
   /**
@@ -683,71 +459,23 @@ export class NodeDaemon extends TypedEventEmitter<NodeDaemonEvents> implements C
    * user, a game, the schedule); the node resumes when none does. `source` 'user' takes
    * minutes/until; host policies pass their own source and reasons.
    */
-  async pause(
-    options: { minutes?: number; until?: Date; reason?: string; source?: string } = {},
-  ): Promise<void> {
-    const source = options.source ?? 'user'
-    this.pauseReasons.set(source, [options.reason ?? (source === 'user' ? 'paused by you' : source)])
-    if (source === 'user') {
-      if (this.pauseTimer != null) clearTimeout(this.pauseTimer)
-      this.pauseTimer = null
-      const until =
-        options.until ?? (options.minutes != null ? new Date(Date.now() + options.minutes * 60_000) : null)
-      this.pausedUntil = until
-      if (until != null) {
-        this.pauseTimer = setTimeout(() => void this.resume(), Math.max(0, until.getTime() - Date.now()))
-        this.pauseTimer.unref()
-      }
-    }
-    await this.transition()
+  pause(options: { minutes?: number; until?: Date; reason?: string; source?: string } = {}): Promise<void> {
+    return this.pauses.pause(options)
   }
 
   /** Lifts a pause (the user's by default); the node serves again when no other pause holds. */
-  async resume(options: { source?: string } = {}): Promise<void> {
-    const source = options.source ?? 'user'
-    this.pauseReasons.delete(source)
-    if (source === 'user') {
-      if (this.pauseTimer != null) clearTimeout(this.pauseTimer)
-      this.pauseTimer = null
-      this.pausedUntil = null
-    }
-    await this.transition()
+  resume(options: { source?: string } = {}): Promise<void> {
+    return this.pauses.resume(options)
   }
 
-  /** Moves between serving and paused to match the pause reasons, one move at a time. */
-  private transition(): Promise<void> {
-    const next = this.transitions.then(async () => {
-      const wantPaused = this.pauseReasons.size > 0
-      if (wantPaused && this.current === 'serving') await this.enterPause()
-      else if (wantPaused && this.current === 'paused')
-        this.safeDispatchEvent('state', { detail: this.status() })
-      else if (!wantPaused && this.current === 'paused') await this.leavePause()
-    })
-    this.transitions = next.catch((err: Error) => {
-      this.log.error({ err: err.message }, 'pause or resume failed')
-    })
-    return next
-  }
-
-  private async enterPause(): Promise<void> {
+  private async enterPause(reasons: string[]): Promise<void> {
     const started = performance.now()
-    const reasons = [...this.pauseReasons.values()].flat()
     this.setState('paused', reasons.join(', '))
     // The head learns at once, not at the next tick: nothing new is routed here from now on.
-    await this.reportNow()
-    let timer: NodeJS.Timeout | undefined
-    await Promise.race([
-      this.infer?.idle() ?? Promise.resolve(),
-      new Promise<void>((resolve) => {
-        timer = setTimeout(resolve, this.options.pauseGraceMs ?? defaultPauseGraceMs)
-      }),
-    ])
-    clearTimeout(timer)
+    await this.telemetry.reportNow()
+    await atMost(this.infer?.idle() ?? Promise.resolve(), this.options.pauseGraceMs ?? defaultPauseGraceMs)
     // Free the GPU: the engine process exits and takes the model with it.
-    const engine = this.engine
-    this.engine = null
-    await engine?.stop()
-    this.handle = null
+    await this.engine.release()
     const ms = Math.round(performance.now() - started)
     this.log.info({ ms, reasons }, 'paused: the engine released the model')
     this.safeDispatchEvent('released', { detail: { ms, reasons } })
@@ -759,10 +487,11 @@ export class NodeDaemon extends TypedEventEmitter<NodeDaemonEvents> implements C
     this.log.info('resuming: starting the engine and joining again')
     this.setState('starting')
     try {
-      if (this.assignment != null) await this.startEngine(this.assignment)
+      const assignment = this.membership?.assignment
+      if (assignment != null) await this.engine.start(assignment)
       await this.join()
       this.setState('serving')
-      await this.reportNow()
+      await this.telemetry.reportNow()
     } catch (err) {
       // Stay paused-but-wanting-to-serve: the next resume or rejoin retries.
       this.log.error({ err: (err as Error).message }, 'could not resume')
@@ -778,25 +507,14 @@ export class NodeDaemon extends TypedEventEmitter<NodeDaemonEvents> implements C
     if (this.current === 'serving' || this.current === 'paused') {
       this.setState('draining')
       // Tell the head at once, not at the next tick: it stops routing here now.
-      await this.reportNow()
+      await this.telemetry.reportNow()
       const started = performance.now()
-      let timer: NodeJS.Timeout | undefined
-      await Promise.race([
-        this.infer?.idle() ?? Promise.resolve(),
-        new Promise<void>((resolve) => {
-          timer = setTimeout(resolve, graceMs)
-        }),
-      ])
-      clearTimeout(timer)
+      await atMost(this.infer?.idle() ?? Promise.resolve(), graceMs)
       this.log.info(
         { ms: Math.round(performance.now() - started), left: this.infer?.activeRequests() ?? 0 },
         'drained',
       )
-      if (this.node != null && this.assignment != null) {
-        await requestLeave(this.node, peerIdFromString(this.assignment.head) as PeerId, {
-          signal: AbortSignal.timeout(leaveTimeoutMs),
-        }).catch((err: Error) => this.log.debug({ err: err.message }, 'leave not delivered'))
-      }
+      await this.membership?.leave()
     }
     this.setState('stopping')
     await this.teardown()
@@ -804,23 +522,18 @@ export class NodeDaemon extends TypedEventEmitter<NodeDaemonEvents> implements C
   }
 
   private async teardown(): Promise<void> {
-    if (this.pauseTimer != null) clearTimeout(this.pauseTimer)
+    this.pauses.stop()
     if (this.statsTimer != null) clearInterval(this.statsTimer)
     this.statsTimer = null
     await this.hostMonitor?.stop().catch(() => {})
     this.hostMonitor = null
     await Promise.resolve(this.hostSampler?.close()).catch(() => {})
     this.hostSampler = null
-    this.reporter?.stop()
-    this.reporter = null
-    this.discovery?.stop()
-    await this.rayWorker?.stop().catch(() => {})
-    this.rayWorker = null
+    this.telemetry.stop()
+    this.membership?.stop()
     await this.infer?.stop().catch(() => {})
     this.infer = null
-    await this.engine?.stop().catch(() => {})
-    this.engine = null
-    this.handle = null
+    await this.engine.stop()
     await Promise.resolve(this.node?.stop()).catch(() => {})
     this.node = null
   }

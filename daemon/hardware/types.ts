@@ -57,7 +57,6 @@ export interface SystemInfo {
   disk: { path: string; totalMiB: number | null; freeMiB: number | null }
 }
 
-
 export interface NvidiaContainerPath {
   /** CDI spec files found, and the nvidia.com/gpu devices they declare. */
   cdiSpecFiles: string[]

@@ -1,5 +1,5 @@
-import { nvidiaAppsArgs, nvidiaGpuArgs, parseNvidiaComputeApps, parseNvidiaGpus } from '../hardware/nvidia.ts'
 import { runTool } from '../../core/tools.ts'
+import { nvidiaAppsArgs, nvidiaGpuArgs, parseNvidiaComputeApps, parseNvidiaGpus } from '../hardware/nvidia.ts'
 import type { GpuInfo } from '../hardware/types.ts'
 import type { HostGpuApp, HostGpuReading } from './types.ts'
 

@@ -1,0 +1,201 @@
+import { access, mkdir } from 'node:fs/promises'
+import { isAbsolute, join } from 'node:path'
+import { GarageError } from '../../core/errors.ts'
+import type { Logger } from '../../core/logger.ts'
+import type { Assignment } from '../../mesh/region-messages.ts'
+import { pullGgufModel } from '../engines/llamacpp/gguf-pull.ts'
+import { writeTinyModel } from '../engines/llamacpp/tiny-model.ts'
+import type { RayWorker } from '../engines/ray/worker.ts'
+import type { Engine, EngineHandle, EngineMetrics } from '../engines/types.ts'
+import type { HardwareReport } from '../hardware/types.ts'
+
+export class NodeJoinError extends GarageError {}
+
+export interface NodeEngineInit {
+  dataDir: string
+  /** Where models are kept (default `<dataDir>/models`). */
+  modelsDir?: string
+  threads?: number
+  maxTokensPerSecond?: number
+  vramCapMiB?: number
+  /** The address the region's Ray head reaches this node at (LAN or VPN). */
+  rayNodeIpAddress?: string
+  logger: Logger
+}
+
+export interface NodeEngineComponents {
+  /** The engine an assignment names. */
+  createEngine(assignment: Assignment): Engine
+  createRayWorker(): RayWorker
+}
+
+async function exists(path: string): Promise<boolean> {
+  return access(path).then(
+    () => true,
+    () => false,
+  )
+}
+
+/**
+ * The node's engine and its Ray worker: starts what an assignment names with the model it names,
+ * stops it for a pause (freeing the GPU), and tells the infer handler where it listens.
+ */
+export class NodeEngine {
+  readonly #init: NodeEngineInit
+  readonly #c: NodeEngineComponents
+  #engine: Engine | null = null
+  #handle: EngineHandle | null = null
+  #running: Assignment | null = null
+  #rayWorker: RayWorker | null = null
+
+  constructor(init: NodeEngineInit, components: NodeEngineComponents) {
+    this.#init = init
+    this.#c = components
+  }
+
+  get handle(): EngineHandle | null {
+    return this.#handle
+  }
+
+  /** The engine's process, when it has one on this machine (its own GPU work is not "someone else"). */
+  get pid(): number | null {
+    return (this.#engine as { pid?: number | null } | null)?.pid ?? null
+  }
+
+  /** True when the engine serving now is the one `assignment` names. */
+  serves(assignment: Assignment): boolean {
+    const running = this.#running
+    return (
+      running != null &&
+      this.#handle != null &&
+      running.model === assignment.model &&
+      running.engine === assignment.engine
+    )
+  }
+
+  async metrics(): Promise<EngineMetrics | null> {
+    return (await this.#engine?.metrics().catch(() => null)) ?? null
+  }
+
+  /** Starts the engine the assignment names (stopping another first). */
+  async start(assignment: Assignment): Promise<void> {
+    if (this.#engine != null) await this.release()
+    const log = this.#init.logger
+    const engine = this.#c.createEngine(assignment)
+    this.#engine = engine
+    engine.addEventListener('crashed', (evt) => {
+      log.error({ err: evt.detail.error.message }, 'engine crashed')
+    })
+    const model =
+      assignment.engine === 'llamacpp' ? await this.#resolveGguf(assignment) : assignment.source.hf
+    if (model == null) {
+      throw new NodeJoinError(
+        `the assignment for ${assignment.model} names no model source`,
+        'NO_MODEL_SOURCE',
+      )
+    }
+    const args = assignment.engineArgs
+    this.#handle = await engine.start({
+      model,
+      servedModelName: assignment.model,
+      ...(args.parallel != null ? { parallel: args.parallel } : {}),
+      ...(args.contextLength != null ? { contextLength: args.contextLength } : {}),
+      ...(args.gpuMemoryUtilization != null ? { gpuMemoryUtilization: args.gpuMemoryUtilization } : {}),
+      ...(this.#init.threads != null ? { threads: this.#init.threads } : {}),
+      ...(this.#init.maxTokensPerSecond != null ? { maxTokensPerSecond: this.#init.maxTokensPerSecond } : {}),
+    })
+    this.#running = assignment
+    log.info({ model: assignment.model, url: this.#handle.baseUrl }, 'engine ready')
+  }
+
+  /** Stops the engine: the process exits and takes the model (and the GPU memory) with it. */
+  async release(): Promise<void> {
+    const engine = this.#engine
+    this.#engine = null
+    this.#handle = null
+    this.#running = null
+    await engine?.stop()
+  }
+
+  /**
+   * Joins the region's Ray cluster when the assignment carries its credentials: the head sends them
+   * only to nodes that opted in, for a cluster its certificate marks as trusted. A failure here
+   * leaves the node serving its own model.
+   */
+  async startRayWorker(
+    assignment: Assignment,
+    hardware: HardwareReport | null,
+    trusted: boolean,
+  ): Promise<void> {
+    if (assignment.ray == null || this.#rayWorker != null) return
+    const worker = this.#c.createRayWorker()
+    const nvidia = hardware?.gpus.filter((g) => g.vendor === 'nvidia') ?? []
+    try {
+      await worker.start({
+        assignment: {
+          region: assignment.region,
+          headAddress: assignment.ray.address,
+          token: assignment.ray.token,
+          trusted,
+          nodeIpAddress: this.#init.rayNodeIpAddress ?? '127.0.0.1',
+        },
+        numGpus: nvidia.length,
+        vramMiB: Math.min(
+          this.#init.vramCapMiB ?? Number.POSITIVE_INFINITY,
+          nvidia.reduce((n, g) => n + g.vramTotalMiB, 0),
+        ),
+      })
+      this.#rayWorker = worker
+      this.#init.logger.info({ head: assignment.ray.address }, "joined the region's Ray cluster")
+    } catch (err) {
+      this.#init.logger.error(
+        { err: (err as Error).message },
+        "cannot join the region's Ray cluster; serving without it",
+      )
+    }
+  }
+
+  /** Stops the Ray worker and the engine. */
+  async stop(): Promise<void> {
+    await this.#rayWorker?.stop().catch(() => {})
+    this.#rayWorker = null
+    await this.release().catch(() => {})
+  }
+
+  /** The GGUF file the assignment names: the project's tiny model, a local path, or an hf: download. */
+  async #resolveGguf(assignment: Assignment): Promise<string> {
+    const source = assignment.source.gguf
+    const dir = this.#init.modelsDir ?? join(this.#init.dataDir, 'models')
+    if (source == null) throw new NodeJoinError(`no GGUF source for ${assignment.model}`, 'NO_MODEL_SOURCE')
+    if (source === 'garage-tiny') {
+      const path = join(dir, 'garage-tiny.gguf')
+      if (!(await exists(path))) {
+        await mkdir(dir, { recursive: true })
+        await writeTinyModel(path)
+      }
+      return path
+    }
+    if (source.startsWith('hf:') || source.startsWith('https://')) {
+      let lastLog = 0
+      const pulled = await pullGgufModel(source, {
+        dir,
+        onProgress: (p) => {
+          if (Date.now() - lastLog < 5_000) return
+          lastLog = Date.now()
+          this.#init.logger.info(
+            { model: assignment.model, done: p.downloadedBytes, total: p.totalBytes },
+            'downloading model',
+          )
+        },
+      })
+      return pulled.path
+    }
+    if (!isAbsolute(source) || !(await exists(source))) {
+      throw new NodeJoinError(
+        `the model file ${source} for ${assignment.model} is not on this machine`,
+        'MODEL_MISSING',
+      )
+    }
+    return source
+  }
+}

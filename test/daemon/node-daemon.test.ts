@@ -1,0 +1,327 @@
+import { mkdtemp, rm, writeFile } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { generateKeyPair } from '@libp2p/crypto/keys'
+import { peerIdFromPrivateKey } from '@libp2p/peer-id'
+import { TypedEventEmitter } from 'main-event'
+import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest'
+import type {
+  Engine,
+  EngineEvents,
+  EngineHandle,
+  EngineMetrics,
+  EngineStartOptions,
+  EngineState,
+} from '../../daemon/engines/types.ts'
+import type { NodeComponents, RegionFinder } from '../../daemon/node/components.ts'
+import { NodeDaemon, type NodeDaemonState } from '../../daemon/node-daemon.ts'
+import type { DiscoveredHead, RegionDiscoveryEvents } from '../../mesh/discovery.ts'
+import { loadOrCreateIdentity } from '../../mesh/identity.ts'
+import type { MeshNode } from '../../mesh/node.ts'
+import type { Assignment, TelemetryReport } from '../../mesh/region-messages.ts'
+import { cpuOnlyMachine } from '../helpers/hardware.ts'
+
+/**
+ * The node's state machine (start, join, pause and resume from several sources, rejoin, drain and
+ * stop) with stand-ins for the mesh, the head and the engine: what the slow suites reach only
+ * through real libp2p nodes and llama.cpp.
+ */
+
+class FakeEngine extends TypedEventEmitter<EngineEvents> implements Engine {
+  readonly kind = 'llamacpp' as const
+  state: EngineState = 'stopped'
+  generated = 0
+  private readonly log: string[]
+  private readonly failStart: () => Error | null
+  constructor(log: string[], failStart: () => Error | null) {
+    super()
+    this.log = log
+    this.failStart = failStart
+  }
+  async start(options: EngineStartOptions): Promise<EngineHandle> {
+    this.log.push(`engine start ${options.servedModelName}`)
+    const err = this.failStart()
+    if (err != null) throw err
+    this.state = 'ready'
+    return {
+      kind: 'llamacpp',
+      baseUrl: 'http://127.0.0.1:1',
+      apiKey: 'k',
+      servedModelName: options.servedModelName!,
+    }
+  }
+  async health(): Promise<boolean> {
+    return this.state === 'ready'
+  }
+  async metrics(): Promise<EngineMetrics> {
+    return {
+      'vllm:num_requests_running': 0,
+      'vllm:num_requests_waiting': 0,
+      'vllm:generation_tokens_total': this.generated,
+      'vllm:prompt_tokens_total': 0,
+      'vllm:kv_cache_usage_perc': 0,
+    }
+  }
+  async drain(): Promise<void> {}
+  async stop(): Promise<void> {
+    if (this.state === 'stopped') return
+    this.state = 'stopped'
+    this.log.push('engine stop')
+  }
+}
+
+class FakeFinder
+  extends TypedEventEmitter<Pick<RegionDiscoveryEvents, 'region:lost' | 'region:chosen'>>
+  implements RegionFinder
+{
+  private readonly heads: () => DiscoveredHead
+  constructor(heads: () => DiscoveredHead) {
+    super()
+    this.heads = heads
+  }
+  start(): void {}
+  stop(): void {}
+  async choose(): Promise<DiscoveredHead> {
+    return this.heads()
+  }
+}
+
+function head(peerId: string): DiscoveredHead {
+  return {
+    peerId,
+    region: 'eu-test',
+    addrs: [],
+    rttMs: 1,
+    expiresAt: null,
+    valid: true,
+    reason: null,
+    certificate: null,
+  }
+}
+
+interface Rig {
+  daemon: NodeDaemon
+  /** Joins in flight now, the most at once, and what each waits for. */
+  joining: { now: number; most: number; gate: Promise<void> }
+  log: string[]
+  reports: TelemetryReport[]
+  joins: string[]
+  finder: () => FakeFinder
+  engines: FakeEngine[]
+  /** Next telemetry answer. */
+  ack: { value: 'ok' | 'not_joined' }
+  failEngine: { error: Error | null }
+  heads: string[]
+}
+
+describe('NodeDaemon (stand-in mesh, head and engine)', () => {
+  let dir: string
+  const daemons: NodeDaemon[] = []
+
+  beforeEach(async () => {
+    dir = await mkdtemp(join(tmpdir(), 'garage-node-daemon-'))
+  })
+  afterEach(async () => {
+    for (const d of daemons.splice(0)) await d.stop({ graceMs: 0 })
+    await rm(dir, { recursive: true, force: true })
+  })
+
+  async function rig(options: { telemetryIntervalMs?: number } = {}): Promise<Rig> {
+    const heads = await Promise.all(
+      [0, 1].map(async () => peerIdFromPrivateKey(await generateKeyPair('Ed25519')).toString()),
+    )
+    const model = join(dir, 'model.gguf')
+    await writeFile(model, 'not read by the stand-in engine')
+    const log: string[] = []
+    const reports: TelemetryReport[] = []
+    const joins: string[] = []
+    const engines: FakeEngine[] = []
+    const ack = { value: 'ok' as 'ok' | 'not_joined' }
+    const failEngine = { error: null as Error | null }
+    let finder: FakeFinder | null = null
+    const joining = { now: 0, most: 0, gate: Promise.resolve() }
+    let current = 0
+    // The daemon signs its capability report with the identity in its data dir.
+    const selfKey = await loadOrCreateIdentity(dir)
+    const components: Partial<NodeComponents> = {
+      createMeshNode: async () =>
+        ({ peerId: peerIdFromPrivateKey(selfKey), stop: async () => {} }) as unknown as MeshNode,
+      createDiscovery: () => {
+        finder = new FakeFinder(() => head(heads[current]!))
+        return finder
+      },
+      requestJoin: async (_node, peer) => {
+        joining.now++
+        joining.most = Math.max(joining.most, joining.now)
+        await joining.gate
+        joining.now--
+        joins.push(peer.toString())
+        const assignment: Assignment = {
+          v: 1,
+          region: 'eu-test',
+          head: peer.toString(),
+          model: 'garage-tiny',
+          engine: 'llamacpp',
+          source: { gguf: model },
+          engineArgs: { parallel: 1 },
+          telemetryIntervalMs: options.telemetryIntervalMs ?? 60_000,
+        }
+        return assignment
+      },
+      requestLeave: async (_node, peer) => {
+        log.push(`leave ${peer.toString() === heads[current] ? 'head' : 'other'}`)
+      },
+      sendTelemetry: async (_node, _head, report) => {
+        reports.push(report)
+        return ack.value
+      },
+      serveInfer: async () => ({ activeRequests: () => 0, idle: async () => {}, stop: async () => {} }),
+      createEngine: () => {
+        const engine = new FakeEngine(log, () => failEngine.error)
+        engines.push(engine)
+        return engine
+      },
+    }
+    const daemon = new NodeDaemon({
+      dataDir: dir,
+      authority: heads[0]!,
+      bootstrap: [],
+      hardware: cpuOnlyMachine(),
+      hostPolicies: false,
+      pauseGraceMs: 0,
+      components,
+    })
+    daemons.push(daemon)
+    return {
+      daemon,
+      joining,
+      log,
+      reports,
+      joins,
+      engines,
+      ack,
+      failEngine,
+      heads,
+      finder: () => {
+        if (finder == null) throw new Error('no discovery yet')
+        current = 1
+        return finder
+      },
+    }
+  }
+
+  function states(daemon: NodeDaemon): NodeDaemonState[] {
+    const seen: NodeDaemonState[] = []
+    daemon.addEventListener('state', (e) => seen.push(e.detail.state as NodeDaemonState))
+    return seen
+  }
+
+  it('starts: joins the head discovery chose, starts the engine the assignment names, serves', async () => {
+    const r = await rig()
+    const seen = states(r.daemon)
+    await r.daemon.start()
+    expect(r.daemon.state).toBe('serving')
+    expect(seen).toEqual(['starting', 'serving'])
+    expect(r.joins).toEqual([r.heads[0]])
+    expect(r.log).toEqual(['engine start garage-tiny'])
+    expect(r.daemon.status()).toMatchObject({ state: 'serving', region: 'eu-test', model: 'garage-tiny' })
+  })
+
+  it('pauses for the user and a game; resumes only when both let go, with a fresh engine and join', async () => {
+    const r = await rig()
+    await r.daemon.start()
+    const seen = states(r.daemon)
+    const released: string[][] = []
+    r.daemon.addEventListener('released', (e) => released.push(e.detail.reasons))
+    await r.daemon.pause({ minutes: 30 })
+    expect(r.daemon.state).toBe('paused')
+    expect(r.daemon.status()).toMatchObject({ reason: 'paused by you', pausedUntil: expect.any(String) })
+    expect(r.log).toEqual(['engine start garage-tiny', 'engine stop'])
+    expect(released).toEqual([['paused by you']])
+    // The head heard of the pause at once, not at the next tick.
+    expect(r.reports.at(-1)?.state).toBe('paused')
+    await r.daemon.pause({ source: 'host', reason: 'game: cs2.exe' })
+    expect(r.daemon.status().reason).toBe('paused by you, game: cs2.exe')
+    await r.daemon.resume()
+    expect(r.daemon.state).toBe('paused')
+    expect(r.daemon.status()).toMatchObject({ reason: 'game: cs2.exe', pausedUntil: null })
+    await r.daemon.resume({ source: 'host' })
+    expect(r.daemon.state).toBe('serving')
+    expect(r.log).toEqual(['engine start garage-tiny', 'engine stop', 'engine start garage-tiny'])
+    expect(r.joins).toHaveLength(2)
+    expect(seen).toEqual(['paused', 'paused', 'paused', 'paused', 'starting', 'serving'])
+  })
+
+  it('a user pause with an end resumes by itself', async () => {
+    const r = await rig()
+    await r.daemon.start()
+    const serving = new Promise<void>((resolve) =>
+      r.daemon.addEventListener('state', (e) => e.detail.state === 'serving' && resolve()),
+    )
+    await r.daemon.pause({ until: new Date(Date.now() + 50) })
+    expect(r.daemon.state).toBe('paused')
+    await serving
+    expect(r.daemon.status().pausedUntil).toBeNull()
+  })
+
+  it('stays paused, saying why, when the engine cannot start again; the next resume retries', async () => {
+    const r = await rig()
+    await r.daemon.start()
+    await r.daemon.pause()
+    r.failEngine.error = new Error('out of memory')
+    await expect(r.daemon.resume()).rejects.toThrow('out of memory')
+    expect(r.daemon.status()).toMatchObject({ state: 'paused', reason: 'could not resume: out of memory' })
+    r.failEngine.error = null
+    await r.daemon.pause()
+    await r.daemon.resume()
+    expect(r.daemon.state).toBe('serving')
+  })
+
+  it('rejoins when the head forgets it, one join at a time, and joins the new head discovery picks', async () => {
+    const r = await rig({ telemetryIntervalMs: 10 })
+    await r.daemon.start()
+    let release = (): void => {}
+    r.joining.gate = new Promise<void>((resolve) => {
+      release = resolve
+    })
+    // The head answers not_joined to every report: each tick asks for a rejoin while one is under way.
+    r.ack.value = 'not_joined'
+    await vi.waitFor(() => expect(r.joining.now).toBe(1))
+    // More not_joined answers while that join waits: none starts a second one.
+    const reported = r.reports.length
+    await vi.waitFor(() => expect(r.reports.length).toBeGreaterThan(reported + 3))
+    expect(r.joining.most).toBe(1)
+    r.ack.value = 'ok'
+    release()
+    await vi.waitFor(() => expect(r.joins).toHaveLength(2))
+    expect(r.daemon.state).toBe('serving')
+    const finder = r.finder()
+    const joinedNew = new Promise<void>((resolve) =>
+      r.daemon.addEventListener('joined', (e) => e.detail.head === r.heads[1] && resolve()),
+    )
+    finder.safeDispatchEvent('region:chosen', { detail: head(r.heads[1]!) })
+    await joinedNew
+    expect(r.joins.at(-1)).toBe(r.heads[1])
+    expect(r.daemon.status().head).toBe(r.heads[1])
+    // Same model, same engine: a rejoin does not restart it.
+    expect(r.log.filter((l) => l.startsWith('engine start'))).toHaveLength(1)
+    expect(r.joining.most).toBe(1)
+  })
+
+  it('stop drains, tells the head it leaves, stops the engine', async () => {
+    const r = await rig()
+    await r.daemon.start()
+    const seen = states(r.daemon)
+    await r.daemon.stop({ graceMs: 100 })
+    expect(seen).toEqual(['draining', 'stopping', 'stopped'])
+    expect(r.reports.at(-1)?.state).toBe('draining')
+    expect(r.log.slice(-2)).toEqual(['leave head', 'engine stop'])
+  })
+
+  it('a start that fails stops what it started and says why', async () => {
+    const r = await rig()
+    r.failEngine.error = new Error('no such model file')
+    await expect(r.daemon.start()).rejects.toThrow('no such model file')
+    expect(r.daemon.status()).toMatchObject({ state: 'stopped', reason: 'no such model file' })
+  })
+})
