@@ -1,9 +1,7 @@
 import { createInterface } from 'node:readline'
 import { execa } from 'execa'
 import { type Logger, silentLogger } from '../core/logger.ts'
-import { probeDocker, probePodman } from './probe.ts'
 import { runTool, type ToolResult } from '../core/tools.ts'
-import type { ContainerRuntimeInfo } from './types.ts'
 import { buildRunArgs, isValidImageReference } from './argv.ts'
 import {
   ContainerCommandError,
@@ -14,11 +12,13 @@ import {
 } from './errors.ts'
 import { nodeLabelFilter } from './labels.ts'
 import { LineRing, logContainerLine } from './logs.ts'
+import { probeDocker, probePodman } from './probe.ts'
 import { PullProgressParser, stripAnsi } from './pull-progress.ts'
 import type {
   CommandOptions,
   ContainerRuntime,
   ContainerRuntimeDetails,
+  ContainerRuntimeInfo,
   ContainerRuntimeName,
   ContainerSpec,
   ContainerStateName,

@@ -19,7 +19,6 @@ import { NodeMembership } from './node/membership.ts'
 import { PauseController } from './node/pause.ts'
 import { NodeTelemetry } from './node/telemetry.ts'
 
-
 export type NodeDaemonState = 'stopped' | 'starting' | NodeServingState | 'stopping'
 
 export interface NodeDaemonEvents extends ControlEvents {
