@@ -119,7 +119,7 @@ rm -rf "$staging"
 mkdir -p "$staging/node/bin"
 cp "$node_src" "$staging/node/bin/node"
 cp "$source_dir/package.json" "$staging/"
-for dir in bin cli mesh daemon bootstrap federation; do
+for dir in bin cli core containers mesh routing openai daemon bootstrap federation; do
   cp -R "$source_dir/$dir" "$staging/$dir"
 done
 # Production dependencies, as `npm ls --omit=dev` lists them, read from npm's own record of what

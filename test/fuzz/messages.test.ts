@@ -103,7 +103,7 @@ const deepCbor: fc.Arbitrary<Uint8Array> = fc
   .tuple(cborContainer, fc.integer({ min: 1, max: 16_000 }))
   .map(([open, depth]) => concatBytes([...Array.from({ length: depth }, () => open), Uint8Array.of(0)]))
 
-describe('fuzz: canonical CBOR (mesh/cbor.ts)', { timeout: fuzzTimeoutMs }, () => {
+describe('fuzz: canonical CBOR (core/cbor.ts)', { timeout: fuzzTimeoutMs }, () => {
   beforeAll(() => announceFuzz('canonical CBOR'))
 
   it('decodes any bytes to a value or a CborDecodeError, and accepts only the canonical form', () => {

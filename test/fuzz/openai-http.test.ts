@@ -11,7 +11,7 @@ const requestTimeoutMs = 5_000
 /** Small, so a body past it costs nothing to send. */
 const maxBytes = 4096
 
-describe('fuzz: bearer tokens (mesh/openai-http.ts bearerMatches)', { timeout: fuzzTimeoutMs }, () => {
+describe('fuzz: bearer tokens (core/http.ts bearerMatches)', { timeout: fuzzTimeoutMs }, () => {
   beforeAll(() => announceFuzz('bearer tokens'))
   const token = fc.stringMatching(/^[A-Za-z0-9_-]{1,64}$/)
 
@@ -57,7 +57,7 @@ describe('fuzz: bearer tokens (mesh/openai-http.ts bearerMatches)', { timeout: f
   })
 })
 
-describe('fuzz: request bodies (mesh/openai-http.ts readJsonBody)', { timeout: fuzzTimeoutMs }, () => {
+describe('fuzz: request bodies (core/http.ts readJsonBody)', { timeout: fuzzTimeoutMs }, () => {
   let server: Server
   let url: string
 

@@ -86,7 +86,7 @@ function splitAll(chunks: Uint8Array[], maxEventBytes?: number): { events: SseEv
   return { events, rest: splitter.end() }
 }
 
-describe('fuzz: SSE splitting (mesh/sse.ts)', { timeout: fuzzTimeoutMs }, () => {
+describe('fuzz: SSE splitting (core/sse.ts)', { timeout: fuzzTimeoutMs }, () => {
   beforeAll(() => announceFuzz('SSE splitting'))
 
   it('finds the same events wherever the stream is cut, and loses no byte', () => {
@@ -232,7 +232,7 @@ function expectTokenCount(tokens: number, maxTokens: number | null, n: number): 
   if (maxTokens != null) expect(tokens).toBeLessThanOrEqual(maxTokens * n)
 }
 
-describe('fuzz: token accounting (mesh/token-accounting.ts)', { timeout: fuzzTimeoutMs }, () => {
+describe('fuzz: token accounting (openai/usage.ts)', { timeout: fuzzTimeoutMs }, () => {
   beforeAll(() => announceFuzz('token accounting'))
 
   it('counts any stream a node sends without throwing, within max_tokens x n', () => {
@@ -315,7 +315,7 @@ describe('fuzz: token accounting (mesh/token-accounting.ts)', { timeout: fuzzTim
   })
 })
 
-describe('fuzz: request preparation (mesh/token-accounting.ts, mesh/openai-http.ts)', {
+describe('fuzz: request preparation (openai/request.ts)', {
   timeout: fuzzTimeoutMs,
 }, () => {
   beforeAll(() => announceFuzz('request preparation'))

@@ -7,7 +7,18 @@
 import { readdirSync, readFileSync, statSync } from 'node:fs'
 import { join } from 'node:path'
 
-const codeDirs = ['bin', 'cli', 'mesh', 'bootstrap', 'daemon', 'federation']
+const codeDirs = [
+  'bin',
+  'cli',
+  'core',
+  'containers',
+  'mesh',
+  'routing',
+  'openai',
+  'bootstrap',
+  'daemon',
+  'federation',
+]
 // node-llama-cpp's prebuilt llama.cpp back-ends: the plain one is the CPU build, the others GPU builds.
 const llamaScope = 'node_modules/@node-llama-cpp/'
 // node-llama-cpp names its 32-bit ARM packages after the machine, not Node's `arm`.
