@@ -109,7 +109,20 @@ describe('install.sh and uninstall.sh per user, into a temporary HOME', () => {
         await expect(lstat(join(modules, dev))).rejects.toThrow(/ENOENT/)
       }
       expect((await readdir(join(p.prefix, 'app'))).sort()).toEqual(
-        ['bin', 'bootstrap', 'cli', 'daemon', 'federation', 'mesh', 'node_modules', 'package.json'].sort(),
+        [
+          'bin',
+          'bootstrap',
+          'cli',
+          'containers',
+          'core',
+          'daemon',
+          'federation',
+          'mesh',
+          'node_modules',
+          'openai',
+          'package.json',
+          'routing',
+        ].sort(),
       )
 
       // The installed copy runs on its own: the source tree is hidden while it does.
