@@ -7,19 +7,31 @@ import { GarageError } from './errors.ts'
 export class SecretFilePermissionsError extends GarageError {}
 
 /**
+ * Throws `make(message)` when other users could read the file at `path` (any group or other bit):
+ * a token or key they can read is theirs. Windows has no such bits.
+ */
+export async function refuseReadableByOthers(
+  path: string,
+  what: string,
+  make: (message: string) => GarageError,
+): Promise<void> {
+  const info = await stat(path)
+  if (process.platform === 'win32' || (info.mode & 0o077) === 0) return
+  const mode = (info.mode & 0o777).toString(8).padStart(3, '0')
+  throw make(`${what} ${path} has mode ${mode}, so other users can read it; run: chmod 600 '${path}'`)
+}
+
+/**
  * A bearer token in a 0600 file, made on first use and kept across restarts (the control API token,
  * the head's API token). A file other users can read is refused, as identity keys are.
  */
 export async function loadOrCreateSecret(path: string, bytes = 32): Promise<string> {
   try {
-    const info = await stat(path)
-    if (process.platform !== 'win32' && (info.mode & 0o077) !== 0) {
-      const mode = (info.mode & 0o777).toString(8).padStart(3, '0')
-      throw new SecretFilePermissionsError(
-        `secret file ${path} has mode ${mode}, so other users can read it; run: chmod 600 '${path}'`,
-        'SECRET_FILE_PERMISSIONS',
-      )
-    }
+    await refuseReadableByOthers(
+      path,
+      'secret file',
+      (message) => new SecretFilePermissionsError(message, 'SECRET_FILE_PERMISSIONS'),
+    )
     const text = (await readFile(path, 'utf8')).trim()
     if (text.length < 16)
       throw new GarageError(

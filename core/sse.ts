@@ -11,6 +11,8 @@
  * back its bytes. Raw text is exactly the input for valid UTF-8; invalid bytes decode to U+FFFD.
  */
 
+import { concatBytes } from './bytes.ts'
+
 export const maxSseEventBytes = 1024 * 1024
 
 const LF = 0x0a
@@ -97,7 +99,7 @@ export class SseSplitter {
 
   /** Ends the stream; returns the bytes of an unterminated last event (empty when there is none). */
   end(): Uint8Array {
-    const rest = concat(this.#pending, this.#pendingBytes)
+    const rest = concatBytes(this.#pending, this.#pendingBytes)
     this.#pending = []
     this.#pendingBytes = 0
     this.#atLineStart = true
@@ -111,7 +113,7 @@ export class SseSplitter {
     let bytes = tail
     if (this.#pendingBytes > 0) {
       this.#pending.push(tail)
-      bytes = concat(this.#pending, size)
+      bytes = concatBytes(this.#pending, size)
       this.#pending = []
       this.#pendingBytes = 0
     }
@@ -156,15 +158,4 @@ function parseEvent(raw: string, from: number): SseEvent {
     if (lineStart === lineEnd) break
   }
   return { raw, data, event }
-}
-
-function concat(chunks: Uint8Array[], size: number): Uint8Array {
-  if (chunks.length === 1) return chunks[0]!
-  const out = new Uint8Array(size)
-  let offset = 0
-  for (const c of chunks) {
-    out.set(c, offset)
-    offset += c.length
-  }
-  return out
 }

@@ -1,9 +1,9 @@
 import type { PeerId } from '@libp2p/interface'
-import { peerIdFromString } from '@libp2p/peer-id'
 import { ApiError, apiError } from '../core/errors.ts'
 import type { Logger } from '../core/logger.ts'
 import { type InferResponse, sendInferRequest } from '../mesh/infer-protocol.ts'
 import type { MeshNode } from '../mesh/node.ts'
+import { PeerIdCache } from '../mesh/peer-ids.ts'
 import { type ProxyCall, type ProxyRoute, type ProxyTicket, proxyRequest, readText } from '../openai/proxy.ts'
 import type { RelayOutcome } from '../openai/relay.ts'
 import type { FederationRouter } from '../routing/region-router.ts'
@@ -55,8 +55,7 @@ export class RegionRoute implements ProxyRoute<FederationCall> {
   readonly maxAttempts: number
   readonly #init: RegionRouteInit
   readonly #c: RegionRouteComponents
-  /** Heads' PeerIds, parsed once (a base58 decode and a key each time otherwise). */
-  readonly #headIds = new Map<string, PeerId>()
+  readonly #headIds = new PeerIdCache(1024)
 
   constructor(init: RegionRouteInit, components: RegionRouteComponents) {
     this.#init = init
@@ -73,14 +72,7 @@ export class RegionRoute implements ProxyRoute<FederationCall> {
 
   peerOf(region: string): PeerId | null {
     const head = this.#c.headOf(region)
-    if (head == null) return null
-    let id = this.#headIds.get(head)
-    if (id == null) {
-      if (this.#headIds.size >= 1024) this.#headIds.clear()
-      id = peerIdFromString(head) as PeerId
-      this.#headIds.set(head, id)
-    }
-    return id
+    return head == null ? null : this.#headIds.get(head)
   }
 
   begin(region: string): ProxyTicket {

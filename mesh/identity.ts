@@ -1,9 +1,10 @@
 import { constants } from 'node:fs'
-import { chmod, mkdir, open, readFile, stat } from 'node:fs/promises'
+import { chmod, mkdir, open, readFile } from 'node:fs/promises'
 import { dirname, join } from 'node:path'
 import { generateKeyPair, privateKeyFromProtobuf, privateKeyToProtobuf } from '@libp2p/crypto/keys'
 import type { Ed25519PrivateKey, PrivateKey } from '@libp2p/interface'
 import { GarageError } from '../core/errors.ts'
+import { refuseReadableByOthers } from '../core/secret-file.ts'
 
 export class IdentityKeyPermissionsError extends GarageError {}
 export class IdentityKeyInvalidError extends GarageError {}
@@ -15,14 +16,11 @@ export const identityFileName = 'identity.key'
  * whoever holds the key is this node on the mesh.
  */
 export async function loadKeyFile(path: string): Promise<PrivateKey> {
-  const info = await stat(path)
-  if (process.platform !== 'win32' && (info.mode & 0o077) !== 0) {
-    const mode = (info.mode & 0o777).toString(8).padStart(3, '0')
-    throw new IdentityKeyPermissionsError(
-      `key file ${path} has mode ${mode}, so other users can read it; run: chmod 600 '${path}'`,
-      'KEY_FILE_PERMISSIONS',
-    )
-  }
+  await refuseReadableByOthers(
+    path,
+    'key file',
+    (message) => new IdentityKeyPermissionsError(message, 'KEY_FILE_PERMISSIONS'),
+  )
   const bytes = await readFile(path)
   try {
     return privateKeyFromProtobuf(bytes)

@@ -1,5 +1,6 @@
 import type { Connection, PeerId, Stream, StreamCloseEvent, StreamMessageEvent } from '@libp2p/interface'
 import { isMultiaddr, type Multiaddr } from '@multiformats/multiaddr'
+import { concatBytes } from '../core/bytes.ts'
 import { decodeCanonical, encodeCanonical } from '../core/cbor.ts'
 import { isPlainObject } from '../core/guards.ts'
 import type { MeshNode } from './node.ts'
@@ -1377,17 +1378,6 @@ class InferServerStream {
       this.abort(new InferStreamError('idle_timeout', `no request frame for ${this.idleTimeoutMs} ms`))
     }
   }
-}
-
-function concatBytes(chunks: Uint8Array[], total: number): Uint8Array {
-  if (chunks.length === 1) return chunks[0]!
-  const out = new Uint8Array(total)
-  let offset = 0
-  for (const c of chunks) {
-    out.set(c, offset)
-    offset += c.byteLength
-  }
-  return out
 }
 
 /** One request being served: the handler's reply and signal. */

@@ -1,9 +1,9 @@
 import type { PeerId } from '@libp2p/interface'
-import { peerIdFromString } from '@libp2p/peer-id'
 import { type ApiError, apiError } from '../../core/errors.ts'
 import type { Logger } from '../../core/logger.ts'
 import { type InferResponse, sendInferRequest } from '../../mesh/infer-protocol.ts'
 import type { MeshNode } from '../../mesh/node.ts'
+import { PeerIdCache } from '../../mesh/peer-ids.ts'
 import {
   drainQuietly,
   type ProxyCall,
@@ -55,8 +55,7 @@ export class HeadRoute implements ProxyRoute<HeadCall> {
   readonly maxAttempts: number
   readonly #init: HeadRouteInit
   readonly #c: HeadRouteComponents
-  /** PeerIds of the nodes, parsed once: a PeerId from a string costs a base58 decode and a key. */
-  readonly #peerIds = new Map<string, PeerId>()
+  readonly #peerIds = new PeerIdCache()
 
   constructor(init: HeadRouteInit, components: HeadRouteComponents) {
     this.#init = init
@@ -74,12 +73,7 @@ export class HeadRoute implements ProxyRoute<HeadCall> {
   }
 
   peerOf(target: string): PeerId {
-    let id = this.#peerIds.get(target)
-    if (id == null) {
-      id = peerIdFromString(target) as PeerId
-      this.#peerIds.set(target, id)
-    }
-    return id
+    return this.#peerIds.get(target)
   }
 
   begin(target: string): ProxyTicket {

@@ -1,10 +1,10 @@
 import type { PeerId, PrivateKey } from '@libp2p/interface'
-import { peerIdFromString } from '@libp2p/peer-id'
 import type { Logger } from '../../core/logger.ts'
 import { signCapabilityReport } from '../../mesh/capability-report.ts'
 import type { DiscoveredHead } from '../../mesh/discovery.ts'
 import { JoinRefusedError } from '../../mesh/join-protocol.ts'
 import type { MeshNode } from '../../mesh/node.ts'
+import { PeerIdCache } from '../../mesh/peer-ids.ts'
 import type { Assignment, CapabilityReport } from '../../mesh/region-messages.ts'
 import type { NodeComponents, RegionFinder } from './components.ts'
 import { NodeJoinError } from './engine.ts'
@@ -30,7 +30,7 @@ export class NodeMembership {
   #discovery: RegionFinder | null = null
   #head: DiscoveredHead | null = null
   #assignment: Assignment | null = null
-  #headIds = new Map<string, PeerId>()
+  readonly #headIds = new PeerIdCache(64)
 
   constructor(
     init: NodeMembershipInit,
@@ -130,11 +130,6 @@ export class NodeMembership {
   }
 
   #peerId(id: string): PeerId {
-    let peer = this.#headIds.get(id)
-    if (peer == null) {
-      peer = peerIdFromString(id) as PeerId
-      this.#headIds.set(id, peer)
-    }
-    return peer
+    return this.#headIds.get(id)
   }
 }
