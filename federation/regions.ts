@@ -18,6 +18,7 @@ import type { PeerId } from '@libp2p/interface'
 import { peerIdFromString } from '@libp2p/peer-id'
 import { TypedEventEmitter } from 'main-event'
 import { GarageError } from '../core/errors.ts'
+import { isPlainObject } from '../core/guards.ts'
 import { type Logger, silentLogger } from '../core/logger.ts'
 import { type DiscoveredHead, parseAuthority, RegionDiscovery } from '../mesh/discovery.ts'
 import { sendInferRequest } from '../mesh/infer-protocol.ts'
@@ -144,7 +145,7 @@ class Serialized {
  * ignored; a body that is not such a list throws RegionStatusError.
  */
 export function parseRegionModels(body: unknown, region: string): Map<string, RegionModelLoad> {
-  if (!isRecord(body) || body.object !== 'list' || !Array.isArray(body.data)) {
+  if (!isPlainObject(body) || body.object !== 'list' || !Array.isArray(body.data)) {
     throw new RegionStatusError(
       'the head answered GET /v1/models without an OpenAI list ({ object: "list", data: [...] })',
       'REGION_STATUS',
@@ -152,11 +153,11 @@ export function parseRegionModels(body: unknown, region: string): Map<string, Re
   }
   const models = new Map<string, RegionModelLoad>()
   for (const item of body.data.slice(0, statusMaxModels)) {
-    if (!isRecord(item) || item.object !== 'model') continue
+    if (!isPlainObject(item) || item.object !== 'model') continue
     const id = item.id
     if (typeof id !== 'string' || !modelNamePattern.test(id) || models.has(id)) continue
     const g = item.garage
-    if (!isRecord(g) || g.region !== region) continue
+    if (!isPlainObject(g) || g.region !== region) continue
     const { nodes, capacityTokensPerSecond, inflight, slots } = g
     if (!isCount(nodes) || !isCount(inflight) || !isCount(slots)) continue
     if (
@@ -167,10 +168,6 @@ export function parseRegionModels(body: unknown, region: string): Map<string, Re
     models.set(id, { nodes, capacityTokensPerSecond, inflight, slots })
   }
   return models
-}
-
-function isRecord(value: unknown): value is Record<string, unknown> {
-  return typeof value === 'object' && value != null && !Array.isArray(value)
 }
 
 function isCount(value: unknown): value is number {

@@ -1,5 +1,6 @@
 import { readFile } from 'node:fs/promises'
 import { GarageError } from '../../core/errors.ts'
+import { isPlainObject } from '../../core/guards.ts'
 import { regionNamePattern } from '../../mesh/certificate.ts'
 import { maxModelNameLength, maxModelSourceLength } from '../../mesh/join-protocol.ts'
 import type { ModelSource } from '../../mesh/region-messages.ts'
@@ -66,10 +67,6 @@ function describe(v: unknown): string {
   return json.length > 40 ? `${json.slice(0, 37)}...` : json
 }
 
-function isObject(v: unknown): v is Record<string, unknown> {
-  return typeof v === 'object' && v !== null && !Array.isArray(v)
-}
-
 function knownKeys(obj: Record<string, unknown>, path: (key: string) => string, keys: string[]): void {
   for (const k of Object.keys(obj)) {
     if (!keys.includes(k)) fail(path(k), `is not a known field (known: ${keys.join(', ')})`)
@@ -91,7 +88,7 @@ function text(v: unknown, field: string, max: number): string {
 }
 
 function parseModel(m: unknown, field: string): ModelPolicy {
-  if (!isObject(m)) fail(field, `must be an object, got ${describe(m)}`)
+  if (!isPlainObject(m)) fail(field, `must be an object, got ${describe(m)}`)
   knownKeys(m, (k) => `${field}.${k}`, [
     'name',
     'engine',
@@ -126,7 +123,7 @@ function parseModel(m: unknown, field: string): ModelPolicy {
   })
   if (new Set(engine).size !== engine.length) fail(at('engine'), 'lists an engine twice')
 
-  if (!isObject(m.source))
+  if (!isPlainObject(m.source))
     fail(at('source'), `must be an object with gguf and/or hf, got ${describe(m.source)}`)
   knownKeys(m.source, (k) => at(`source.${k}`), ['gguf', 'hf'])
   const source: ModelSource = {}
@@ -159,7 +156,7 @@ function parseModel(m: unknown, field: string): ModelPolicy {
 
 function parseRay(r: unknown): RayPolicy {
   if (r === undefined) return { enabled: false, trusted: false }
-  if (!isObject(r)) fail('ray', `must be an object like { "enabled": false }, got ${describe(r)}`)
+  if (!isPlainObject(r)) fail('ray', `must be an object like { "enabled": false }, got ${describe(r)}`)
   knownKeys(r, (k) => `ray.${k}`, ['enabled', 'trusted', 'port'])
   if (typeof r.enabled !== 'boolean') fail('ray.enabled', `must be true or false, got ${describe(r.enabled)}`)
   if (r.trusted !== undefined && typeof r.trusted !== 'boolean') {
@@ -180,7 +177,7 @@ export function parseRegionPolicy(json: unknown): RegionPolicy {
       throw new RegionPolicyError(`region policy: not JSON: ${(err as Error).message}`)
     }
   }
-  if (!isObject(value))
+  if (!isPlainObject(value))
     fail('the top level', `must be an object with region and models, got ${describe(value)}`)
   knownKeys(value, (k) => k, ['region', 'models', 'ray'])
   const region = text(value.region, 'region', 63)
