@@ -20,7 +20,7 @@ import { type CommandContext, parseDuration, parseOptions, print, UsageError } f
 
 export const usage = `Usage:
   garage model tiny --out FILE [--seed N] [--embd N] [--layers N] [--heads N] [--kv-heads N]
-                    [--ff N] [--ctx N] [--no-chat-template] [--force]
+                    [--ff N] [--ctx N] [--no-chat-template] [--embedding] [--force]
   garage model pull SOURCE [--dir DIR] [--timeout D]
   garage model info FILE [--json]
 
@@ -41,6 +41,7 @@ Options (tiny):
   --ff N              feed-forward length (default ${tinyModelDefaults.feedForwardLength})
   --ctx N             context length (default ${tinyModelDefaults.contextLength})
   --no-chat-template  leave out tokenizer.chat_template (completions only)
+  --embedding         an embedding model (mean pooling): what /v1/embeddings serves
   --force             replace FILE if it exists
 Options (pull):
   --dir DIR           where to save it (default: <data dir>/models)
@@ -69,11 +70,12 @@ async function tiny(argv: string[], ctx: CommandContext): Promise<number> {
     out: { type: 'string' },
     ...Object.fromEntries(Object.keys(sizeFlags).map((f) => [f, { type: 'string' as const }])),
     'no-chat-template': { type: 'boolean', default: false },
+    embedding: { type: 'boolean', default: false },
     force: { type: 'boolean', default: false },
   })
   const flags = values as Record<string, string | boolean | undefined>
   if (values.out == null || values.out === '') throw new UsageError('--out FILE is required')
-  const options: TinyModelOptions = { chatTemplate: !values['no-chat-template'] }
+  const options: TinyModelOptions = { chatTemplate: !values['no-chat-template'], embedding: values.embedding }
   for (const [flag, option] of Object.entries(sizeFlags)) {
     const text = flags[flag]
     if (typeof text === 'string') options[option] = parseCount(text, flag)
@@ -102,7 +104,7 @@ async function tiny(argv: string[], ctx: CommandContext): Promise<number> {
     ctx.stderr,
     `llama, ${written.parameters} parameters: embd ${o.embeddingLength}, ${o.layers} layers, ${o.heads} heads ` +
       `(${o.kvHeads} kv), ff ${o.feedForwardLength}, ctx ${o.contextLength}, seed ${o.seed}, ` +
-      `${o.chatTemplate ? 'ChatML template' : 'no chat template'}`,
+      `${o.chatTemplate ? 'ChatML template' : 'no chat template'}${o.embedding ? ', mean pooling (embeddings)' : ''}`,
   )
   return 0
 }

@@ -27,6 +27,11 @@ export interface TinyModelOptions {
   contextLength?: number
   /** Embed a ChatML Jinja template in tokenizer.chat_template; default true. */
   chatTemplate?: boolean
+  /**
+   * An embedding model: `llama.pooling_type` mean, so llama.cpp averages the tokens' states into
+   * one vector (without it, a llama model embeds with its last token); default false.
+   */
+  embedding?: boolean
 }
 
 export type ResolvedTinyModelOptions = Required<TinyModelOptions>
@@ -37,11 +42,12 @@ export const tinyModelDefaults: Readonly<Omit<ResolvedTinyModelOptions, 'kvHeads
   layers: 2,
   heads: 4,
   feedForwardLength: 128,
-  contextLength: 256,
+  contextLength: 4096,
   chatTemplate: true,
+  embedding: false,
 })
 
-type SizeOption = Exclude<keyof TinyModelOptions, 'chatTemplate'>
+type SizeOption = Exclude<keyof TinyModelOptions, 'chatTemplate' | 'embedding'>
 
 /** Inclusive bounds for each size; the parameter count is capped too (maxTinyModelParameters). */
 export const tinyModelLimits: Readonly<Record<SizeOption, readonly [number, number]>> = Object.freeze({
@@ -103,6 +109,7 @@ export function resolveTinyModelOptions(options: TinyModelOptions = {}): Resolve
   if (o.kvHeads > o.heads || o.heads % o.kvHeads !== 0)
     throw new TinyModelOptionsError('kvHeads', `(${o.kvHeads}) must divide heads (${o.heads})`)
   if (typeof o.chatTemplate !== 'boolean') throw new GarageError('chatTemplate must be a boolean')
+  if (typeof o.embedding !== 'boolean') throw new GarageError('embedding must be a boolean')
   const parameters = tinyModelParameterCount(o)
   if (parameters > maxTinyModelParameters)
     throw new TinyModelOptionsError(
@@ -138,6 +145,10 @@ export const tinyModelSpecialTokens = Object.freeze({
   endOfText: '<|endoftext|>',
   imStart: '<|im_start|>',
   imEnd: '<|im_end|>',
+  // Fill-in-the-middle (completions with `suffix`), named as llama.cpp looks them up.
+  fimPrefix: '<fim_prefix>',
+  fimSuffix: '<fim_suffix>',
+  fimMiddle: '<fim_middle>',
 })
 
 /** ChatML, as Qwen and many others use it. */
@@ -156,6 +167,9 @@ export interface TinyModelVocabulary {
   endOfTextId: number
   imStartId: number
   imEndId: number
+  fimPrefixId: number
+  fimSuffixId: number
+  fimMiddleId: number
 }
 
 export function tinyModelVocabulary(): TinyModelVocabulary {
@@ -171,6 +185,9 @@ export function tinyModelVocabulary(): TinyModelVocabulary {
     endOfTextId: special(tinyModelSpecialTokens.endOfText),
     imStartId: special(tinyModelSpecialTokens.imStart),
     imEndId: special(tinyModelSpecialTokens.imEnd),
+    fimPrefixId: special(tinyModelSpecialTokens.fimPrefix),
+    fimSuffixId: special(tinyModelSpecialTokens.fimSuffix),
+    fimMiddleId: special(tinyModelSpecialTokens.fimMiddle),
     tokens,
     tokenTypes,
     merges: [...tinyModelMerges],
@@ -324,10 +341,15 @@ export function tinyModelGguf(options: TinyModelOptions = {}): GgufFile {
     'tokenizer.ggml.bos_token_id': u32(vocab.endOfTextId),
     'tokenizer.ggml.eos_token_id': u32(o.chatTemplate ? vocab.imEndId : vocab.endOfTextId),
     'tokenizer.ggml.padding_token_id': u32(vocab.endOfTextId),
+    'tokenizer.ggml.fim_pre_token_id': u32(vocab.fimPrefixId),
+    'tokenizer.ggml.fim_suf_token_id': u32(vocab.fimSuffixId),
+    'tokenizer.ggml.fim_mid_token_id': u32(vocab.fimMiddleId),
     'tokenizer.ggml.add_bos_token': bool(true),
     'tokenizer.ggml.add_eos_token': bool(false),
   }
   if (o.chatTemplate) metadata['tokenizer.chat_template'] = str(tinyModelChatTemplate)
+  // LLAMA_POOLING_TYPE_MEAN.
+  if (o.embedding) metadata['llama.pooling_type'] = u32(1)
   const tensors: GgufTensor[] = tensorSpecs(o).map((spec) => ({
     name: spec.name,
     dims: spec.dims,

@@ -51,10 +51,10 @@ describe('the tiny model file', () => {
     const path = join(dir, 'default.gguf')
     const written = await writeTinyModel(path)
     expect(written.bytes).toBe((await stat(path)).size)
-    expect(written.parameters).toBe(116_416)
+    expect(written.parameters).toBe(116_800)
     // docs/models.md quotes this: a change here is a format change, to be made on purpose.
-    expect(written.sha256).toBe('da33ffcfbd1fc904c6fef53dd3d65d4c060f93bc7d6ba31c8b3a3ad866289154')
-    expect(written.bytes).toBe(472_064)
+    expect(written.sha256).toBe('6a0bdd48f25337d8222c55a42f1c498259e968c7c99a28001362c963e8fce582')
+    expect(written.bytes).toBe(473_824)
     const info = await readGgufFileInfo(path, { logWarnings: false })
     expect(info.version).toBe(3)
     expect(info.metadata.general).toMatchObject({
@@ -64,11 +64,11 @@ describe('the tiny model file', () => {
       alignment: 32,
     })
     expect(info.architectureMetadata).toMatchObject({
-      context_length: 256,
+      context_length: 4096,
       embedding_length: 64,
       block_count: 2,
       feed_forward_length: 128,
-      vocab_size: 267,
+      vocab_size: 270,
       attention: { head_count: 4, head_count_kv: 4 },
       rope: { dimension_count: 16, freq_base: 10_000 },
     })
@@ -79,7 +79,7 @@ describe('the tiny model file', () => {
     expect(ggml.model).toBe('gpt2')
     expect(ggml.pre).toBe('gpt-2')
     const tokens = ggml.tokens as string[]
-    expect(tokens).toHaveLength(267)
+    expect(tokens).toHaveLength(270)
     expect(tokens.slice(0, 256)).toEqual(gpt2ByteToUnicode())
     expect(tokens[32]).toBe('Ġ') // space
     expect(tokens[10]).toBe('Ċ') // newline
@@ -87,15 +87,23 @@ describe('the tiny model file', () => {
     expect(new Set(tokens).size).toBe(tokens.length)
     expect(ggml.merges).toContain('Ġ t')
     expect(tokens).toContain('Ġt')
-    expect(tokens.slice(-3)).toEqual(['<|endoftext|>', '<|im_start|>', '<|im_end|>'])
-    expect((ggml.token_type as number[]).slice(-4)).toEqual([1, 3, 3, 3])
+    expect(tokens.slice(-6)).toEqual([
+      '<|endoftext|>',
+      '<|im_start|>',
+      '<|im_end|>',
+      '<fim_prefix>',
+      '<fim_suffix>',
+      '<fim_middle>',
+    ])
+    expect((ggml.token_type as number[]).slice(-7)).toEqual([1, 3, 3, 3, 3, 3, 3])
     expect(ggml.bos_token_id).toBe(264)
     expect(ggml.eos_token_id).toBe(266)
+    expect([ggml.fim_pre_token_id, ggml.fim_suf_token_id, ggml.fim_mid_token_id]).toEqual([267, 268, 269])
 
     const tensors = new Map(info.tensorInfo!.map((t) => [t.name, t]))
     expect(tensors.size).toBe(3 + 2 * 9)
-    expect(tensors.get('token_embd.weight')?.dimensions).toEqual([64, 267])
-    expect(tensors.get('output.weight')?.dimensions).toEqual([64, 267])
+    expect(tensors.get('token_embd.weight')?.dimensions).toEqual([64, 270])
+    expect(tensors.get('output.weight')?.dimensions).toEqual([64, 270])
     expect(tensors.get('output_norm.weight')?.dimensions).toEqual([64])
     expect(tensors.get('blk.1.attn_k.weight')?.dimensions).toEqual([64, 64])
     expect(tensors.get('blk.1.ffn_gate.weight')?.dimensions).toEqual([64, 128])
@@ -203,7 +211,7 @@ describe('the tiny model in llama.cpp (node-llama-cpp, CPU, one thread)', () => 
   }
 
   it('loads with the sizes it was written with', () => {
-    expect(model.trainContextSize).toBe(256)
+    expect(model.trainContextSize).toBe(4096)
     expect(model.embeddingVectorSize).toBe(64)
     expect(model.tokens.bos).toBe(264)
     expect(model.tokens.eos).toBe(266)
