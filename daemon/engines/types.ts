@@ -29,6 +29,8 @@ export interface EngineStartOptions {
    * and how tests make a slower node. A positive finite number; none means as fast as it can.
    */
   maxTokensPerSecond?: number
+  /** What the model serves: chat and completions (default), or embeddings. */
+  task?: 'generate' | 'embed'
   signal?: AbortSignal
 }
 

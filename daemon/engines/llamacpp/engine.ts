@@ -80,6 +80,7 @@ export class LlamaCppEngine extends TypedEventEmitter<EngineEvents> implements E
       ...(options.threads != null ? { threads: options.threads } : {}),
       ...(options.contextLength != null ? { contextSize: options.contextLength } : {}),
       ...(cap != null ? { maxTokensPerSecond: cap } : {}),
+      ...(options.task === 'embed' ? { task: 'embed' as const } : {}),
     }
     const child = spawn(process.execPath, [serveScript], {
       env: { ...process.env, GARAGE_ENGINE_OPTIONS: JSON.stringify(serverOptions) },

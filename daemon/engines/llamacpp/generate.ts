@@ -1,16 +1,29 @@
-import { randomUUID } from 'node:crypto'
+import { randomBytes, randomInt, randomUUID } from 'node:crypto'
 import type { ServerResponse } from 'node:http'
 import {
-  type ChatHistoryItem,
   type ChatWrapper,
+  LlamaChat,
   LlamaCompletion,
+  type LlamaContextSequence,
+  type LlamaGrammar,
   type LlamaModel,
   type Token,
+  TokenBias,
 } from 'node-llama-cpp'
 import { apiError } from '../../../core/errors.ts'
+import { AnswerWriter, type FinishReason } from './answer.ts'
+import { chatFunctions, chatHistory, forcingCall } from './chat-history.ts'
+import type { GrammarCache } from './grammar.ts'
+import {
+  recordingSequence,
+  type SampledToken,
+  sampledLogprob,
+  scoreTokens,
+  type TokenLogprob,
+} from './logprobs.ts'
 import type { EmbeddedEngineMetrics } from './metrics.ts'
 import type { GenerationRequest } from './request.ts'
-import { pacedSequence, type SequencePool } from './sequences.ts'
+import { pacedSequence, type SequencePool, type Slot } from './sequences.ts'
 
 /** Longest a streamed token waits to share a write with the next ones; far below what a reader sees. */
 export const streamFlushMs = 10
@@ -18,6 +31,9 @@ export const streamFlushMs = 10
 export interface GeneratorInit {
   model: LlamaModel
   chatWrapper: ChatWrapper
+  grammars: GrammarCache
+  /** The exact bytes of a token (logprobs). */
+  bytes: (token: Token) => Uint8Array
   /** Tokens one sequence holds: prompt and answer together. */
   sequenceContext: number
   pool: SequencePool
@@ -29,201 +45,377 @@ export interface GeneratorInit {
   onRequestDone: () => void
 }
 
+/** What one request generates from: its prompt and how its answer may end. */
+interface Prepared {
+  /** Without the BOS token node-llama-cpp adds itself. */
+  tokens: Token[]
+  /** Completions with `suffix`: the text after the gap (fill-in-the-middle). */
+  suffix: Token[] | null
+  /** Tokens the engine evaluates for the prompt (BOS included): the usage's prompt_tokens. */
+  promptTokens: number
+  stops: NonNullable<Parameters<LlamaCompletion['generateCompletionWithMeta']>[1]>['customStopTriggers']
+  grammar: LlamaGrammar | undefined
+  /** Chat with tools: the history and functions LlamaChat takes. */
+  chat: { history: ReturnType<typeof chatHistory>; forced: boolean; only?: string } | null
+}
+
+/** One choice as it ended. */
+interface ChoiceOutcome {
+  finish: FinishReason
+  tokens: number
+}
+
+const uint32 = 2 ** 32
+
 /**
- * The embedded engine's generation: a chat or completion request rendered to tokens, generated on
- * a sequence from the pool, and written as OpenAI's JSON or its SSE chunks.
+ * The embedded engine's generation: a chat or completion request rendered to tokens, generated on a
+ * sequence from the pool (its `n` choices one after another, reusing the prompt), and written in
+ * OpenAI's shapes. Requests without tools go through LlamaCompletion, with a grammar for structured
+ * output; requests with tools through LlamaChat, in the model's own function-call format, with
+ * node-llama-cpp's grammars for the name and the arguments.
  */
 export class Generator {
-  private readonly model: LlamaModel
-  private readonly chatWrapper: ChatWrapper
-  private readonly sequenceContext: number
-  private readonly pool: SequencePool
-  private readonly metrics: EmbeddedEngineMetrics
-  private readonly servedModelName: string
-  private readonly intervalMs: number | null
-  private readonly onRequestDone: () => void
+  private readonly init: GeneratorInit
 
   constructor(init: GeneratorInit) {
-    this.model = init.model
-    this.chatWrapper = init.chatWrapper
-    this.sequenceContext = init.sequenceContext
-    this.pool = init.pool
-    this.metrics = init.metrics
-    this.servedModelName = init.servedModelName
-    this.intervalMs = init.intervalMs
-    this.onRequestDone = init.onRequestDone
-  }
-
-  /** The prompt as tokens, and what ends the answer: the chat template's turn end, the user's stop strings. */
-  render(req: GenerationRequest): {
-    tokens: Token[]
-    stops: Array<string | ReturnType<ChatWrapper['generateContextState']>['stopGenerationTriggers'][number]>
-  } {
-    if (req.kind === 'completion') {
-      const text = this.model.tokenize(req.prompt, false)
-      const bos = this.model.tokens.bos
-      const tokens = this.model.tokens.shouldPrependBosToken && bos != null ? [bos, ...text] : text
-      return { tokens, stops: [...req.stop] }
-    }
-    const history: ChatHistoryItem[] = req.messages.map((m) =>
-      m.role === 'assistant' ? { type: 'model', response: [m.content] } : { type: m.role, text: m.content },
-    )
-    history.push({ type: 'model', response: [] })
-    const state = this.chatWrapper.generateContextState({ chatHistory: history })
-    return {
-      tokens: state.contextText.tokenize(this.model.tokenizer),
-      stops: [...state.stopGenerationTriggers, ...req.stop],
-    }
+    this.init = init
   }
 
   async generate(req: GenerationRequest, res: ServerResponse, clientGone: AbortSignal): Promise<void> {
-    const { tokens, stops } = this.render(req)
-    if (tokens.length >= this.sequenceContext) {
+    const prepared = await this.prepare(req)
+    const { sequenceContext } = this.init
+    // Room for BOS and one answer token: node-llama-cpp would otherwise cut the prompt's head.
+    if (prepared.promptTokens >= sequenceContext) {
       throw apiError(
         'context_length_exceeded',
-        `the prompt is ${tokens.length} tokens; this engine's context is ${this.sequenceContext}`,
+        `the prompt is ${prepared.promptTokens} tokens; this engine's context is ${sequenceContext}`,
         { param: req.kind === 'chat' ? 'messages' : 'prompt' },
       )
     }
-    const maxTokens = Math.min(
-      req.maxTokens ?? this.sequenceContext - tokens.length,
-      this.sequenceContext - tokens.length,
-    )
-    const slot = await this.pool.acquire(clientGone)
-    const id = `${req.kind === 'chat' ? 'chatcmpl' : 'cmpl'}-${randomUUID()}`
-    const started = performance.now()
-    let first: number | null = null
-    let last = 0
-    let produced = 0
-    // The first event goes out at once (time to first token); later ones are gathered for at most
-    // streamFlushMs and sent in one write: a wake-up of the client per burst, not per token.
-    let pendingEvents: string[] = []
-    let flushTimer: NodeJS.Timeout | undefined
-    let sentFirst = false
-    const flush = (): void => {
-      clearTimeout(flushTimer)
-      flushTimer = undefined
-      if (pendingEvents.length === 0) return
-      res.write(pendingEvents.join(''))
-      pendingEvents = []
-    }
-    const chunk = (body: Record<string, unknown>): void => {
-      pendingEvents.push(`data: ${JSON.stringify(body)}\n\n`)
-      if (!sentFirst || pendingEvents.length === 1) {
-        if (!sentFirst) {
-          sentFirst = true
-          flush()
-        } else flushTimer = setTimeout(flush, streamFlushMs)
-      }
-    }
-    const object =
-      req.kind === 'chat' ? (req.stream ? 'chat.completion.chunk' : 'chat.completion') : 'text_completion'
-    const base = { id, object, created: Math.floor(Date.now() / 1000), model: this.servedModelName }
-    let completion: LlamaCompletion | undefined
+    const room = sequenceContext - prepared.promptTokens
+    const maxTokens = Math.min(req.maxTokens ?? room, room)
+    const slot = await this.init.pool.acquire(clientGone)
+    const writer = new AnswerWriter(res, req, {
+      id: `${req.kind === 'chat' ? 'chatcmpl' : 'cmpl'}-${randomUUID()}`,
+      model: this.init.servedModelName,
+      bytes: this.init.bytes,
+      flushMs: streamFlushMs,
+    })
+    const baseSeed = req.seed != null ? ((req.seed % uint32) + uint32) % uint32 : randomInt(0, 2 ** 31)
+    let completionTokens = 0
     try {
-      await slot.sequence.clearHistory()
-      if (req.stream) {
-        res.writeHead(200, {
-          'content-type': 'text/event-stream',
-          'cache-control': 'no-cache',
-          connection: 'keep-alive',
-        })
-        if (req.kind === 'chat')
-          chunk({
-            ...base,
-            choices: [{ index: 0, delta: { role: 'assistant', content: '' }, finish_reason: null }],
-          })
+      await slot.value.clearHistory()
+      let echo: { text: string; tokens: Token[]; logprobs: Array<TokenLogprob | null> } | null = null
+      if (req.echo) echo = await this.echo(req, prepared, slot)
+      for (let i = 0; i < req.n && !clientGone.aborted; i++) {
+        writer.beginChoice(
+          i,
+          echo != null ? { echo: echo.text, promptTokens: echo.tokens, promptLogprobs: echo.logprobs } : {},
+        )
+        const outcome =
+          maxTokens === 0
+            ? { finish: 'length' as const, tokens: 0 }
+            : prepared.chat != null
+              ? await this.withTools(req, prepared, slot, writer, i, {
+                  maxTokens,
+                  seed: (baseSeed + i) % uint32,
+                  clientGone,
+                })
+              : await this.complete(req, prepared, slot, writer, i, {
+                  maxTokens,
+                  seed: (baseSeed + i) % uint32,
+                  clientGone,
+                })
+        completionTokens += outcome.tokens
+        writer.finishChoice(i, outcome.finish)
       }
-      const sequence =
-        this.intervalMs != null ? pacedSequence(slot.sequence, this.intervalMs, clientGone) : slot.sequence
-      completion = new LlamaCompletion({ contextSequence: sequence, autoDisposeSequence: false })
-      const result = await completion.generateCompletionWithMeta(tokens, {
-        maxTokens,
-        temperature: req.temperature,
-        // Only what the request sets: each stage node-llama-cpp adds costs per token.
-        ...(req.topP < 1 ? { topP: req.topP } : {}),
-        ...(req.seed != null ? { seed: req.seed } : {}),
-        ...(stops.length > 0 ? { customStopTriggers: stops } : {}),
-        signal: clientGone,
-        stopOnAbortSignal: true,
-        onToken: (t) => {
-          const now = performance.now()
-          if (first == null) {
-            first = now
-            this.metrics.ttft.observe((now - started) / 1000)
-          } else {
-            this.metrics.itl.observe((now - last) / 1000 / Math.max(1, t.length))
-          }
-          last = now
-          produced += t.length
-          this.metrics.generated.inc(t.length)
-        },
-        onTextChunk: (text) => {
-          if (!req.stream || text === '') return
-          chunk({
-            ...base,
-            choices: [
-              req.kind === 'chat'
-                ? { index: 0, delta: { content: text }, finish_reason: null }
-                : { index: 0, text, finish_reason: null },
-            ],
-          })
-        },
-      })
-      this.metrics.prompted.inc(tokens.length)
-      const finish = result.metadata.stopReason === 'maxTokens' ? 'length' : 'stop'
-      const usage = {
-        prompt_tokens: tokens.length,
-        completion_tokens: produced,
-        total_tokens: tokens.length + produced,
-      }
+      this.init.metrics.prompted.inc(prepared.promptTokens)
       if (clientGone.aborted) return
-      if (req.stream) {
-        chunk({
-          ...base,
-          choices: [
-            req.kind === 'chat'
-              ? { index: 0, delta: {}, finish_reason: finish }
-              : { index: 0, text: '', finish_reason: finish },
-          ],
-        })
-        if (req.includeUsage) chunk({ ...base, choices: [], usage })
-        flush()
-        res.end('data: [DONE]\n\n')
-      } else {
-        const choice =
-          req.kind === 'chat'
-            ? {
-                index: 0,
-                message: { role: 'assistant', content: result.response },
-                finish_reason: finish,
-                logprobs: null,
-              }
-            : { index: 0, text: result.response, finish_reason: finish, logprobs: null }
-        res
-          .writeHead(200, { 'content-type': 'application/json' })
-          .end(JSON.stringify({ ...base, choices: [choice], usage }))
-      }
+      writer.end({
+        prompt_tokens: prepared.promptTokens,
+        completion_tokens: completionTokens,
+        total_tokens: prepared.promptTokens + completionTokens,
+      })
     } catch (err) {
-      if (req.stream && res.headersSent) {
-        // After the first byte an error can only end the stream, as an OpenAI-style error event.
-        chunk({
-          error: {
-            message: (err as Error).message,
-            type: 'server_error',
-            param: null,
-            code: 'generation_failed',
-          },
-        })
-        flush()
-        res.end('data: [DONE]\n\n')
+      if (writer.started) {
+        if (!clientGone.aborted) writer.fail(err as Error)
         return
       }
       throw err
     } finally {
-      completion?.dispose({ disposeSequence: false })
-      this.pool.release(slot)
-      this.onRequestDone()
+      this.init.pool.release(slot)
+      this.init.onRequestDone()
     }
   }
+
+  /** The prompt as tokens, what ends the answer, and the grammar or tools that shape it. */
+  private async prepare(req: GenerationRequest): Promise<Prepared> {
+    const { model, chatWrapper } = this.init
+    const bos = model.tokens.bos
+    const addsBos = model.tokens.shouldPrependBosToken && bos != null
+    const withoutBos = (tokens: Token[]): Token[] => (addsBos && tokens[0] === bos ? tokens.slice(1) : tokens)
+    const grammar =
+      req.format.type === 'json_object'
+        ? await this.init.grammars.jsonObject()
+        : req.format.type === 'json_schema'
+          ? await this.init.grammars.jsonSchema(req.format.schema)
+          : undefined
+    if (req.kind === 'completion') {
+      if (req.suffix != null && !model.tokens.infill.prefix)
+        throw apiError(
+          'unsupported_parameter',
+          'suffix needs a fill-in-the-middle model; this model has no infill tokens',
+          {
+            param: 'suffix',
+          },
+        )
+      const tokens = withoutBos(
+        typeof req.prompt === 'string' ? model.tokenize(req.prompt, false) : (req.prompt as Token[]),
+      )
+      const suffix = req.suffix != null ? model.tokenize(req.suffix, false) : null
+      // Fill-in-the-middle reads <prefix> PROMPT <suffix> SUFFIX <middle>: those tokens count too.
+      const infill = suffix == null ? 0 : suffix.length + (model.tokens.infill.middle != null ? 3 : 2)
+      return {
+        tokens,
+        suffix,
+        promptTokens: tokens.length + infill + (addsBos ? 1 : 0),
+        stops: [...req.stop],
+        grammar,
+        chat: null,
+      }
+    }
+    const history = chatHistory(req.messages)
+    const usesTools = req.toolChoice !== 'none' && req.tools.length > 0
+    const only = typeof req.toolChoice === 'object' ? req.toolChoice.name : undefined
+    const state = chatWrapper.generateContextState({
+      chatHistory: history,
+      ...(usesTools
+        ? { availableFunctions: chatFunctions(req.tools, only), documentFunctionParams: true }
+        : {}),
+    })
+    const tokens = withoutBos(state.contextText.tokenize(model.tokenizer))
+    return {
+      tokens,
+      suffix: null,
+      promptTokens: tokens.length + (addsBos ? 1 : 0),
+      stops: [...state.stopGenerationTriggers, ...req.stop],
+      grammar,
+      chat: usesTools
+        ? { history, forced: req.toolChoice !== 'auto', ...(only != null ? { only } : {}) }
+        : null,
+    }
+  }
+
+  /**
+   * Completions with echo: the prompt's text, and its tokens scored when logprobs are asked for.
+   * The BOS token the model reads first is neither echoed nor listed; every prompt token after it
+   * then has a logprob. A model without BOS has nothing before its first token: that one gets null,
+   * as OpenAI answers.
+   */
+  private async echo(
+    req: GenerationRequest,
+    prepared: Prepared,
+    slot: Slot,
+  ): Promise<{ text: string; tokens: Token[]; logprobs: Array<TokenLogprob | null> }> {
+    const { model } = this.init
+    const bos = model.tokens.bos
+    const withBos = model.tokens.shouldPrependBosToken && bos != null
+    const text = typeof req.prompt === 'string' ? req.prompt : model.detokenize(req.prompt as Token[])
+    const tokens = prepared.tokens
+    if (!req.logprobs) return { text, tokens, logprobs: [] }
+    const scored = await scoreTokens(slot.value, withBos ? [bos, ...tokens] : tokens, req.topLogprobs)
+    return { text, tokens, logprobs: withBos ? scored.slice(1) : scored }
+  }
+
+  /** The sampling options every path shares. */
+  private sampling(req: GenerationRequest, maxTokens: number, seed: number): Record<string, unknown> {
+    const options: Record<string, unknown> = {
+      maxTokens,
+      temperature: req.temperature,
+      // node-llama-cpp would otherwise cut to the top 40 and top_p 0.95 behind the request's back.
+      topK: 0,
+      topP: req.topP,
+      seed,
+    }
+    if (req.presencePenalty !== 0 || req.frequencyPenalty !== 0) {
+      options.repeatPenalty = {
+        presencePenalty: req.presencePenalty,
+        frequencyPenalty: req.frequencyPenalty,
+        lastTokens: maxTokens,
+        penalizeNewLine: true,
+      }
+    }
+    if (req.logitBias.length > 0) {
+      const bias = new TokenBias(this.init.model.tokenizer)
+      for (const [token, value] of req.logitBias)
+        bias.set(token as Token, value <= -100 ? 'never' : { logit: value })
+      options.tokenBias = bias
+    }
+    return options
+  }
+
+  /**
+   * The sequence a choice generates on: paced to the volunteer's cap, and reporting every token it
+   * samples (counted for usage and metrics; with their probabilities when logprobs are asked for).
+   */
+  private sequenceFor(
+    req: GenerationRequest,
+    slot: Slot,
+    clientGone: AbortSignal,
+    onSample: (s: SampledToken) => void,
+  ): LlamaContextSequence {
+    const { intervalMs } = this.init
+    const paced = intervalMs != null ? pacedSequence(slot.value, intervalMs, clientGone) : slot.value
+    const metadata = req.logprobs
+      ? {
+          confidence: true,
+          probabilities: req.topLogprobs > 0 || (req.temperature !== 0 && req.temperature !== 1),
+        }
+      : {}
+    return recordingSequence(paced, metadata, onSample)
+  }
+
+  /** Counts sampled tokens for usage and metrics, and times the first and the gaps. */
+  private tokenMeter(): { onSample: () => void; count: () => number } {
+    const { metrics } = this.init
+    const started = performance.now()
+    let last = started
+    let produced = 0
+    return {
+      onSample: () => {
+        const now = performance.now()
+        if (produced === 0) metrics.ttft.observe((now - started) / 1000)
+        else metrics.itl.observe((now - last) / 1000)
+        last = now
+        produced++
+        metrics.generated.inc()
+      },
+      count: () => produced,
+    }
+  }
+
+  /** A choice without tools: LlamaCompletion, with the grammar when the answer must be JSON. */
+  private async complete(
+    req: GenerationRequest,
+    prepared: Prepared,
+    slot: Slot,
+    writer: AnswerWriter,
+    index: number,
+    run: { maxTokens: number; seed: number; clientGone: AbortSignal },
+  ): Promise<ChoiceOutcome> {
+    const meter = this.tokenMeter()
+    // Sampled tokens wait here until the text they make is handed on (stop triggers are held back).
+    const samples: SampledToken[] = []
+    let heldBytes = 0
+    const exact = req.topP === 1 && prepared.grammar == null
+    const sequence = this.sequenceFor(req, slot, run.clientGone, (s) => {
+      meter.onSample()
+      if (req.logprobs) samples.push(s)
+    })
+    const completion = new LlamaCompletion({ contextSequence: sequence, autoDisposeSequence: false })
+    const logprobsFor = (text: string): TokenLogprob[] => {
+      if (!req.logprobs) return []
+      const out: TokenLogprob[] = []
+      let need = Buffer.byteLength(text) - heldBytes
+      while (need > 0 && samples.length > 0) {
+        const s = samples.shift()!
+        need -= this.init.bytes(s.token).length
+        out.push(sampledLogprob(s, req.topLogprobs, { temperature: req.temperature, exact }))
+      }
+      heldBytes = need < 0 ? -need : 0
+      return out
+    }
+    const options = {
+      ...this.sampling(req, run.maxTokens, run.seed),
+      ...(prepared.stops != null && prepared.stops.length > 0 ? { customStopTriggers: prepared.stops } : {}),
+      ...(prepared.grammar != null ? { grammar: prepared.grammar } : {}),
+      signal: run.clientGone,
+      stopOnAbortSignal: true,
+      disableContextShift: true,
+      onTextChunk: (text: string) => {
+        if (text !== '') writer.text(index, text, logprobsFor(text))
+      },
+    } as Parameters<LlamaCompletion['generateCompletionWithMeta']>[1]
+    try {
+      const result =
+        prepared.suffix != null
+          ? await completion.generateInfillCompletionWithMeta(
+              prepared.tokens,
+              prepared.suffix,
+              options as Parameters<LlamaCompletion['generateInfillCompletionWithMeta']>[2],
+            )
+          : await completion.generateCompletionWithMeta(prepared.tokens, options)
+      return { finish: result.metadata.stopReason === 'maxTokens' ? 'length' : 'stop', tokens: meter.count() }
+    } finally {
+      completion.dispose({ disposeSequence: false })
+    }
+  }
+
+  /** A choice with tools: LlamaChat in the model's own call format; `forced` makes a call certain. */
+  private async withTools(
+    req: GenerationRequest,
+    prepared: Prepared,
+    slot: Slot,
+    writer: AnswerWriter,
+    index: number,
+    run: { maxTokens: number; seed: number; clientGone: AbortSignal },
+  ): Promise<ChoiceOutcome> {
+    const { chat: tools } = prepared
+    const meter = this.tokenMeter()
+    const wrapper = tools!.forced ? forcingCall(this.init.chatWrapper) : this.init.chatWrapper
+    const chat = new LlamaChat({
+      contextSequence: this.sequenceFor(req, slot, run.clientGone, meter.onSample),
+      chatWrapper: wrapper,
+      autoDisposeSequence: false,
+    })
+    // node-llama-cpp ends each call's parameters with "\n\n\n\n": held back, and dropped at the end.
+    const started = new Map<number, { call: number; held: string }>()
+    try {
+      const result = await chat.generateResponse(tools!.history, {
+        ...this.sampling(req, run.maxTokens, run.seed),
+        functions: chatFunctions(req.tools, tools!.only),
+        documentFunctionParams: true,
+        ...(req.parallelToolCalls ? {} : { maxParallelFunctionCalls: 1 }),
+        ...(req.stop.length > 0 ? { customStopTriggers: req.stop } : {}),
+        signal: run.clientGone,
+        stopOnAbortSignal: true,
+        onTextChunk: (text: string) => {
+          if (text !== '') writer.text(index, text)
+        },
+        onFunctionCallParamsChunk: (chunk) => {
+          let s = started.get(chunk.callIndex)
+          if (s == null) {
+            s = { call: writer.toolCallStart(index, callId(), chunk.functionName), held: '' }
+            started.set(chunk.callIndex, s)
+          }
+          if (chunk.done) return
+          const text = s.held + chunk.paramsChunk
+          const body = text.replace(/\n+$/, '')
+          s.held = text.slice(body.length)
+          writer.toolCallArguments(index, s.call, body)
+        },
+      } as Parameters<LlamaChat['generateResponse']>[1])
+      const calls = result.functionCalls ?? []
+      for (const [k, call] of calls.entries()) {
+        // A call without parameters streams none: it starts (and ends) here.
+        const s = started.get(k)
+        if (s == null) {
+          const c = writer.toolCallStart(index, callId(), call.functionName)
+          writer.toolCallArguments(index, c, JSON.stringify(call.params ?? {}))
+        } else if (writer.toolCalls(index)[s.call]?.arguments === '')
+          writer.toolCallArguments(index, s.call, '{}')
+      }
+      // A call the token limit cut short is no call (a stream has shown its start; finish_reason says length).
+      writer.keepToolCalls(index, calls.length)
+      const finish: FinishReason =
+        result.metadata.stopReason === 'maxTokens' ? 'length' : calls.length > 0 ? 'tool_calls' : 'stop'
+      return { finish, tokens: meter.count() }
+    } finally {
+      chat.dispose({ disposeSequence: false })
+    }
+  }
+}
+
+function callId(): string {
+  return `call_${randomBytes(12).toString('base64url')}`
 }

@@ -1,5 +1,5 @@
 import { Counter, Gauge, Histogram, Registry } from 'prom-client'
-import type { SequencePool } from './sequences.ts'
+import type { PoolStats } from './sequences.ts'
 
 /** The embedded engine's /metrics, under vLLM's names so the daemon reads every engine alike. */
 export interface EmbeddedEngineMetrics {
@@ -13,7 +13,7 @@ export interface EmbeddedEngineMetrics {
 
 export function embeddedEngineMetrics(
   servedModelName: string,
-  pool: SequencePool,
+  pool: PoolStats,
   contextSize: number,
 ): EmbeddedEngineMetrics {
   const registry = new Registry()

@@ -63,24 +63,36 @@ export function pacedSequence(
   })
 }
 
-export interface Slot {
-  sequence: LlamaContextSequence
+export interface PoolSlot<T> {
+  value: T
   busy: boolean
 }
 
-/** Grants sequences to requests: `parallel` at once, a bounded queue behind them. */
-export class SequencePool {
-  private readonly slots: Slot[]
+export type Slot = PoolSlot<LlamaContextSequence>
+
+/** What the engine's metrics read of a pool. */
+export interface PoolStats {
+  readonly running: number
+  readonly queued: number
+  /** KV cells in use. */
+  readonly usedTokens: number
+}
+
+/** Grants what it holds (sequences, an embedding context) to requests: one each, a bounded queue behind. */
+export class SlotPool<T> implements PoolStats {
+  private readonly slots: Array<PoolSlot<T>>
   private readonly waiting: Array<{
-    resolve: (s: Slot) => void
+    resolve: (s: PoolSlot<T>) => void
     reject: (e: Error) => void
     signal: AbortSignal
   }> = []
   private readonly maxQueue: number
+  private readonly used: (value: T) => number
 
-  constructor(sequences: LlamaContextSequence[], maxQueue: number) {
-    this.slots = sequences.map((sequence) => ({ sequence, busy: false }))
+  constructor(values: T[], maxQueue: number, used: (value: T) => number = () => 0) {
+    this.slots = values.map((value) => ({ value, busy: false }))
     this.maxQueue = maxQueue
+    this.used = used
   }
 
   get running(): number {
@@ -92,10 +104,10 @@ export class SequencePool {
   }
 
   get usedTokens(): number {
-    return this.slots.reduce((n, s) => n + (s.busy ? s.sequence.nextTokenIndex : 0), 0)
+    return this.slots.reduce((n, s) => n + (s.busy ? this.used(s.value) : 0), 0)
   }
 
-  acquire(signal: AbortSignal): Promise<Slot> {
+  acquire(signal: AbortSignal): Promise<PoolSlot<T>> {
     const free = this.slots.find((s) => !s.busy)
     if (free != null) {
       free.busy = true
@@ -125,9 +137,16 @@ export class SequencePool {
     })
   }
 
-  release(slot: Slot): void {
+  release(slot: PoolSlot<T>): void {
     const next = this.waiting.shift()
     if (next != null) next.resolve(slot)
     else slot.busy = false
+  }
+}
+
+/** Sequences for generation: `parallel` at once. */
+export class SequencePool extends SlotPool<LlamaContextSequence> {
+  constructor(sequences: LlamaContextSequence[], maxQueue: number) {
+    super(sequences, maxQueue, (sequence) => sequence.nextTokenIndex)
   }
 }

@@ -6,7 +6,8 @@ import {
   type ChatWrapper,
   getLlama,
   type Llama,
-  type LlamaContext,
+  LlamaContext,
+  type LlamaEmbeddingContext,
   LlamaLogLevel,
   type LlamaModel,
   resolveChatWrapper,
@@ -21,11 +22,15 @@ import {
   requestPath,
   sendError,
 } from '../../../core/http.ts'
-import { generationKind, modelsPath } from '../../../openai/endpoints.ts'
+import type { ModelTask } from '../../../mesh/region-messages.ts'
+import { embeddingsPath, generationKind, modelIdOf, modelsPath } from '../../../openai/endpoints.ts'
+import { Embedder } from './embeddings.ts'
 import { Generator } from './generate.ts'
+import { GrammarCache, patchGrammars } from './grammar.ts'
+import { tokenBytes } from './logprobs.ts'
 import { embeddedEngineMetrics } from './metrics.ts'
-import { parseGenerationRequest } from './request.ts'
-import { SequencePool, tokenIntervalMs } from './sequences.ts'
+import { type EngineLimits, maxChoices, parseEmbeddingRequest, parseGenerationRequest } from './request.ts'
+import { SequencePool, SlotPool, tokenIntervalMs } from './sequences.ts'
 
 export interface EmbeddedServerOptions {
   modelPath: string
@@ -46,6 +51,8 @@ export interface EmbeddedServerOptions {
   apiKey?: string
   /** Tokens per second per sequence: a volunteer's cap on how hard the engine works. None: no cap. */
   maxTokensPerSecond?: number
+  /** What the model serves: chat and completions (default), or embeddings. */
+  task?: ModelTask
 }
 
 export interface EmbeddedServer {
@@ -105,18 +112,26 @@ export async function startEmbeddedServer(options: EmbeddedServerOptions): Promi
   const apiKey = options.apiKey ?? randomBytes(24).toString('base64url')
   const intervalMs = options.maxTokensPerSecond != null ? tokenIntervalMs(options.maxTokensPerSecond) : null
   await checkGgufHeader(options.modelPath)
+  // Before any grammar is made: JSON numbers the model writes stay numbers JSON.parse can hold.
+  await patchGrammars()
   // llama.cpp's own warnings go to stderr unasked; keep errors only (the daemon logs through pino).
   const llama: Llama = await getLlama({
     gpu: options.gpu ?? false,
     build: 'never',
     logLevel: LlamaLogLevel.error,
   })
+  const task = options.task ?? 'generate'
   let model: LlamaModel | undefined
-  let context: LlamaContext | undefined
+  let context: LlamaContext | LlamaEmbeddingContext | undefined
+  // Context per sequence (node-llama-cpp 3 sizes each sequence to contextSize).
+  let sequenceContext = 0
   try {
     model = await llama.loadModel({ modelPath: options.modelPath })
-    const perSequence = options.contextSize ?? Math.min(model.trainContextSize, 4096)
-    context = await model.createContext({ sequences: parallel, contextSize: perSequence * parallel, threads })
+    sequenceContext = options.contextSize ?? Math.min(model.trainContextSize, 4096)
+    context =
+      task === 'embed'
+        ? await model.createEmbeddingContext({ contextSize: sequenceContext, threads })
+        : await model.createContext({ sequences: parallel, contextSize: sequenceContext, threads })
   } catch (err) {
     await context?.dispose()
     await model?.dispose()
@@ -125,13 +140,22 @@ export async function startEmbeddedServer(options: EmbeddedServerOptions): Promi
   }
   const loadedModel = model
   const loadedContext = context
-  const sequenceContext = Math.floor(loadedContext.contextSize / parallel)
-  const sequences = Array.from({ length: parallel }, () => loadedContext.getSequence())
-  const pool = new SequencePool(sequences, maxQueue)
   const chatWrapper: ChatWrapper = resolveChatWrapper(loadedModel)
   const created = Math.floor(Date.now() / 1000)
+  const limits: EngineLimits = {
+    contextTokens: sequenceContext,
+    vocabularySize: loadedModel.fileInfo.metadata.tokenizer.ggml.tokens.length,
+    maxChoices,
+  }
 
-  const metrics = embeddedEngineMetrics(options.servedModelName, pool, loadedContext.contextSize)
+  const pool: SequencePool | SlotPool<LlamaEmbeddingContext> =
+    loadedContext instanceof LlamaContext
+      ? new SequencePool(
+          Array.from({ length: parallel }, () => loadedContext.getSequence()),
+          maxQueue,
+        )
+      : new SlotPool([loadedContext as LlamaEmbeddingContext], maxQueue)
+  const metrics = embeddedEngineMetrics(options.servedModelName, pool, sequenceContext * parallel)
   const { registry } = metrics
 
   let draining = false
@@ -139,16 +163,38 @@ export async function startEmbeddedServer(options: EmbeddedServerOptions): Promi
   const checkIdle = (): void => {
     if (pool.running === 0 && pool.queued === 0) for (const f of idle.splice(0)) f()
   }
-  const generator = new Generator({
-    model: loadedModel,
-    chatWrapper,
-    sequenceContext,
-    pool,
-    metrics,
-    servedModelName: options.servedModelName,
-    intervalMs,
-    onRequestDone: checkIdle,
-  })
+  const generator =
+    pool instanceof SequencePool
+      ? new Generator({
+          model: loadedModel,
+          chatWrapper,
+          grammars: new GrammarCache(llama),
+          bytes: tokenBytes(loadedModel),
+          sequenceContext,
+          pool,
+          metrics,
+          servedModelName: options.servedModelName,
+          intervalMs,
+          onRequestDone: checkIdle,
+        })
+      : null
+  const embedder =
+    generator == null
+      ? new Embedder({
+          model: loadedModel,
+          pool: pool as SlotPool<LlamaEmbeddingContext>,
+          metrics,
+          servedModelName: options.servedModelName,
+          contextTokens: sequenceContext,
+        })
+      : null
+  const modelCard = {
+    id: options.servedModelName,
+    object: 'model',
+    created,
+    owned_by: 'garage',
+    max_model_len: sequenceContext,
+  }
 
   async function handle(req: IncomingMessage, res: ServerResponse): Promise<void> {
     const path = requestPath(req)
@@ -166,32 +212,32 @@ export async function startEmbeddedServer(options: EmbeddedServerOptions): Promi
       throw apiError('invalid_api_key', 'a valid bearer key is required (Authorization: Bearer <key>)')
     }
     if (req.method === 'GET' && path === modelsPath) {
-      res.writeHead(200, { 'content-type': 'application/json' }).end(
-        JSON.stringify({
-          object: 'list',
-          data: [
-            {
-              id: options.servedModelName,
-              object: 'model',
-              created,
-              owned_by: 'garage',
-              max_model_len: sequenceContext,
-            },
-          ],
-        }),
-      )
+      res
+        .writeHead(200, { 'content-type': 'application/json' })
+        .end(JSON.stringify({ object: 'list', data: [modelCard] }))
+      return
+    }
+    const modelId = modelIdOf(path)
+    if (modelId != null) {
+      if (req.method !== 'GET') throw apiError('method_not_allowed', `${path} takes GET`)
+      if (modelId !== options.servedModelName)
+        throw apiError('model_not_found', `the model ${JSON.stringify(modelId)} does not exist here`, {
+          param: 'model',
+        })
+      res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify(modelCard))
       return
     }
     const kind = generationKind(path)
-    if (kind == null) throw apiError('not_found', `no such endpoint: ${req.method} ${path}`)
+    if (kind == null && path !== embeddingsPath)
+      throw apiError('not_found', `no such endpoint: ${req.method} ${path}`)
     if (req.method !== 'POST') throw apiError('method_not_allowed', `${path} takes POST`)
     if (draining) throw apiError('engine_draining', 'the engine is draining and takes no new requests')
     const body = await readJsonBody(req, maxBodyBytes)
-    const parsed = parseGenerationRequest(kind, body, sequenceContext)
-    if (parsed.model !== options.servedModelName) {
+    const model = (body as { model?: unknown } | null)?.model
+    if (typeof model === 'string' && model !== options.servedModelName) {
       throw apiError(
         'model_not_found',
-        `the model ${JSON.stringify(parsed.model)} does not exist here; this engine serves ${JSON.stringify(options.servedModelName)}`,
+        `the model ${JSON.stringify(model)} does not exist here; this engine serves ${JSON.stringify(options.servedModelName)}`,
         { param: 'model' },
       )
     }
@@ -199,7 +245,24 @@ export async function startEmbeddedServer(options: EmbeddedServerOptions): Promi
     res.on('close', () => {
       if (!res.writableFinished) gone.abort()
     })
-    await generator.generate(parsed, res, gone.signal)
+    if (kind == null) {
+      if (embedder == null)
+        throw apiError(
+          'unsupported_value',
+          `${options.servedModelName} generates text; it serves no embeddings`,
+          { param: 'model' },
+        )
+      const answer = await embedder.embed(parseEmbeddingRequest(body, limits), gone.signal)
+      res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify(answer))
+      return
+    }
+    if (generator == null)
+      throw apiError(
+        'unsupported_value',
+        `${options.servedModelName} is an embedding model: use /v1/embeddings`,
+        { param: 'model' },
+      )
+    await generator.generate(parseGenerationRequest(kind, body, limits), res, gone.signal)
   }
 
   const server: Server = createServer((req, res) => {

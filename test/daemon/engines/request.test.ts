@@ -1,13 +1,15 @@
 import { describe, expect, it } from 'vitest'
 import { ApiError } from '../../../core/errors.ts'
-import { parseGenerationRequest } from '../../../daemon/engines/llamacpp/request.ts'
+import { type EngineLimits, parseGenerationRequest } from '../../../daemon/engines/llamacpp/request.ts'
+
+const limits: EngineLimits = { contextTokens: 256, vocabularySize: 300, maxChoices: 8 }
 
 function refusal(
   kind: 'chat' | 'completion',
   body: unknown,
 ): { param: string | null; code: string | null; status: number } {
   try {
-    parseGenerationRequest(kind, body, 256)
+    parseGenerationRequest(kind, body, limits)
   } catch (err) {
     expect(err).toBeInstanceOf(ApiError)
     const e = err as ApiError
@@ -27,7 +29,7 @@ describe('OpenAI request validation', () => {
     const r = parseGenerationRequest(
       'chat',
       chat({ stream: true, stream_options: { include_usage: true }, stop: 'x', seed: 3 }),
-      256,
+      limits,
     )
     expect(r).toMatchObject({
       kind: 'chat',
@@ -53,12 +55,13 @@ describe('OpenAI request validation', () => {
           },
         ],
       },
-      256,
+      limits,
     )
     expect(parts.messages).toEqual([{ role: 'system', content: 'ab' }])
-    expect(parseGenerationRequest('completion', { model: 'm', prompt: ['one'] }, 256).prompt).toBe('one')
+    expect(parseGenerationRequest('completion', { model: 'm', prompt: ['one'] }, limits).prompt).toBe('one')
     expect(
-      parseGenerationRequest('chat', chat({ max_completion_tokens: 9, presence_penalty: 0 }), 256).maxTokens,
+      parseGenerationRequest('chat', chat({ max_completion_tokens: 9, presence_penalty: 0 }), limits)
+        .maxTokens,
     ).toBe(9)
   })
 
@@ -75,23 +78,31 @@ describe('OpenAI request validation', () => {
     expect(refusal('chat', chat({ max_tokens: 10_000 }))).toMatchObject({ param: 'max_tokens' })
     expect(refusal('chat', chat({ temperature: 3 }))).toMatchObject({ param: 'temperature' })
     expect(refusal('chat', chat({ top_p: 0 }))).toMatchObject({ param: 'top_p' })
-    expect(refusal('chat', chat({ n: 2 }))).toMatchObject({ param: 'n', code: 'unsupported_value' })
+    expect(refusal('chat', chat({ n: 9 }))).toMatchObject({ param: 'n', code: 'invalid_value' })
     expect(refusal('chat', chat({ stop: ['a', 'b', 'c', 'd', 'e'] }))).toMatchObject({ param: 'stop' })
-    expect(refusal('chat', chat({ frequency_penalty: 0.5 }))).toMatchObject({
-      param: 'frequency_penalty',
+    expect(refusal('chat', chat({ frequency_penalty: 2.5 }))).toMatchObject({ param: 'frequency_penalty' })
+    expect(refusal('chat', chat({ top_logprobs: 2 }))).toMatchObject({ param: 'top_logprobs' })
+    expect(refusal('chat', chat({ logit_bias: { 300: 1 } }))).toMatchObject({ param: 'logit_bias' })
+    expect(refusal('chat', chat({ functions: [] }))).toMatchObject({
+      param: 'functions',
       code: 'unsupported_parameter',
     })
-    expect(refusal('chat', chat({ logprobs: true }))).toMatchObject({
-      param: 'logprobs',
-      code: 'unsupported_parameter',
+    expect(refusal('chat', chat({ tools: [{ type: 'custom', custom: {} }] }))).toMatchObject({
+      param: 'tools[0].type',
+      code: 'unsupported_value',
     })
-    expect(refusal('chat', chat({ tools: [] }))).toMatchObject({
-      param: 'tools',
-      code: 'unsupported_parameter',
+    expect(refusal('chat', chat({ tool_choice: 'required' }))).toMatchObject({ param: 'tool_choice' })
+    expect(refusal('completion', { model: 'm', prompt: 'a', max_tokens: 0 })).toMatchObject({
+      param: 'max_tokens',
     })
     expect(refusal('chat', { model: 'm', messages: [] })).toMatchObject({ param: 'messages' })
-    expect(refusal('chat', { model: 'm', messages: [{ role: 'tool', content: 'x' }] })).toMatchObject({
+    expect(refusal('chat', { model: 'm', messages: [{ role: 'function', content: 'x' }] })).toMatchObject({
       param: 'messages[0].role',
+    })
+    expect(
+      refusal('chat', { model: 'm', messages: [{ role: 'tool', tool_call_id: 'c1', content: 'x' }] }),
+    ).toMatchObject({
+      param: 'messages[0].tool_call_id',
     })
     expect(
       refusal('chat', { model: 'm', messages: [{ role: 'user', content: [{ type: 'image_url' }] }] }),
