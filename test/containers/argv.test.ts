@@ -142,6 +142,11 @@ describe('vLLM container argv', () => {
     ])
   })
 
+  it('serves an embedding model with the pooling runner', () => {
+    const argv = new CliContainerRuntime('podman').runArgs(vllmContainerSpec({ ...vllmInput, task: 'embed' }))
+    expect(argv.slice(-vllmCommand.length - 2)).toEqual([...vllmCommand, '--runner', 'pooling'])
+  })
+
   it('Docker: --gpus all instead of CDI, the local log driver, the same vLLM arguments', () => {
     const argv = new CliContainerRuntime('docker').runArgs(vllmContainerSpec(vllmInput))
     expect(argv).toEqual([

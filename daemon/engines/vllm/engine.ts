@@ -148,6 +148,7 @@ export class VllmEngine extends TypedEventEmitter<VllmEngineEvents> implements E
               gpuMemoryUtilization: options.gpuMemoryUtilization ?? defaults.gpuMemoryUtilization,
               ...(options.contextLength != null ? { maxModelLen: options.contextLength } : {}),
               ...(options.parallel != null ? { maxNumSeqs: options.parallel } : {}),
+              ...(options.task != null ? { task: options.task } : {}),
               cacheDir,
               gpu: this.init.gpu ?? 'all',
               shmSize: this.init.shmSize ?? defaults.shmSize,

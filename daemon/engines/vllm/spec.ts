@@ -16,6 +16,8 @@ export interface VllmContainerInput {
   gpuMemoryUtilization: number
   maxModelLen?: number
   maxNumSeqs?: number
+  /** `embed`: a pooling model for /v1/embeddings (`--runner pooling`); default generate. */
+  task?: 'generate' | 'embed'
   /** Host folder for the Hugging Face cache (under the daemon's data dir). */
   cacheDir: string
   gpu: GpuRequest
@@ -54,6 +56,8 @@ export function vllmContainerSpec(input: VllmContainerInput): ContainerSpec {
   ]
   if (input.maxModelLen != null) args.push('--max-model-len', String(input.maxModelLen))
   if (input.maxNumSeqs != null) args.push('--max-num-seqs', String(input.maxNumSeqs))
+  // vLLM serves /v1/embeddings from its pooling runner; the default runner generates.
+  if (input.task === 'embed') args.push('--runner', 'pooling')
   return {
     image: input.image,
     name: input.name,
