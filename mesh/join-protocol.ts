@@ -93,7 +93,7 @@ export function parseAssignment(value: unknown): Assignment {
     value,
     '',
     ['v', 'region', 'head', 'model', 'engine', 'source', 'engineArgs', 'telemetryIntervalMs'],
-    ['ray'],
+    ['ray', 'task'],
   )
   const region = boundedString(value.region, 'region', 63)
   if (!regionNamePattern.test(region)) bad(`region ${JSON.stringify(region)} is not a region name`)
@@ -133,6 +133,10 @@ export function parseAssignment(value: unknown): Assignment {
     source,
     engineArgs,
     telemetryIntervalMs: intIn(value.telemetryIntervalMs, 'telemetryIntervalMs', minInterval, maxInterval),
+  }
+  if (value.task !== undefined) {
+    if (value.task !== 'generate' && value.task !== 'embed') bad('task must be generate or embed')
+    if (value.task === 'embed') assignment.task = 'embed'
   }
   if (value.ray !== undefined) {
     const ray = value.ray

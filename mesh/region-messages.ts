@@ -71,7 +71,11 @@ export interface Assignment {
   }
   telemetryIntervalMs: number
   ray?: RayCredentials
+  /** What the model serves: absent or 'generate' (chat, completions), 'embed' (/v1/embeddings). */
+  task?: ModelTask
 }
+
+export type ModelTask = 'generate' | 'embed'
 
 export interface GpuTelemetry {
   utilizationPct: number

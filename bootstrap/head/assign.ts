@@ -95,6 +95,7 @@ export function chooseAssignment(
     engineArgs,
     telemetryIntervalMs,
   }
+  if (model.task === 'embed') assignment.task = 'embed'
   // Ray has no isolation between members: credentials only to opted-in nodes of a trusted cluster.
   if (ray != null && policy.ray.enabled && policy.ray.trusted && report.rayOptIn) assignment.ray = { ...ray }
   return assignment

@@ -3,7 +3,7 @@ import { GarageError } from '../../core/errors.ts'
 import { isPlainObject } from '../../core/guards.ts'
 import { regionNamePattern } from '../../mesh/certificate.ts'
 import { maxModelNameLength, maxModelSourceLength } from '../../mesh/join-protocol.ts'
-import type { ModelSource } from '../../mesh/region-messages.ts'
+import type { ModelSource, ModelTask } from '../../mesh/region-messages.ts'
 
 /**
  * The region policy: the JSON file a coordinator writes to say which models the region serves, how
@@ -26,6 +26,8 @@ export interface ModelPolicy {
   minRamMiB: number
   parallel?: number
   contextLength?: number
+  /** What the model serves: 'generate' (chat, completions; the default) or 'embed' (/v1/embeddings). */
+  task: ModelTask
 }
 
 export interface RayPolicy {
@@ -98,6 +100,7 @@ function parseModel(m: unknown, field: string): ModelPolicy {
     'minRamMiB',
     'parallel',
     'contextLength',
+    'task',
   ])
   const name = text(m.name, `${field}.name`, maxModelNameLength)
   if (!modelNamePattern.test(name)) {
@@ -146,6 +149,12 @@ function parseModel(m: unknown, field: string): ModelPolicy {
     replicas: integer(m.replicas, at('replicas'), 1, maxReplicas),
     minVramMiB: integer(m.minVramMiB, at('minVramMiB'), 0, Number.MAX_SAFE_INTEGER),
     minRamMiB: integer(m.minRamMiB, at('minRamMiB'), 0, Number.MAX_SAFE_INTEGER),
+    task: 'generate',
+  }
+  if (m.task !== undefined) {
+    if (m.task !== 'generate' && m.task !== 'embed')
+      fail(at('task'), `must be generate or embed, got ${describe(m.task)}`)
+    model.task = m.task
   }
   if (m.parallel !== undefined) model.parallel = integer(m.parallel, at('parallel'), 1, maxParallel)
   if (m.contextLength !== undefined) {

@@ -16,7 +16,7 @@ import { issueRegionCertificate } from '../../mesh/certificate.ts'
 import { loadOrCreateIdentity } from '../../mesh/identity.ts'
 import { type CommandContext, parseOptions, print, UsageError } from '../io.ts'
 
-export const usage = `Usage: garage devnet [--regions N] [--nodes N] [--port N] [--data-dir DIR]
+export const usage = `Usage: garage devnet [--regions N] [--nodes N] [--embedding-nodes N] [--port N] [--data-dir DIR]
 
 Runs a whole Garage mesh on this machine, on loopback, with no GPU and no network: a federation
 authority, one bootstrap node and regional head per region (regions "local", "local-2", ...) with
@@ -28,7 +28,10 @@ it reaches the nodes through a head and the mesh. Prints a banner and writes the
 
 Options:
   --regions N     regions to run (default: 1)
-  --nodes N       nodes to start (default: 2)
+  --nodes N       nodes serving the chat model (default: 2)
+  --embedding-nodes N
+                  nodes serving the tiny embedding model (garage-tiny-embed) in the first
+                  region, for /v1/embeddings (default: 1; 0: none)
   --port N        the federation's port on 127.0.0.1 (default: 8080; 0 picks a free one)
   --data-dir DIR  where devnet keys and state live (default: <Garage data dir>/devnet)`
 
@@ -46,8 +49,10 @@ export interface DevnetInfo {
     headUrl: string
     headToken: string
   }>
-  /** The tiny model every node's embedded engine serves. */
+  /** The tiny model the chat nodes' embedded engines serve. */
   model: { path: string; servedModelName: string }
+  /** The tiny embedding model, when embedding nodes run. */
+  embeddingModel: { servedModelName: string } | null
   nodes: Array<{
     peerId: string
     region: string | null
@@ -62,21 +67,34 @@ export interface DevnetInfo {
   }>
 }
 
-/** The devnet's region policy: every node serves the tiny model on the embedded engine. */
-export function devnetPolicy(region: string, nodes: number): RegionPolicy {
+/**
+ * The devnet's region policy: its chat nodes serve the tiny model on the embedded engine, and its
+ * embedding nodes (if any) the tiny embedding model. Replicas are exact, so the head assigns each
+ * joining node the model that still lacks one, whatever order they join in.
+ */
+export function devnetPolicy(region: string, nodes: number, embeddingNodes = 0): RegionPolicy {
+  const tiny = { engine: ['llamacpp'], minVramMiB: 0, minRamMiB: 16, contextLength: 4096 }
   return parseRegionPolicy({
     region,
     models: [
       {
+        ...tiny,
         name: devnetModelName,
-        engine: ['llamacpp'],
         source: { gguf: 'garage-tiny' },
         replicas: Math.max(1, nodes),
-        minVramMiB: 0,
-        minRamMiB: 16,
         parallel: 2,
-        contextLength: 1024,
       },
+      ...(embeddingNodes > 0
+        ? [
+            {
+              ...tiny,
+              name: devnetEmbeddingModelName,
+              source: { gguf: 'garage-tiny-embed' },
+              replicas: embeddingNodes,
+              task: 'embed',
+            },
+          ]
+        : []),
     ],
     ray: { enabled: false },
   })
@@ -102,15 +120,20 @@ export interface Devnet {
 export const devnetKeyName = 'devnet'
 
 export const devnetModelName = 'garage-tiny'
+export const devnetEmbeddingModelName = 'garage-tiny-embed'
 
 /** Starts the devnet; the CLI and tests share this. */
 export async function startDevnet(options: {
   dataDir: string
   regions: number
+  /** Nodes serving the chat model, spread over the regions. */
   nodes: number
+  /** Nodes serving the tiny embedding model, in the first region (default 0). */
+  embeddingNodes?: number
   /** Federation port on 127.0.0.1; 0 picks a free one. */
   port: number
 }): Promise<Devnet> {
+  const embeddingNodes = options.embeddingNodes ?? 0
   // The banner is the devnet's output; logs only when something goes wrong (GARAGE_LOG_LEVEL=info for more).
   const logger = createLogger('garage-devnet', 'warn')
   const authorityDir = join(options.dataDir, 'authority')
@@ -156,7 +179,12 @@ export async function startDevnet(options: {
         await startRegionalHead({
           node: bootstraps[i]!.node,
           region: name,
-          policy: devnetPolicy(name, options.nodes),
+          // Exact replicas: the chat nodes spread over the regions in turn, embedding ones in the first.
+          policy: devnetPolicy(
+            name,
+            Math.floor(options.nodes / options.regions) + (i < options.nodes % options.regions ? 1 : 0),
+            i === 0 ? embeddingNodes : 0,
+          ),
           dataDir,
           httpPort: 0,
           logger,
@@ -185,15 +213,16 @@ export async function startDevnet(options: {
     }
     // One probe for every node: they all share this machine.
     const hardware = await probeHardware({ dataDir: options.dataDir, otherGpus: false })
-    for (let i = 0; i < options.nodes; i++) {
+    for (let i = 0; i < options.nodes + embeddingNodes; i++) {
       nodes.push(
         new NodeDaemon({
           dataDir: join(options.dataDir, `node-${i + 1}`),
           modelsDir: join(options.dataDir, 'models'),
           authority: authority.id,
           bootstrap: bootstrapAddrs,
-          // Spread over the regions in turn, so each region has nodes (all RTTs are equal here).
-          region: bootstraps[i % bootstraps.length]!.region,
+          // Spread over the regions in turn, so each region has nodes (all RTTs are equal here);
+          // embedding nodes join the first region, whose policy has a place for them.
+          region: bootstraps[i < options.nodes ? i % bootstraps.length : 0]!.region,
           listen: ['/ip4/127.0.0.1/tcp/0'],
           allowPrivateAddresses: true,
           hardware,
@@ -227,6 +256,7 @@ export async function startDevnet(options: {
         headToken: heads[i]!.apiToken,
       })),
       model: { path: modelPath, servedModelName: devnetModelName },
+      embeddingModel: embeddingNodes > 0 ? { servedModelName: devnetEmbeddingModelName } : null,
       nodes: nodes.map((n, index) => {
         const i = n.info()
         const control = controls[index]!
@@ -280,6 +310,7 @@ export async function run(argv: string[], ctx: CommandContext): Promise<number> 
   const { values } = parseOptions(argv, {
     regions: { type: 'string', default: '1' },
     nodes: { type: 'string', default: '2' },
+    'embedding-nodes': { type: 'string', default: '1' },
     port: { type: 'string', default: '8080' },
     'data-dir': { type: 'string' },
   })
@@ -290,7 +321,13 @@ export async function run(argv: string[], ctx: CommandContext): Promise<number> 
   const port = Number(values.port)
   if (!Number.isInteger(port) || port < 0 || port > 65_535) throw new UsageError('--port must be 0-65535')
   print(ctx.stderr, `starting devnet: ${regions} region(s), ${values.nodes} node(s), data in ${dataDir}`)
-  const devnet = await startDevnet({ dataDir, regions, nodes: positiveInt(values.nodes, '--nodes'), port })
+  const devnet = await startDevnet({
+    dataDir,
+    regions,
+    nodes: positiveInt(values.nodes, '--nodes'),
+    embeddingNodes: positiveInt(values['embedding-nodes'], '--embedding-nodes'),
+    port,
+  })
   const { info } = devnet
   const base = `${info.federation.url}/v1`
   const lines = [
@@ -300,6 +337,7 @@ export async function run(argv: string[], ctx: CommandContext): Promise<number> 
     `  OpenAI base URL  ${base}`,
     `  API key          ${info.federation.apiKey}`,
     `  model            ${info.model.servedModelName}`,
+    ...(info.embeddingModel != null ? [`  embedding model  ${info.embeddingModel.servedModelName}`] : []),
     '',
     '  curl:',
     `    curl -s ${base}/chat/completions -H "Authorization: Bearer ${info.federation.apiKey}" \\`,

@@ -103,6 +103,7 @@ export class NodeEngine {
       ...(args.gpuMemoryUtilization != null ? { gpuMemoryUtilization: args.gpuMemoryUtilization } : {}),
       ...(this.#init.threads != null ? { threads: this.#init.threads } : {}),
       ...(this.#init.maxTokensPerSecond != null ? { maxTokensPerSecond: this.#init.maxTokensPerSecond } : {}),
+      ...(assignment.task === 'embed' ? { task: 'embed' as const } : {}),
     })
     this.#running = assignment
     log.info({ model: assignment.model, url: this.#handle.baseUrl }, 'engine ready')
@@ -167,11 +168,12 @@ export class NodeEngine {
     const source = assignment.source.gguf
     const dir = this.#init.modelsDir ?? join(this.#init.dataDir, 'models')
     if (source == null) throw new NodeJoinError(`no GGUF source for ${assignment.model}`, 'NO_MODEL_SOURCE')
-    if (source === 'garage-tiny') {
-      const path = join(dir, 'garage-tiny.gguf')
+    if (source === 'garage-tiny' || source === 'garage-tiny-embed') {
+      // The project's own models, made on first use: a chat model and an embedding model.
+      const path = join(dir, `${source}.gguf`)
       if (!(await exists(path))) {
         await mkdir(dir, { recursive: true })
-        await writeTinyModel(path)
+        await writeTinyModel(path, { embedding: source === 'garage-tiny-embed' })
       }
       return path
     }
