@@ -4,10 +4,18 @@ import { ApiError, apiError, internalError } from '../core/errors.ts'
 import { bearerMatches, header, readJsonBodyBytes, requestPath, sendError } from '../core/http.ts'
 import type { Logger } from '../core/logger.ts'
 import { inferRequestBodyMaxBytes } from '../mesh/protocols.ts'
-import { generationKind, modelsPath } from '../openai/endpoints.ts'
+import {
+  chatCompletionsPath,
+  modelIdOf,
+  modelsPath,
+  type ProxiedKind,
+  proxiedKind,
+  responsesPath,
+} from '../openai/endpoints.ts'
 import { proxyWithFailover } from '../openai/proxy.ts'
-import { httpSink } from '../openai/relay.ts'
+import { type AnswerSink, httpSink } from '../openai/relay.ts'
 import { prepareUpstreamRequest, upstreamBody } from '../openai/request.ts'
+import { type OutputItemStore, responsesSink, responsesToChat } from '../openai/responses.ts'
 import type { ApiKeyStore, KeyInfo } from './keys.ts'
 import { LedgerDateError, type UsageLedger } from './ledger.ts'
 import type { FederationMetrics } from './metrics.ts'
@@ -31,6 +39,8 @@ export interface FederationApiComponents {
   directory: RegionDirectory
   route: RegionRoute
   metrics: FederationMetrics
+  /** Output items of answers given, for Responses item_reference. */
+  items: OutputItemStore
 }
 
 /**
@@ -58,17 +68,21 @@ export class FederationApi {
     return key
   }
 
+  /**
+   * Routes one request to a region: `raw` is its body as a chat, completion or embeddings request
+   * (a Responses request arrives here translated, with a sink that translates the answer back).
+   */
   private async generate(
-    kind: 'chat' | 'completion',
+    kind: ProxiedKind,
     path: string,
+    raw: { json: unknown; bytes: Uint8Array },
     req: IncomingMessage,
-    res: ServerResponse,
+    sink: AnswerSink,
     key: KeyInfo,
     requestId: string,
     labels: { model: string; region: string },
   ): Promise<void> {
     const started = performance.now()
-    const raw = await readJsonBodyBytes(req, inferRequestBodyMaxBytes)
     const prepared = prepareUpstreamRequest(raw.json, kind)
     const model = prepared.model
     // What modelsUnion() lists, without building it.
@@ -93,7 +107,7 @@ export class FederationApi {
       body: upstreamBody(raw.bytes, prepared),
       prepared,
       requestId,
-      sink: httpSink(res),
+      sink,
       started,
       key,
       prefer: header(req, 'x-garage-region'),
@@ -153,6 +167,24 @@ export class FederationApi {
     )
   }
 
+  /** GET /v1/models/{id}: a model some region serves now. */
+  private modelCard(res: ServerResponse, id: string): void {
+    const m = this.c.directory.modelsUnion().find((u) => u.model === id)
+    if (m == null)
+      throw apiError('model_not_found', `no region serves the model ${JSON.stringify(id)} now`, {
+        param: 'model',
+      })
+    res.writeHead(200, { 'content-type': 'application/json' }).end(
+      JSON.stringify({
+        id: m.model,
+        object: 'model',
+        created: Math.floor(Date.now() / 1000),
+        owned_by: 'garage',
+        garage: { regions: m.regions, nodes: m.nodes },
+      }),
+    )
+  }
+
   private modelList(res: ServerResponse): void {
     const created = Math.floor(Date.now() / 1000)
     res.writeHead(200, { 'content-type': 'application/json' }).end(
@@ -190,7 +222,12 @@ export class FederationApi {
         if (method !== 'GET') throw apiError('method_not_allowed', `${path} takes GET`)
         return this.modelList(res)
       }
-      const kind = generationKind(path)
+      const modelId = modelIdOf(path)
+      if (modelId != null) {
+        if (method !== 'GET') throw apiError('method_not_allowed', `${path} takes GET`)
+        return this.modelCard(res, modelId)
+      }
+      const kind = path === responsesPath ? 'responses' : proxiedKind(path)
       if (kind == null) throw apiError('not_found', `no such endpoint: ${method} ${path}`)
       if (method !== 'POST') throw apiError('method_not_allowed', `${path} takes POST`)
       const admitted = this.c.limiter.check(key)
@@ -204,7 +241,23 @@ export class FederationApi {
         )
       }
       try {
-        await this.generate(kind, path, req, res, key, requestId, labels)
+        const raw = await readJsonBodyBytes(req, inferRequestBodyMaxBytes)
+        if (kind === 'responses') {
+          // Served on chat completions: the request translated here, the answer on its way back.
+          const { chat, request } = responsesToChat(raw.json, { items: this.c.items, scope: key.id })
+          const bytes = Buffer.from(JSON.stringify(chat))
+          const sink = responsesSink(httpSink(res), request, this.c.items)
+          await this.generate(
+            'chat',
+            chatCompletionsPath,
+            { json: chat, bytes },
+            req,
+            sink,
+            key,
+            requestId,
+            labels,
+          )
+        } else await this.generate(kind, path, raw, req, httpSink(res), key, requestId, labels)
       } finally {
         admitted.release()
       }

@@ -7,6 +7,7 @@ import { type Logger, silentLogger } from '../core/logger.ts'
 import { loadOrCreateSecret } from '../core/secret-file.ts'
 import { loadOrCreateIdentity } from '../mesh/identity.ts'
 import { createMeshNode, type MeshNode } from '../mesh/node.ts'
+import { OutputItemStore } from '../openai/responses.ts'
 import { FederationRouter } from '../routing/region-router.ts'
 import { adminTokenFile, FederationApi } from './api.ts'
 import { ApiKeyStore } from './keys.ts'
@@ -111,7 +112,7 @@ export async function startFederation(options: FederationOptions): Promise<Feder
 
   const api = new FederationApi(
     { adminToken, logger: log, peerId: node.peerId.toString() },
-    { keys, ledger, limiter, directory, route, metrics },
+    { keys, ledger, limiter, directory, route, metrics, items: new OutputItemStore() },
   )
   const server: Server = createServer((req, res) => void api.serve(req, res))
   const host = options.httpHost ?? '127.0.0.1'

@@ -52,6 +52,8 @@ export interface NodeCredit {
   region: string
   model: string
   requests: number
+  /** Prompt tokens the node processed (embeddings: all its work), as its usage said, bounded by the gateway. */
+  promptTokens: number
   /** Completion tokens the node served, as verified by its head and the gateway. */
   completionTokens: number
 }
@@ -88,6 +90,7 @@ interface PendingCredit {
   model: string
   region: string
   requests: number
+  promptTokens: number
   completionTokens: number
 }
 
@@ -177,9 +180,11 @@ export class UsageLedger {
         model: entry.model,
         region: entry.region,
         requests: 0,
+        promptTokens: 0,
         completionTokens: 0,
       }
       credit.requests++
+      credit.promptTokens += prompt
       credit.completionTokens += completion
       this.credits.set(creditKey, credit)
     }
@@ -227,14 +232,15 @@ export class UsageLedger {
       for (const u of this.usage.values())
         addUsage.run(u.day, u.keyId, u.model, u.requests, u.promptTokens, u.completionTokens)
       const addCredit = this.db.prepare(
-        `INSERT INTO node_credits_daily (day, node, model, region, requests, completion_tokens)
-         VALUES (?, ?, ?, ?, ?, ?)
+        `INSERT INTO node_credits_daily (day, node, model, region, requests, prompt_tokens, completion_tokens)
+         VALUES (?, ?, ?, ?, ?, ?, ?)
          ON CONFLICT (day, node, model, region) DO UPDATE SET
            requests = requests + excluded.requests,
+           prompt_tokens = prompt_tokens + excluded.prompt_tokens,
            completion_tokens = completion_tokens + excluded.completion_tokens`,
       )
       for (const c of this.credits.values())
-        addCredit.run(c.day, c.node, c.model, c.region, c.requests, c.completionTokens)
+        addCredit.run(c.day, c.node, c.model, c.region, c.requests, c.promptTokens, c.completionTokens)
     })
   }
 
@@ -283,7 +289,8 @@ export class UsageLedger {
     }
     return this.db
       .prepare(
-        `SELECT node, region, model, SUM(requests) AS requests, SUM(completion_tokens) AS completion_tokens
+        `SELECT node, region, model, SUM(requests) AS requests, SUM(prompt_tokens) AS prompt_tokens,
+                SUM(completion_tokens) AS completion_tokens
          FROM node_credits_daily
          ${where.length > 0 ? `WHERE ${where.join(' AND ')}` : ''}
          GROUP BY node, region, model
@@ -295,6 +302,7 @@ export class UsageLedger {
         region: String(r.region),
         model: String(r.model),
         requests: n(r.requests),
+        promptTokens: n(r.prompt_tokens),
         completionTokens: n(r.completion_tokens),
       }))
   }

@@ -60,6 +60,10 @@ export const migrations: readonly string[] = [
   ) STRICT, WITHOUT ROWID;
   CREATE INDEX node_credits_daily_node ON node_credits_daily (node, day);
   `,
+  // Nodes are credited for the prompt tokens they processed too (an embedding node serves nothing else).
+  `
+  ALTER TABLE node_credits_daily ADD COLUMN prompt_tokens INTEGER NOT NULL DEFAULT 0;
+  `,
 ]
 
 export interface OpenFederationStoreOptions {

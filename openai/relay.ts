@@ -171,8 +171,16 @@ export async function relayAnswer(
     if (response.status === 200) {
       try {
         const json = JSON.parse(text.toString('utf8')) as { usage?: { prompt_tokens?: number } }
-        completionTokens = countNonStreamed(json, prepared.maxTokens, prepared.n)
-        promptTokens = Number(json.usage?.prompt_tokens ?? 0) || 0
+        completionTokens = countNonStreamed(
+          json,
+          prepared.maxTokens,
+          prepared.n,
+          prepared.hiddenTokensPerChoice,
+        )
+        promptTokens = Math.min(
+          Number(json.usage?.prompt_tokens ?? 0) || 0,
+          prepared.promptBound ?? Number.POSITIVE_INFINITY,
+        )
       } catch {
         completionTokens = 0
       }
@@ -188,6 +196,7 @@ export async function relayAnswer(
     clientWantsUsage: prepared.clientWantsUsage,
     maxTokens: prepared.maxTokens,
     n: prepared.n,
+    hiddenTokensPerChoice: prepared.hiddenTokensPerChoice,
   })
   try {
     for await (const chunk of response.body) {

@@ -1,6 +1,7 @@
 import { isUtf8 } from 'node:buffer'
 import { apiError } from '../core/errors.ts'
 import { isPlainObject } from '../core/guards.ts'
+import type { ProxiedKind } from './endpoints.ts'
 
 /**
  * What a proxy hop (the federation, a head) reads of an OpenAI generation request before passing it
@@ -18,7 +19,16 @@ export interface PreparedRequest {
   /** Choices requested (`n`); bounds scale with it. */
   n: number
   model: string
+  /** Tokens a choice may generate that never reach the client (a grammar's terminator, end of turn). */
+  hiddenTokensPerChoice: number
+  /** Embeddings: the most prompt tokens the inputs can be (a token is at least a byte); null: unbounded. */
+  promptBound: number | null
 }
+
+/** Each choice ends with a token the client never sees (end of sequence). */
+export const endTokensPerChoice = 1
+/** A JSON grammar ends the answer with whitespace it trims (node-llama-cpp: "\n\n\n\n"). */
+export const structuredOutputHiddenTokens = 8
 
 function positiveInteger(body: Record<string, unknown>, key: string): number | null {
   const v = body[key]
@@ -33,12 +43,13 @@ function positiveInteger(body: Record<string, unknown>, key: string): number | n
  * Checks the few fields a hop relies on and forces usage reporting on streamed requests; a body it
  * cannot route is refused with a 400 before any node sees it.
  */
-export function prepareUpstreamRequest(body: unknown, kind: 'chat' | 'completion'): PreparedRequest {
+export function prepareUpstreamRequest(body: unknown, kind: ProxiedKind): PreparedRequest {
   if (!isPlainObject(body)) throw apiError('invalid_type', 'the request body must be a JSON object')
   const model = body.model
   if (typeof model !== 'string' || model === '') {
     throw apiError('missing_required_parameter', 'model is required (a non-empty string)', { param: 'model' })
   }
+  if (kind === 'embedding') return prepareEmbedding(body, model)
   if (body.stream != null && typeof body.stream !== 'boolean') {
     throw apiError('invalid_type', 'stream must be a boolean', { param: 'stream' })
   }
@@ -57,7 +68,53 @@ export function prepareUpstreamRequest(body: unknown, kind: 'chat' | 'completion
     clientWantsUsage = options?.include_usage === true
     out.stream_options = { ...options, include_usage: true }
   }
-  return { body: out, clientWantsUsage, stream, maxTokens: maxCompletion ?? maxTokensField, n, model }
+  const format = isPlainObject(body.response_format) ? body.response_format.type : null
+  return {
+    body: out,
+    clientWantsUsage,
+    stream,
+    maxTokens: maxCompletion ?? maxTokensField,
+    n,
+    model,
+    hiddenTokensPerChoice:
+      endTokensPerChoice +
+      (format === 'json_object' || format === 'json_schema' ? structuredOutputHiddenTokens : 0),
+    promptBound: null,
+  }
+}
+
+/** Embeddings: nothing streams; the inputs bound the prompt tokens a node may bill. */
+function prepareEmbedding(body: Record<string, unknown>, model: string): PreparedRequest {
+  const input = body.input
+  if (input == null) throw apiError('missing_required_parameter', 'input is required', { param: 'input' })
+  const inputs =
+    typeof input === 'string' || (Array.isArray(input) && input.every((x) => typeof x === 'number'))
+      ? [input]
+      : input
+  if (!Array.isArray(inputs))
+    throw apiError('invalid_type', 'input must be a string, a list of strings or token ids', {
+      param: 'input',
+    })
+  let bound = 0
+  for (const x of inputs) {
+    // A text's tokens are at most its bytes, plus what the model adds around it (BOS, EOS).
+    if (typeof x === 'string') bound += Buffer.byteLength(x) + 2
+    else if (Array.isArray(x)) bound += x.length + 2
+    else
+      throw apiError('invalid_type', 'input must be a string, a list of strings or token ids', {
+        param: 'input',
+      })
+  }
+  return {
+    body: { ...body },
+    clientWantsUsage: true,
+    stream: false,
+    maxTokens: null,
+    n: 1,
+    model,
+    hiddenTokensPerChoice: 0,
+    promptBound: bound,
+  }
 }
 
 /**

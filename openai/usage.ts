@@ -73,20 +73,28 @@ function choiceBytes(choice: unknown, field: 'delta' | 'message'): number {
 function verify(
   usage: Usage | null,
   maxTokens: number | null,
-  n: number,
   textBytes: number,
   lower: number,
+  hidden: number,
 ): number {
-  const cap = maxTokens == null ? Number.POSITIVE_INFINITY : maxTokens * n
+  const cap = maxTokens == null ? Number.POSITIVE_INFINITY : maxTokens
   const floor = Math.min(lower, cap)
   if (usage == null) return floor
-  return Math.max(floor, Math.min(usage.completionTokens, cap, textBytes + n))
+  return Math.max(floor, Math.min(usage.completionTokens, cap, textBytes + hidden))
 }
+
+/**
+ * Tokens a tool call costs that the client never sees as text: the model's call syntax around the
+ * name and the arguments (`||call: name(...)`, `<tool_call>{"name": ...}`), and the grammar's end.
+ */
+export const toolCallHiddenTokens = 32
 
 export interface StreamTokenCounterInit {
   clientWantsUsage: boolean
   maxTokens: number | null
   n?: number
+  /** Per choice: tokens that never reach the client (default 1: the end of sequence). */
+  hiddenTokensPerChoice?: number
 }
 
 /** Follows one streamed OpenAI response, event by event, and decides what reaches the client. */
@@ -94,8 +102,11 @@ export class StreamTokenCounter {
   readonly #clientWantsUsage: boolean
   readonly #maxTokens: number | null
   readonly #n: number
+  readonly #hiddenPerChoice: number
   /** UTF-8 bytes of generated text seen. */
   textBytes = 0
+  /** Tool calls begun (a delta with a call id). */
+  toolCalls = 0
   /** Chunks that carried generated text (each holds at least one token). */
   contentChunks = 0
   finishReason: string | null = null
@@ -110,6 +121,7 @@ export class StreamTokenCounter {
     this.#clientWantsUsage = init.clientWantsUsage
     this.#maxTokens = init.maxTokens
     this.#n = init.n ?? 1
+    this.#hiddenPerChoice = init.hiddenTokensPerChoice ?? 1
   }
 
   /** Takes an event's `data:` payload (null for events without one); returns whether to forward it. */
@@ -137,6 +149,7 @@ export class StreamTokenCounter {
     let bytes = 0
     for (const choice of choices) {
       bytes += choiceBytes(choice, 'delta')
+      this.toolCalls += newToolCalls(choice)
       const finish = isPlainObject(choice) ? choice.finish_reason : null
       if (typeof finish === 'string') this.finishReason = finish
     }
@@ -149,7 +162,13 @@ export class StreamTokenCounter {
   }
 
   verifiedTokens(): number {
-    return verify(this.usage, this.#maxTokens, this.#n, this.textBytes, this.contentChunks)
+    return verify(
+      this.usage,
+      this.#maxTokens == null ? null : this.#maxTokens * this.#n,
+      this.textBytes,
+      this.contentChunks,
+      this.#n * this.#hiddenPerChoice + this.toolCalls * toolCallHiddenTokens,
+    )
   }
 
   /** As the node reported them; the head cannot check these. */
@@ -159,18 +178,39 @@ export class StreamTokenCounter {
 }
 
 /** Verified completion tokens of a non-streamed chat or completion body (the same rule). */
-export function countNonStreamed(json: unknown, maxTokens: number | null, n = 1): number {
+export function countNonStreamed(
+  json: unknown,
+  maxTokens: number | null,
+  n = 1,
+  hiddenTokensPerChoice = 1,
+): number {
   if (!isPlainObject(json)) return 0
   let textBytes = 0
   let bearing = 0
+  let calls = 0
   if (Array.isArray(json.choices)) {
     for (const choice of json.choices) {
       const bytes = choiceBytes(choice, 'message')
       textBytes += bytes
       if (bytes > 0) bearing++
+      const message = isPlainObject(choice) ? choice.message : null
+      if (isPlainObject(message) && Array.isArray(message.tool_calls)) calls += message.tool_calls.length
     }
   }
-  return verify(readUsage(json.usage), maxTokens, n, textBytes, bearing)
+  return verify(
+    readUsage(json.usage),
+    maxTokens == null ? null : maxTokens * n,
+    textBytes,
+    bearing,
+    n * hiddenTokensPerChoice + calls * toolCallHiddenTokens,
+  )
+}
+
+/** Tool calls a streamed choice begins in this chunk (the delta that carries a call's id). */
+function newToolCalls(choice: unknown): number {
+  const delta = isPlainObject(choice) ? choice.delta : null
+  if (!isPlainObject(delta) || !Array.isArray(delta.tool_calls)) return 0
+  return delta.tool_calls.filter((c) => isPlainObject(c) && typeof c.id === 'string').length
 }
 
 export const flagRatio = 1.1

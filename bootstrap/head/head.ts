@@ -18,10 +18,18 @@ import { handleInferProtocol } from '../../mesh/infer-protocol.ts'
 import type { MeshNode } from '../../mesh/node.ts'
 import { inferRequestBodyMaxBytes } from '../../mesh/protocols.ts'
 import type { RayCredentials } from '../../mesh/region-messages.ts'
-import { generationKind, modelsPath } from '../../openai/endpoints.ts'
+import {
+  chatCompletionsPath,
+  modelIdOf,
+  modelsPath,
+  type ProxiedKind,
+  proxiedKind,
+  responsesPath,
+} from '../../openai/endpoints.ts'
 import { proxyWithFailover } from '../../openai/proxy.ts'
 import { type AnswerSink, httpSink, inferSink, sendApiError } from '../../openai/relay.ts'
 import { prepareUpstreamRequest, upstreamBody } from '../../openai/request.ts'
+import { OutputItemStore, responsesSink, responsesToChat } from '../../openai/responses.ts'
 import { VerifiedThroughput } from '../../openai/usage.ts'
 import { RegionalRouter } from '../../routing/node-router.ts'
 import { HeadAdmission, PendingTokens } from './admission.ts'
@@ -234,6 +242,8 @@ export class HeadApi {
   private readonly verified: VerifiedThroughput
   private readonly route: HeadRoute
   private readonly requests: HeadMetrics['requests']
+  /** Output items of answers given, for Responses item_reference. */
+  private readonly items = new OutputItemStore()
 
   constructor(
     init: { region: string; self: string; logger: Logger },
@@ -265,15 +275,38 @@ export class HeadApi {
   ): Promise<void> {
     const seen = { model: 'unknown' }
     try {
-      if (path === modelsPath && method === 'GET') {
-        await sink.head(200, { 'content-type': 'application/json', 'x-request-id': requestId })
-        await sink.end(JSON.stringify(this.modelList()))
-        return
+      if (path === modelsPath && method === 'GET') return await this.json(sink, requestId, this.modelList())
+      const modelId = modelIdOf(path)
+      if (modelId != null) {
+        if (method !== 'GET') throw apiError('method_not_allowed', `${path} takes GET`)
+        const card = (this.modelList().data as Array<{ id: string }>).find((m) => m.id === modelId)
+        if (card == null)
+          throw apiError(
+            'model_not_found',
+            `the model ${JSON.stringify(modelId)} is not served in region ${this.region}`,
+            {
+              param: 'model',
+            },
+          )
+        return await this.json(sink, requestId, card)
       }
-      const kind = generationKind(path)
+      const kind = path === responsesPath ? 'responses' : proxiedKind(path)
       if (kind == null) throw apiError('not_found', `no such endpoint: ${method} ${path}`)
       if (method !== 'POST') throw apiError('method_not_allowed', `${path} takes POST`)
-      await this.generate(kind, path, await body(), sink, requestId, seen)
+      const raw = await body()
+      if (kind === 'responses') {
+        // Served on chat completions: the request translated here, the answer on its way back.
+        const { chat, request } = responsesToChat(raw.json, { items: this.items, scope: 'head' })
+        const translated = { json: chat, bytes: Buffer.from(JSON.stringify(chat)) }
+        await this.generate(
+          'chat',
+          chatCompletionsPath,
+          translated,
+          responsesSink(sink, request, this.items),
+          requestId,
+          seen,
+        )
+      } else await this.generate(kind, path, raw, sink, requestId, seen)
     } catch (err) {
       const e = err instanceof ApiError ? err : internalError(err)
       if (!(err instanceof ApiError)) this.log.error({ err, requestId }, 'head request failed')
@@ -282,9 +315,14 @@ export class HeadApi {
     }
   }
 
-  /** Answers one generation request from its parsed body: routes it to a node and relays the answer. */
+  private async json(sink: AnswerSink, requestId: string, body: unknown): Promise<void> {
+    await sink.head(200, { 'content-type': 'application/json', 'x-request-id': requestId })
+    await sink.end(JSON.stringify(body))
+  }
+
+  /** Answers one request from its parsed body: routes it to a node and relays the answer. */
   private async generate(
-    kind: 'chat' | 'completion',
+    kind: ProxiedKind,
     path: string,
     raw: RawBody,
     sink: AnswerSink,

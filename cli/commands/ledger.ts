@@ -103,15 +103,23 @@ export async function run(argv: string[], ctx: CommandContext): Promise<number> 
         credits.length === 0
           ? '  (none)'
           : formatTable([
-              ['NODE', 'REGION', 'MODEL', 'REQUESTS', 'TOKENS SERVED'],
+              ['NODE', 'REGION', 'MODEL', 'REQUESTS', 'PROMPT TOKENS', 'TOKENS SERVED'],
               ...credits.map((c) => [
                 c.node,
                 c.region,
                 c.model,
                 String(c.requests),
+                String(c.promptTokens),
                 String(c.completionTokens),
               ]),
-              ['total', '', '', sum((c) => c.requests), sum((c) => c.completionTokens)],
+              [
+                'total',
+                '',
+                '',
+                sum((c) => c.requests),
+                sum((c) => c.promptTokens),
+                sum((c) => c.completionTokens),
+              ],
             ]),
       )
     }

@@ -115,7 +115,7 @@ describe('garage keys and garage ledger', () => {
     expect(table.code).toBe(0)
     expect(table.stderr).not.toContain('ExperimentalWarning')
     expect(table.stdout).toMatch(new RegExp(`${ci.id}\\s+ci\\s+garage-tiny\\s+2\\s+24\\s+60`))
-    expect(table.stdout).toMatch(new RegExp(`${node}\\s+local\\s+garage-tiny\\s+2\\s+60`))
+    expect(table.stdout).toMatch(new RegExp(`${node}\\s+local\\s+garage-tiny\\s+2\\s+24\\s+60`))
 
     const oneDay = JSON.parse(
       (
@@ -135,7 +135,7 @@ describe('garage keys and garage ledger', () => {
       since: '2025-03-02',
       until: '2025-03-02',
       usage: [{ keyId: ci.id, keyName: 'ci', requests: 1, promptTokens: 12, completionTokens: 30 }],
-      credits: [{ node, region: 'local', requests: 1, completionTokens: 30 }],
+      credits: [{ node, region: 'local', requests: 1, promptTokens: 12, completionTokens: 30 }],
       totals: { requests: 1, creditedTokens: 30 },
     })
 

@@ -98,6 +98,7 @@ describe('UsageLedger', () => {
         region: 'eu-north',
         requests: 100,
         completion_tokens: 2000,
+        prompt_tokens: 1000,
       },
       {
         day: '2025-03-01',
@@ -106,6 +107,7 @@ describe('UsageLedger', () => {
         region: 'eu-north',
         requests: 1,
         completion_tokens: 2,
+        prompt_tokens: 1,
       },
     ])
     // The next flush adds to the rows.
@@ -145,7 +147,14 @@ describe('UsageLedger', () => {
     expect(day1).toEqual([expect.objectContaining({ requests: 2, completionTokens: 27 })])
     expect(day2).toEqual([expect.objectContaining({ requests: 1, completionTokens: 5 })])
     expect(ledger.creditsByNode({ since: new Date('2025-03-02T12:00:00Z') })).toEqual([
-      { node: nodeA, region: 'eu-north', model: 'garage-tiny', requests: 1, completionTokens: 5 },
+      {
+        node: nodeA,
+        region: 'eu-north',
+        model: 'garage-tiny',
+        requests: 1,
+        promptTokens: 10,
+        completionTokens: 5,
+      },
     ])
     expect(ledger.totals({ until: '2025-03-01' })).toEqual({
       requests: 2,
@@ -184,8 +193,22 @@ describe('UsageLedger', () => {
     ])
     expect(ledger.usageByKey({ keyId: alice.id })).toHaveLength(1)
     expect(ledger.creditsByNode()).toEqual([
-      { node: nodeA, region: 'eu-north', model: 'garage-tiny', requests: 2, completionTokens: 40 },
-      { node: nodeB, region: 'us-east', model: 'garage-tiny', requests: 1, completionTokens: 4 },
+      {
+        node: nodeA,
+        region: 'eu-north',
+        model: 'garage-tiny',
+        requests: 2,
+        promptTokens: 20,
+        completionTokens: 40,
+      },
+      {
+        node: nodeB,
+        region: 'us-east',
+        model: 'garage-tiny',
+        requests: 1,
+        promptTokens: 3,
+        completionTokens: 4,
+      },
     ])
     expect(ledger.creditsByNode({ node: nodeB })).toHaveLength(1)
     expect(ledger.usageByKey({ since: '2025-03-02' })).toEqual([])

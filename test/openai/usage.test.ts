@@ -43,6 +43,8 @@ describe('prepareUpstreamRequest', () => {
       maxTokens: 64,
       n: 1,
       model: 'm',
+      hiddenTokensPerChoice: 1,
+      promptBound: null,
     })
     expect(body).not.toHaveProperty('stream_options') // the client's object is left alone
   })
