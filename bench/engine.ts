@@ -10,6 +10,9 @@ import { percentile, progress, table, writeResult } from './report.ts'
 /**
  * The embedded engine as the daemon runs it (its own process, OpenAI HTTP, SSE streaming) against
  * node-llama-cpp called in-process, same model, same threads, same prompts, side by side in one run.
+ * Then grammar-constrained generation (a json_schema request) beside unconstrained generation of the
+ * same length on the same engine. The tiny model's vocabulary is 270 tokens: a grammar checks each
+ * candidate token, so on a real model's 100k+ vocabulary the constrained side pays more than here.
  */
 const concurrencies = [1, 4, 8]
 const maxTokens = 128
@@ -89,8 +92,16 @@ async function inProcess(modelPath: string, concurrency: number): Promise<Side> 
   }
 }
 
+/** One streamed request: the path and the body of request `i` of round `round`. */
+type Ask = (round: number, i: number) => { path: string; body: Record<string, unknown> }
+
+const completionAsk: Ask = (round, i) => ({
+  path: '/v1/completions',
+  body: { prompt: prompt(round, i), max_tokens: maxTokens, temperature: 0 },
+})
+
 /** The embedded engine as the daemon runs it (its own process), over HTTP, streaming. */
-async function overHttp(modelPath: string, concurrency: number): Promise<Side> {
+async function overHttp(modelPath: string, concurrency: number, ask: Ask = completionAsk): Promise<Side> {
   const engine = new LlamaCppEngine()
   const handle = await engine.start({
     model: modelPath,
@@ -108,18 +119,17 @@ async function overHttp(modelPath: string, concurrency: number): Promise<Side> {
       await Promise.all(
         Array.from({ length: concurrency }, async (_, i) => {
           const t0 = performance.now()
-          const body = JSON.stringify({
+          const { path, body } = ask(round, i)
+          const payload = JSON.stringify({
             model: 'bench',
-            prompt: prompt(round, i),
-            max_tokens: maxTokens,
-            temperature: 0,
+            ...body,
             stream: true,
             stream_options: { include_usage: true },
           })
           // node:http rather than fetch: a lean client, as the daemon's proxy will be
-          const text = await new Promise<string>((resolve, reject) => {
+          const { status, text } = await new Promise<{ status: number; text: string }>((resolve, reject) => {
             const req = request(
-              `${server.url}/v1/completions`,
+              `${server.url}${path}`,
               {
                 method: 'POST',
                 headers: { authorization: `Bearer ${server.apiKey}`, 'content-type': 'application/json' },
@@ -130,13 +140,16 @@ async function overHttp(modelPath: string, concurrency: number): Promise<Side> {
                   if (chunks.length === 0) ttftMs.push(performance.now() - t0)
                   chunks.push(c)
                 })
-                res.on('end', () => resolve(Buffer.concat(chunks).toString('utf8')))
+                res.on('end', () =>
+                  resolve({ status: res.statusCode ?? 0, text: Buffer.concat(chunks).toString('utf8') }),
+                )
                 res.on('error', reject)
               },
             )
             req.on('error', reject)
-            req.end(body)
+            req.end(payload)
           })
+          if (status !== 200) throw new Error(`${path} answered ${status}: ${text.slice(0, 300)}`)
           for (const line of text.split('\n')) {
             if (!line.startsWith('data: {')) continue
             const event = JSON.parse(line.slice(6)) as { usage?: { completion_tokens: number } }
@@ -148,6 +161,94 @@ async function overHttp(modelPath: string, concurrency: number): Promise<Side> {
     },
     close: () => engine.stop(),
   }
+}
+
+/**
+ * Structured output: a list of records far longer than max_tokens, so every answer, constrained or
+ * not, is exactly max_tokens long and the two differ only by the grammar.
+ */
+const recordsSchema = {
+  type: 'object',
+  properties: {
+    items: {
+      type: 'array',
+      minItems: 64,
+      items: {
+        type: 'object',
+        properties: {
+          name: { type: 'string', maxLength: 12 },
+          qty: { type: 'integer' },
+          price: { type: 'number' },
+          ok: { type: 'boolean' },
+          tag: { enum: ['a', 'b', 'c'] },
+        },
+        required: ['name', 'qty', 'price', 'ok', 'tag'],
+        additionalProperties: false,
+      },
+    },
+  },
+  required: ['items'],
+  additionalProperties: false,
+}
+const chatAsk =
+  (constrained: boolean): Ask =>
+  (round, i) => ({
+    path: '/v1/chat/completions',
+    body: {
+      messages: [{ role: 'user', content: `${prompt(round, i)}: list the stock as JSON` }],
+      max_tokens: maxTokens,
+      temperature: 0,
+      ...(constrained
+        ? {
+            response_format: {
+              type: 'json_schema',
+              json_schema: { name: 'stock', strict: true, schema: recordsSchema },
+            },
+          }
+        : {}),
+    },
+  })
+const structuredConcurrencies = [1, 4]
+
+/** Grammar-constrained (json_schema) against unconstrained chat, same engine, same length, paired. */
+async function structured(modelPath: string): Promise<Array<Record<string, number>>> {
+  const rows: Array<Record<string, number>> = []
+  for (const c of structuredConcurrencies) {
+    const sides = {
+      free: await overHttp(modelPath, c, chatAsk(false)),
+      constrained: await overHttp(modelPath, c, chatAsk(true)),
+    }
+    try {
+      await sides.free.batch(-1)
+      await sides.constrained.batch(-1) // compiles and caches the grammar
+      const free: number[] = []
+      const constrained: number[] = []
+      const ratios: number[] = []
+      for (let r = 0; r < rounds; r++) {
+        const order = r % 2 === 0 ? (['free', 'constrained'] as const) : (['constrained', 'free'] as const)
+        const got: Partial<Record<'free' | 'constrained', Run>> = {}
+        for (const side of order) got[side] = await sides[side].batch(r)
+        const f = got.free!.tokens / got.free!.seconds
+        const k = got.constrained!.tokens / got.constrained!.seconds
+        free.push(f)
+        constrained.push(k)
+        ratios.push(k / f)
+        progress(
+          `structured output, concurrency ${c}, round ${r + 1}/${rounds}: json_schema ${k.toFixed(0)} tok/s, free ${f.toFixed(0)} tok/s`,
+        )
+      }
+      rows.push({
+        concurrency: c,
+        constrained_tokens_per_s: Math.round(median(constrained)),
+        unconstrained_tokens_per_s: Math.round(median(free)),
+        constrained_tokens_per_s_ratio: Number(median(ratios).toFixed(3)),
+      })
+    } finally {
+      await sides.free.close()
+      await sides.constrained.close()
+    }
+  }
+  return rows
 }
 
 function prompt(round: number, i: number): string {
@@ -202,25 +303,44 @@ export async function run(): Promise<Record<string, unknown>> {
         await sides.http.close()
       }
     }
-    const goalMet = rows.every((r) => (r.ratio ?? 0) >= 0.9)
+    const structuredRows = await structured(modelPath)
+    const goalMet =
+      rows.every((r) => (r.ratio ?? 0) >= 0.9) &&
+      structuredRows.every((r) => (r.constrained_tokens_per_s_ratio ?? 0) >= 0.8)
     const result = {
       model: modelSize,
       threads,
       max_tokens: maxTokens,
       rounds,
       results: rows,
-      goal: { ratio: '>= 0.9 at every concurrency' },
+      structured: structuredRows,
+      goal: {
+        ratio: '>= 0.9 at every concurrency',
+        constrained_tokens_per_s_ratio: '>= 0.8 at every concurrency (json_schema vs free chat)',
+      },
       goal_met: goalMet,
     }
     const path = await writeResult('engine', result)
     process.stdout.write(
       `\nengine: embedded HTTP engine vs node-llama-cpp in-process (${threads} thread, ${maxTokens} tokens per request)\n${table(
-        rows.flatMap((r) => [
-          [`c=${r.concurrency} http_tokens_per_s`, String(r.http_tokens_per_s), ''],
-          [`c=${r.concurrency} inprocess_tokens_per_s`, String(r.inprocess_tokens_per_s), ''],
-          [`c=${r.concurrency} ratio`, String(r.ratio), '>= 0.9'],
-          [`c=${r.concurrency} ttft_ms_p50`, String(r.ttft_ms_p50), ''],
-        ]) as Array<[string, string, string]>,
+        rows
+          .flatMap((r) => [
+            [`c=${r.concurrency} http_tokens_per_s`, String(r.http_tokens_per_s), ''],
+            [`c=${r.concurrency} inprocess_tokens_per_s`, String(r.inprocess_tokens_per_s), ''],
+            [`c=${r.concurrency} ratio`, String(r.ratio), '>= 0.9'],
+            [`c=${r.concurrency} ttft_ms_p50`, String(r.ttft_ms_p50), ''],
+          ])
+          .concat(
+            structuredRows.flatMap((r) => [
+              [`c=${r.concurrency} json_schema tokens_per_s`, String(r.constrained_tokens_per_s), ''],
+              [`c=${r.concurrency} unconstrained tokens_per_s`, String(r.unconstrained_tokens_per_s), ''],
+              [
+                `c=${r.concurrency} constrained_tokens_per_s_ratio`,
+                String(r.constrained_tokens_per_s_ratio),
+                '>= 0.8',
+              ],
+            ]),
+          ) as Array<[string, string, string]>,
       )}\n${goalMet ? 'goal met' : 'GOAL MISSED'}; written to ${path}\n`,
     )
     return result

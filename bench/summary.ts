@@ -59,6 +59,16 @@ export const goals: readonly Goal[] = [
       says: engineSays,
     }),
   ),
+  ...[1, 4].map(
+    (c): Goal => ({
+      bench: 'engine',
+      metric: `structured[concurrency=${c}].constrained_tokens_per_s_ratio`,
+      op: '>=',
+      threshold: 0.8,
+      issue: 15,
+      says: '`constrained_tokens_per_s_ratio` ≥ 0.8 (a json_schema request beside unconstrained generation of the same length)',
+    }),
+  ),
   {
     bench: 'mesh-proxy',
     metric: 'latency[concurrency=16].added_p50_ms',
@@ -188,6 +198,16 @@ export const sideBySide: readonly SideBySide[] = [
       baseline: { name: 'in-process', metric: `results[concurrency=${c}].inprocess_tokens_per_s` },
       measured: { name: 'HTTP', metric: `results[concurrency=${c}].http_tokens_per_s` },
       ratioMetric: `results[concurrency=${c}].ratio`,
+    }),
+  ),
+  ...[1, 4].map(
+    (c): SideBySide => ({
+      bench: 'engine',
+      label: `c=${c} structured output tokens/s`,
+      kind: 'rate',
+      baseline: { name: 'free', metric: `structured[concurrency=${c}].unconstrained_tokens_per_s` },
+      measured: { name: 'json_schema', metric: `structured[concurrency=${c}].constrained_tokens_per_s` },
+      ratioMetric: `structured[concurrency=${c}].constrained_tokens_per_s_ratio`,
     }),
   ),
   ...latencyPairs('mesh-proxy', 'latency', [1, 16], { name: 'via head', prefix: 'via_head' }),
