@@ -2,6 +2,7 @@ import { randomBytes } from 'node:crypto'
 import { type ApiError, apiError } from '../core/errors.ts'
 import { isPlainObject } from '../core/guards.ts'
 import { SseSplitter } from '../core/sse.ts'
+import { contentText } from './content.ts'
 import type { AnswerSink } from './relay.ts'
 
 /**
@@ -98,27 +99,6 @@ function bad(
     | 'missing_required_parameter' = 'invalid_value',
 ): ApiError {
   return apiError(code, message, { param })
-}
-
-/** Text of an input message's content: a string, or input_text / output_text parts. */
-function contentText(content: unknown, param: string): string {
-  if (typeof content === 'string') return content
-  if (Array.isArray(content)) {
-    return content
-      .map((part, j) => {
-        if (
-          isPlainObject(part) &&
-          (part.type === 'input_text' || part.type === 'output_text' || part.type === 'text')
-        ) {
-          if (typeof part.text === 'string') return part.text
-        }
-        if (isPlainObject(part) && part.type === 'refusal' && typeof part.refusal === 'string')
-          return part.refusal
-        throw bad(`${param}[${j}]: only text parts are supported`, param, 'unsupported_value')
-      })
-      .join('')
-  }
-  throw bad(`${param} must be a string or a list of text parts`, param, 'invalid_type')
 }
 
 /**

@@ -4,14 +4,14 @@ import { join } from 'node:path'
 import { createOpenAI } from '@ai-sdk/openai'
 import { tool as langchainTool } from '@langchain/core/tools'
 import { ChatOpenAI, OpenAIEmbeddings } from '@langchain/openai'
-import { embed, embedMany, generateObject, generateText, streamText, tool } from 'ai'
+import { embed, embedMany, generateObject, generateText, Output, streamText, tool } from 'ai'
 import { ChatOpenAI as ChatOpenAIN8n, OpenAIEmbeddings as OpenAIEmbeddingsN8n } from 'langchain-openai-n8n'
 import OpenAI from 'openai'
 import { zodResponseFormat, zodTextFormat } from 'openai/helpers/zod'
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest'
 import { z } from 'zod'
 import { type Devnet, startDevnet } from '../../cli/commands/devnet.ts'
-import { exchangeProblems, recordingFetch } from '../helpers/openapi.ts'
+import { recordingFetch } from '../helpers/openapi.ts'
 
 /**
  * The federation of a devnet (1 region, a chat node and an embedding node, all real: libp2p, the
@@ -54,10 +54,8 @@ describe('OpenAI client libraries against the federation', () => {
     openai = new OpenAI({ baseURL: base, apiKey, maxRetries: 0, timeout: 60_000, fetch: recorder.fetch })
   })
   afterEach(async () => {
-    await recorder.settled()
-    const problems = recorder.exchanges.flatMap(exchangeProblems)
-    recorder.exchanges.length = 0
-    expect(problems).toEqual([])
+    // Every exchange of every test, valid against OpenAI's spec.
+    expect(await recorder.problems()).toEqual([])
   })
   afterAll(async () => {
     await devnet?.stop()
@@ -402,6 +400,9 @@ describe('OpenAI client libraries against the federation', () => {
 
   describe("the Vercel AI SDK's default provider (the Responses API)", () => {
     const provider = () => createOpenAI({ baseURL: base, apiKey, fetch: recorder.fetch })
+    /** The item types of the last Responses request the SDK sent. */
+    const sentInputTypes = (): Array<string | undefined> =>
+      (recorder.exchanges.at(-1)!.request as { input: Array<{ type?: string }> }).input.map((i) => i.type)
     const weather = tool({
       description: 'Weather for a city',
       inputSchema: z.object({ city: z.string().max(10) }),
@@ -466,8 +467,7 @@ describe('OpenAI client libraries against the federation', () => {
         maxRetries: 0,
       })
       expect(next.text.length).toBeGreaterThan(0)
-      const sent = recorder.exchanges.at(-1)!.request as { input: Array<{ type?: string }> }
-      expect(sent.input.map((i) => i.type)).toContain('function_call_output')
+      expect(sentInputTypes()).toContain('function_call_output')
 
       const streamed = streamText({
         model: provider()(model),
@@ -483,6 +483,25 @@ describe('OpenAI client libraries against the federation', () => {
       }
       expect(types).toContain('tool-call')
       expect(types).toContain('tool-result')
+    })
+
+    it('gives a structured answer from a call with tools (an agent with an output schema)', async () => {
+      const result = await generateText({
+        model: provider()(model),
+        prompt: 'Weather in Paris, as an object',
+        tools: { get_weather: weather },
+        output: Output.object({ schema: Person }),
+        maxOutputTokens: 120,
+        maxRetries: 0,
+      })
+      if (result.finishReason === 'tool-calls') expect(result.toolCalls[0]?.toolName).toBe('get_weather')
+      else expect(Person.parse(result.output)).toEqual(result.output)
+      const sent = recorder.exchanges.at(-1)!.request as {
+        tools?: unknown[]
+        text?: { format?: { type?: string } }
+      }
+      expect(sent.tools).toHaveLength(1)
+      expect(sent.text?.format?.type).toBe('json_schema')
     })
 
     it('continues a conversation whose earlier answers it refers to by id (item_reference, its default)', async () => {
@@ -504,8 +523,7 @@ describe('OpenAI client libraries against the federation', () => {
         maxRetries: 0,
       })
       expect(next.text.length).toBeGreaterThan(0)
-      const sent = recorder.exchanges.at(-1)!.request as { input: Array<{ type?: string }> }
-      expect(sent.input.map((i) => i.type)).toContain('item_reference')
+      expect(sentInputTypes()).toContain('item_reference')
       // Without the store (another key, or a restart), the reference is refused with what to do instead.
       const other = createOpenAI({
         baseURL: base,

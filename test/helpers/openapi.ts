@@ -357,8 +357,17 @@ export interface Exchange {
   body: string
 }
 
+export interface Recorder {
+  fetch: typeof fetch
+  exchanges: Exchange[]
+  /** Resolves when every recorded body has been read. */
+  settled(): Promise<void>
+  /** Every problem of the exchanges recorded so far against the spec; forgets them. */
+  problems(): Promise<string[]>
+}
+
 /** A fetch for client libraries that records every exchange (the body read through a clone). */
-export function recordingFetch(): { fetch: typeof fetch; exchanges: Exchange[]; settled(): Promise<void> } {
+export function recordingFetch(): Recorder {
   const exchanges: Exchange[] = []
   const reads: Array<Promise<void>> = []
   const recording: typeof fetch = async (input, init) => {
@@ -392,7 +401,19 @@ export function recordingFetch(): { fetch: typeof fetch; exchanges: Exchange[]; 
     )
     return res
   }
-  return { fetch: recording, exchanges, settled: () => Promise.all(reads).then(() => {}) }
+  const settled = (): Promise<void> => Promise.all(reads).then(() => {})
+  return {
+    fetch: recording,
+    exchanges,
+    settled,
+    async problems() {
+      await settled()
+      const found = exchanges.flatMap(exchangeProblems)
+      exchanges.length = 0
+      reads.length = 0
+      return found
+    },
+  }
 }
 
 function sseData(text: string): string[] {

@@ -275,8 +275,11 @@ export class Generator {
     return recordingSequence(paced, metadata, onSample)
   }
 
-  /** Counts sampled tokens for usage and metrics, and times the first and the gaps. */
-  private tokenMeter(): { onSample: () => void; count: () => number } {
+  /**
+   * Counts sampled tokens for usage and metrics, and times the first and the gaps. A `deferred`
+   * meter counts into the metrics only when commit() says its tokens were served.
+   */
+  private tokenMeter(deferred = false): { onSample: () => void; count: () => number; commit: () => void } {
     const { metrics } = this.init
     const started = performance.now()
     let last = started
@@ -284,13 +287,18 @@ export class Generator {
     return {
       onSample: () => {
         const now = performance.now()
-        if (produced === 0) metrics.ttft.observe((now - started) / 1000)
-        else metrics.itl.observe((now - last) / 1000)
+        if (!deferred) {
+          if (produced === 0) metrics.ttft.observe((now - started) / 1000)
+          else metrics.itl.observe((now - last) / 1000)
+          metrics.generated.inc()
+        }
         last = now
         produced++
-        metrics.generated.inc()
       },
       count: () => produced,
+      commit: () => {
+        if (deferred) metrics.generated.inc(produced)
+      },
     }
   }
 
@@ -351,7 +359,12 @@ export class Generator {
     }
   }
 
-  /** A choice with tools: LlamaChat in the model's own call format; `forced` makes a call certain. */
+  /**
+   * A choice with tools: LlamaChat in the model's own call format; `forced` makes a call certain.
+   * With `auto` and a response_format, the model first decides: a call goes on as a call; its first
+   * text ends that attempt (nothing of it is sent or counted) and the answer is written again from
+   * the same prompt under the format's grammar.
+   */
   private async withTools(
     req: GenerationRequest,
     prepared: Prepared,
@@ -361,7 +374,9 @@ export class Generator {
     run: { maxTokens: number; seed: number; clientGone: AbortSignal },
   ): Promise<ChoiceOutcome> {
     const { chat: tools } = prepared
-    const meter = this.tokenMeter()
+    const formatted = prepared.grammar != null && !tools!.forced
+    const meter = this.tokenMeter(formatted)
+    const answersInText = new AbortController()
     const wrapper = tools!.forced ? forcingCall(this.init.chatWrapper) : this.init.chatWrapper
     const chat = new LlamaChat({
       contextSequence: this.sequenceFor(req, slot, run.clientGone, meter.onSample),
@@ -370,17 +385,20 @@ export class Generator {
     })
     // node-llama-cpp ends each call's parameters with "\n\n\n\n": held back, and dropped at the end.
     const started = new Map<number, { call: number; held: string }>()
+    let result: Awaited<ReturnType<LlamaChat['generateResponse']>>
     try {
-      const result = await chat.generateResponse(tools!.history, {
+      result = await chat.generateResponse(tools!.history, {
         ...this.sampling(req, run.maxTokens, run.seed),
         functions: chatFunctions(req.tools, tools!.only),
         documentFunctionParams: true,
         ...(req.parallelToolCalls ? {} : { maxParallelFunctionCalls: 1 }),
         ...(req.stop.length > 0 ? { customStopTriggers: req.stop } : {}),
-        signal: run.clientGone,
+        signal: formatted ? AbortSignal.any([run.clientGone, answersInText.signal]) : run.clientGone,
         stopOnAbortSignal: true,
         onTextChunk: (text: string) => {
-          if (text !== '') writer.text(index, text)
+          if (!formatted) {
+            if (text !== '') writer.text(index, text)
+          } else if (text.trim() !== '') answersInText.abort()
         },
         onFunctionCallParamsChunk: (chunk) => {
           let s = started.get(chunk.callIndex)
@@ -395,24 +413,27 @@ export class Generator {
           writer.toolCallArguments(index, s.call, body)
         },
       } as Parameters<LlamaChat['generateResponse']>[1])
-      const calls = result.functionCalls ?? []
-      for (const [k, call] of calls.entries()) {
-        // A call without parameters streams none: it starts (and ends) here.
-        const s = started.get(k)
-        if (s == null) {
-          const c = writer.toolCallStart(index, callId(), call.functionName)
-          writer.toolCallArguments(index, c, JSON.stringify(call.params ?? {}))
-        } else if (writer.toolCalls(index)[s.call]?.arguments === '')
-          writer.toolCallArguments(index, s.call, '{}')
-      }
-      // A call the token limit cut short is no call (a stream has shown its start; finish_reason says length).
-      writer.keepToolCalls(index, calls.length)
-      const finish: FinishReason =
-        result.metadata.stopReason === 'maxTokens' ? 'length' : calls.length > 0 ? 'tool_calls' : 'stop'
-      return { finish, tokens: meter.count() }
     } finally {
       chat.dispose({ disposeSequence: false })
     }
+    if (answersInText.signal.aborted && !run.clientGone.aborted && started.size === 0)
+      return this.complete(req, prepared, slot, writer, index, run)
+    meter.commit()
+    const calls = result.functionCalls ?? []
+    for (const [k, call] of calls.entries()) {
+      // A call without parameters streams none: it starts (and ends) here.
+      const s = started.get(k)
+      if (s == null) {
+        const c = writer.toolCallStart(index, callId(), call.functionName)
+        writer.toolCallArguments(index, c, JSON.stringify(call.params ?? {}))
+      } else if (writer.toolCalls(index)[s.call]?.arguments === '')
+        writer.toolCallArguments(index, s.call, '{}')
+    }
+    // A call the token limit cut short is no call (a stream has shown its start; finish_reason says length).
+    writer.keepToolCalls(index, calls.length)
+    const finish: FinishReason =
+      result.metadata.stopReason === 'maxTokens' ? 'length' : calls.length > 0 ? 'tool_calls' : 'stop'
+    return { finish, tokens: meter.count() }
   }
 }
 

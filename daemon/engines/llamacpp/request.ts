@@ -1,6 +1,7 @@
 import type { GbnfJsonSchema } from 'node-llama-cpp'
 import { type ApiError, apiError, type HttpErrorCodeName } from '../../../core/errors.ts'
 import { isPlainObject } from '../../../core/guards.ts'
+import { contentText } from '../../../openai/content.ts'
 import { toGrammarSchema } from './json-schema.ts'
 
 /**
@@ -155,24 +156,6 @@ function number(
   }
   if (v < min || v > max) throw bad(`${key} must be between ${min} and ${max}, got ${v}`, key)
   return v
-}
-
-function textOf(content: unknown, param: string): string {
-  if (typeof content === 'string') return content
-  if (Array.isArray(content)) {
-    return content
-      .map((part, j) => {
-        if (
-          isPlainObject(part) &&
-          (part.type === 'text' || part.type === 'input_text' || part.type === 'output_text')
-        ) {
-          if (typeof part.text === 'string') return part.text
-        }
-        throw bad(`${param}[${j}]: only text parts are supported`, param, 'unsupported_content')
-      })
-      .join('')
-  }
-  throw bad(`${param} must be a string or a list of text parts`, param, 'invalid_type')
 }
 
 function checkKeys(b: Record<string, unknown>, allowed: Set<string>): void {
@@ -339,7 +322,8 @@ function parseMessage(callIds: Set<string>): (m: unknown, i: number) => ChatMess
     const at = `messages[${i}]`
     if (!isPlainObject(m)) throw bad(`${at} must be an object`, at, 'invalid_type')
     const role = m.role === 'developer' ? 'system' : m.role
-    if (role === 'system' || role === 'user') return { role, content: textOf(m.content, `${at}.content`) }
+    if (role === 'system' || role === 'user')
+      return { role, content: contentText(m.content, `${at}.content`) }
     if (role === 'assistant') {
       const toolCalls: ToolCall[] = []
       if (m.tool_calls != null) {
@@ -369,7 +353,7 @@ function parseMessage(callIds: Set<string>): (m: unknown, i: number) => ChatMess
           toolCalls.push({ id: call.id, name: fn.name, arguments: args === '' ? '{}' : args })
         }
       }
-      const content = m.content == null ? '' : textOf(m.content, `${at}.content`)
+      const content = m.content == null ? '' : contentText(m.content, `${at}.content`)
       return { role: 'assistant', content, toolCalls }
     }
     if (role === 'tool') {
@@ -380,7 +364,7 @@ function parseMessage(callIds: Set<string>): (m: unknown, i: number) => ChatMess
           `${at}.tool_call_id ${JSON.stringify(m.tool_call_id)} answers no tool call before it`,
           `${at}.tool_call_id`,
         )
-      return { role: 'tool', toolCallId: m.tool_call_id, content: textOf(m.content, `${at}.content`) }
+      return { role: 'tool', toolCallId: m.tool_call_id, content: contentText(m.content, `${at}.content`) }
     }
     throw bad(`${at}.role must be system, developer, user, assistant or tool`, `${at}.role`)
   }
@@ -467,12 +451,6 @@ export function parseGenerationRequest(
     throw bad('parallel_tool_calls must be a boolean', 'parallel_tool_calls', 'invalid_type')
   const format = kind === 'chat' ? parseFormat(b.response_format) : ({ type: 'text' } as const)
   const usesTools = toolChoice !== 'none' && tools.length > 0
-  if (usesTools && format.type !== 'text')
-    throw bad(
-      'response_format with tools is not supported unless tool_choice is none',
-      'response_format',
-      'unsupported_value',
-    )
   if (usesTools && logprobs)
     throw bad('logprobs with tools is not supported by this engine', 'logprobs', 'unsupported_value')
 

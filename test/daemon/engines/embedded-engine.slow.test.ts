@@ -208,9 +208,9 @@ describe('embedded engine (node-llama-cpp) on the generated tiny model, through 
       client.chat.completions.create({
         model,
         messages: [{ role: 'user', content: 'hi' }],
-        tools: [{ type: 'function', function: { name: 'f' } }],
-      }),
-    ).rejects.toMatchObject({ status: 400, param: 'tools', code: 'unsupported_parameter' })
+        functions: [{ name: 'f' }],
+      } as never),
+    ).rejects.toMatchObject({ status: 400, param: 'functions', code: 'unsupported_parameter' })
     // and the engine still serves
     const ok = await client.chat.completions.create({
       model,

@@ -8,7 +8,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest'
 import { LlamaCppEngine } from '../../../daemon/engines/llamacpp/engine.ts'
 import { writeTinyModel } from '../../../daemon/engines/llamacpp/tiny-model.ts'
 import type { EngineHandle } from '../../../daemon/engines/types.ts'
-import { exchangeProblems, recordingFetch } from '../../helpers/openapi.ts'
+import { recordingFetch } from '../../helpers/openapi.ts'
 
 /**
  * The OpenAI surface of the embedded engine past plain chat, on random-weight tiny models: whatever
@@ -102,10 +102,7 @@ describe('embedded engine: tools, structured output, sampling parameters, embedd
   })
   afterEach(async () => {
     // Every exchange of every test, valid against OpenAI's spec.
-    await recorder.settled()
-    const problems = recorder.exchanges.flatMap(exchangeProblems)
-    recorder.exchanges.length = 0
-    expect(problems).toEqual([])
+    expect(await recorder.problems()).toEqual([])
   })
   afterAll(async () => {
     await Promise.all(engines.map((e) => e.stop()))
@@ -202,6 +199,34 @@ describe('embedded engine: tools, structured output, sampling parameters, embedd
         JSON.parse(call.function.arguments)
       }
       if ((choice.message.tool_calls ?? []).length > 0) expect(choice.finish_reason).toBe('tool_calls')
+    }
+  })
+
+  it('with tools and a response_format, answers in valid calls or in JSON that matches the schema', async () => {
+    const schema = {
+      type: 'object',
+      properties: { answer: { type: 'string', maxLength: 8 } },
+      required: ['answer'],
+      additionalProperties: false,
+    }
+    const validate = ajv.compile(schema)
+    for (let seed = 1; seed <= 4; seed++) {
+      const res = await client.chat.completions.create({
+        model,
+        messages,
+        seed,
+        max_tokens: 120,
+        tools: [weatherTool],
+        response_format: { type: 'json_schema', json_schema: { name: 'answer', schema, strict: true } },
+      })
+      const choice = res.choices[0]!
+      if (choice.finish_reason === 'tool_calls') {
+        for (const call of choice.message.tool_calls!)
+          if (call.type === 'function') JSON.parse(call.function.arguments)
+      } else {
+        expect(choice.finish_reason).toBe('stop')
+        expect(validate(JSON.parse(choice.message.content!))).toBe(true)
+      }
     }
   })
 
