@@ -14,7 +14,8 @@ import { HostPolicyMonitor, type HostPolicyState } from './host/monitor.ts'
 import { createHostSampler, type HostSampler } from './host/sampler.ts'
 import type { InferMeshServer } from './infer-handler.ts'
 import { defaultNodeComponents, type NodeComponents } from './node/components.ts'
-import { NodeEngine } from './node/engine.ts'
+import { NodeEngine, oneLine } from './node/engine.ts'
+import { createNodeEngine, readHuggingFaceToken } from './node/engines.ts'
 import { NodeMembership } from './node/membership.ts'
 import { PauseController } from './node/pause.ts'
 import { NodeTelemetry } from './node/telemetry.ts'
@@ -50,6 +51,8 @@ export interface NodeDaemonOptions {
   /** How long in-flight requests may take to finish when the node drains. */
   drainGraceMs?: number
   rayOptIn?: boolean
+  /** Another vLLM image than the one pinned for the NVIDIA driver (a coordinator's build). */
+  vllmImage?: string
   /** The address the region's Ray head reaches this node at (LAN or VPN); default 127.0.0.1. */
   rayNodeIpAddress?: string
   /** Where models are kept (default `<dataDir>/models`). */
@@ -159,6 +162,7 @@ export class NodeDaemon extends TypedEventEmitter<NodeDaemonEvents> implements C
   private idleSeconds: number | null = null
   private hostSampler: HostSampler | null = null
   private hostMonitor: HostPolicyMonitor | null = null
+  private huggingFaceToken: string | undefined
 
   constructor(options: NodeDaemonOptions) {
     super()
@@ -167,6 +171,15 @@ export class NodeDaemon extends TypedEventEmitter<NodeDaemonEvents> implements C
     this.currentSettings = { ...defaultNodeSettings, ...options.settings }
     this.components = {
       ...defaultNodeComponents,
+      createEngine: (assignment, context) =>
+        createNodeEngine(assignment, context, {
+          dataDir: options.dataDir,
+          nodePeerId: () => this.node!.peerId.toString(),
+          hardware: () => this.hardware,
+          logger: this.log,
+          ...(options.vllmImage != null ? { vllmImage: options.vllmImage } : {}),
+          huggingFaceToken: () => this.huggingFaceToken,
+        }),
       createRayWorker: () =>
         new RayWorker({
           nodePeerId: this.node!.peerId.toString(),
@@ -185,6 +198,12 @@ export class NodeDaemon extends TypedEventEmitter<NodeDaemonEvents> implements C
         ...(options.maxTokensPerSecond != null ? { maxTokensPerSecond: options.maxTokensPerSecond } : {}),
         ...(options.vramCapMiB != null ? { vramCapMiB: options.vramCapMiB } : {}),
         ...(options.rayNodeIpAddress != null ? { rayNodeIpAddress: options.rayNodeIpAddress } : {}),
+        onDetail: () => this.safeDispatchEvent('state', { detail: this.status() }),
+        onFault: (fault) => {
+          if (fault.engine === 'llamacpp') return
+          this.engine.markFailed(fault)
+          void this.rejoin(`${fault.engine} failed: ${fault.reason}`)
+        },
       },
       this.components,
     )
@@ -276,7 +295,14 @@ export class NodeDaemon extends TypedEventEmitter<NodeDaemonEvents> implements C
       head: head?.peerId ?? null,
       model: assignment?.model ?? null,
       engine:
-        assignment != null ? { kind: assignment.engine, url: this.engine.handle?.baseUrl ?? null } : null,
+        assignment != null
+          ? {
+              kind: assignment.engine,
+              url: this.engine.handle?.baseUrl ?? null,
+              detail: this.engine.detail,
+              failed: this.engine.faults,
+            }
+          : null,
       gpu:
         gpu != null
           ? {
@@ -331,6 +357,7 @@ export class NodeDaemon extends TypedEventEmitter<NodeDaemonEvents> implements C
       const c = this.components
       this.key = await loadOrCreateIdentity(o.dataDir)
       this.hardware = o.hardware ?? (await c.probeHardware({ dataDir: o.dataDir }))
+      this.huggingFaceToken = await readHuggingFaceToken(o.dataDir)
       this.node = await c.createMeshNode({
         privateKey: this.key,
         ...(o.listen != null ? { listen: o.listen } : {}),
@@ -384,26 +411,66 @@ export class NodeDaemon extends TypedEventEmitter<NodeDaemonEvents> implements C
     }
   }
 
-  /** Joins the chosen head and starts (or keeps) the engine the assignment names. */
+  /**
+   * Joins the chosen head and starts (or keeps) the engine the assignment names. When vLLM cannot
+   * serve (no image, a failed pull, out of memory, a crash loop), the node says so in its next
+   * report, which then offers the head only the engines left: the head assigns the next engine of
+   * the model's list, or another model, or refuses the join with its reason.
+   */
   private async join(): Promise<void> {
     const membership = this.membership!
-    const assignment = await membership.join(this.key!, (region) =>
-      capabilityFromHardware(this.node!.peerId.toString(), region, this.hardware!, {
-        // The user's VRAM cap (settings) wins over the command line's; it sizes the engine's memory.
-        ...((this.currentSettings.vramCapMiB ?? this.options.vramCapMiB) != null
-          ? { vramCapMiB: (this.currentSettings.vramCapMiB ?? this.options.vramCapMiB)! }
-          : {}),
-        ...(this.options.ramCapMiB != null ? { ramCapMiB: this.options.ramCapMiB } : {}),
-        rayOptIn: this.options.rayOptIn === true,
-        daemonVersion: this.options.daemonVersion ?? '0.1.0',
-      }),
-    )
+    const assignment = await membership
+      .join(this.key!, (region) => this.capabilityReport(region))
+      .catch((err: Error) => {
+        const faults = this.engine.faults
+        if (faults.length === 0) throw err
+        throw new GarageError(
+          `${faults.map((f) => `${f.engine} failed (${f.reason})`).join('; ')}, and the head has nothing else for this node: ${err.message}`,
+          'NO_ENGINE',
+          { cause: err },
+        )
+      })
     this.telemetry.resetSequence()
     const head = membership.head!
     this.safeDispatchEvent('joined', { detail: { head: head.peerId, region: head.region!, assignment } })
-    if (!this.engine.serves(assignment)) await this.engine.start(assignment)
+    if (!this.engine.serves(assignment)) {
+      try {
+        await this.engine.start(assignment)
+      } catch (err) {
+        if (assignment.engine !== 'vllm') throw err
+        const reason = oneLine((err as Error).message)
+        this.log.error(
+          { engine: 'vllm', err: reason },
+          'vLLM cannot serve here; asking the head for another engine',
+        )
+        this.engine.markFailed({ engine: 'vllm', reason })
+        return this.join()
+      }
+    }
     await this.engine.startRayWorker(assignment, this.hardware, head.certificate?.rayTrusted === true)
     await this.telemetry.joined()
+  }
+
+  /** What this node offers its region now: its hardware, caps, and the engines that did not fail here. */
+  private capabilityReport(region: string): CapabilityReport {
+    const report = capabilityFromHardware(this.node!.peerId.toString(), region, this.hardware!, {
+      // The user's VRAM cap (settings) wins over the command line's; it sizes the engine's memory.
+      ...((this.currentSettings.vramCapMiB ?? this.options.vramCapMiB) != null
+        ? { vramCapMiB: (this.currentSettings.vramCapMiB ?? this.options.vramCapMiB)! }
+        : {}),
+      ...(this.options.ramCapMiB != null ? { ramCapMiB: this.options.ramCapMiB } : {}),
+      rayOptIn: this.options.rayOptIn === true,
+      daemonVersion: this.options.daemonVersion ?? '0.1.0',
+    })
+    const faults = this.engine.faults
+    if (faults.length === 0) return report
+    const failed = new Set<string>(faults.map((f) => f.engine))
+    return {
+      ...report,
+      // A Ray worker runs vLLM's image on the GPU: without vLLM here it cannot either.
+      engines: report.engines.filter((e) => !failed.has(e) && !(e === 'ray-worker' && failed.has('vllm'))),
+      engineFailures: faults.slice(0, 2),
+    }
   }
 
   /** Joins again (the head forgot this node, or another head took over); one rejoin at a time. */

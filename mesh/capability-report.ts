@@ -4,7 +4,7 @@ import { decodeCanonical, encodeCanonical, printable } from '../core/cbor.ts'
 import { GarageError } from '../core/errors.ts'
 import { isPlainObject } from '../core/guards.ts'
 import { regionNamePattern } from './certificate.ts'
-import type { CapabilityReport, GpuSummary } from './region-messages.ts'
+import type { CapabilityReport, EngineFailure, GpuSummary } from './region-messages.ts'
 
 /**
  * The signed capability report a node sends to join a region. Wire format in docs/region.md:
@@ -16,6 +16,7 @@ export const capabilityReportFormatVersion = 1
 /** 16 GPUs with 128-character names in 3-byte UTF-8 stay under this. */
 export const capabilityReportMaxBytes = 12 * 1024
 export const maxReportGpus = 16
+export const maxEngineFailures = 2
 /** GPU names, daemon version, pause reason. */
 export const maxReportStringLength = 128
 /** Replays of an old report are refused; clocks on gamers' PCs drift, so the window is generous. */
@@ -105,19 +106,24 @@ export function parseCapabilityReport(value: unknown): CapabilityReport {
       `capability report version ${printable(value.v)} is not supported (want ${capabilityReportFormatVersion})`,
     )
   }
-  checkKeys(value, '', [
-    'v',
-    'peerId',
-    'region',
-    'daemonVersion',
-    'issuedAt',
-    'hardware',
-    'engines',
-    'vramCapMiB',
-    'ramCapMiB',
-    'hostPolicy',
-    'rayOptIn',
-  ])
+  checkKeys(
+    value,
+    '',
+    [
+      'v',
+      'peerId',
+      'region',
+      'daemonVersion',
+      'issuedAt',
+      'hardware',
+      'engines',
+      'vramCapMiB',
+      'ramCapMiB',
+      'hostPolicy',
+      'rayOptIn',
+    ],
+    ['engineFailures'],
+  )
   const region = str(value.region, 'region')
   if (!regionNamePattern.test(region)) shape(`region ${JSON.stringify(region)} is not a region name`)
 
@@ -154,6 +160,16 @@ export function parseCapabilityReport(value: unknown): CapabilityReport {
   checkKeys(hp, 'hostPolicy.', ['state'], ['reason'])
   if (hp.state !== 'clear' && hp.state !== 'paused') shape('hostPolicy.state must be clear or paused')
   if (typeof value.rayOptIn !== 'boolean') shape('rayOptIn must be a boolean')
+  const failures = value.engineFailures
+  if (failures !== undefined && (!Array.isArray(failures) || failures.length > maxEngineFailures))
+    shape(`engineFailures must be a list of at most ${maxEngineFailures}`)
+  const engineFailures = (failures as unknown[] | undefined)?.map((f, i): EngineFailure => {
+    if (!isPlainObject(f)) shape(`engineFailures[${i}] must be a map`)
+    checkKeys(f, `engineFailures[${i}].`, ['engine', 'reason'])
+    if (f.engine !== 'vllm' && f.engine !== 'llamacpp')
+      shape(`engineFailures[${i}].engine must be vllm or llamacpp`)
+    return { engine: f.engine, reason: str(f.reason, `engineFailures[${i}].reason`) }
+  })
 
   return {
     v: 1,
@@ -174,6 +190,7 @@ export function parseCapabilityReport(value: unknown): CapabilityReport {
         ? { state: hp.state }
         : { state: hp.state, reason: str(hp.reason, 'hostPolicy.reason', 0) },
     rayOptIn: value.rayOptIn,
+    ...(engineFailures != null && engineFailures.length > 0 ? { engineFailures } : {}),
   }
 }
 

@@ -37,6 +37,17 @@ export interface CapabilityReport {
   hostPolicy: { state: 'clear' | 'paused'; reason?: string }
   /** The user opted in to joining a trusted Ray cluster. */
   rayOptIn: boolean
+  /**
+   * Engines this node has and tried, that failed to serve (a missing image, a failed pull, out of
+   * memory, a crash loop): left out of `engines`, with why, for the head to show.
+   */
+  engineFailures?: EngineFailure[]
+}
+
+export interface EngineFailure {
+  engine: 'llamacpp' | 'vllm'
+  /** At most 128 characters. */
+  reason: string
 }
 
 /** Where the engine gets its weights. */

@@ -77,7 +77,7 @@ export class HeadAdmission {
         if (assignment == null) {
           throw new JoinRefusedError(
             'no_assignment',
-            `no model of region ${region} fits this node (VRAM cap ${report.vramCapMiB} MiB, RAM cap ${report.ramCapMiB} MiB, engines ${report.engines.join(', ') || 'none'})`,
+            `no model of region ${region} fits this node (VRAM cap ${report.vramCapMiB} MiB, RAM cap ${report.ramCapMiB} MiB, engines ${report.engines.join(', ') || 'none'}${(report.engineFailures ?? []).map((f) => `; ${f.engine} failed: ${f.reason}`).join('')})`,
           )
         }
         verified.remove(peer.toString())
@@ -88,6 +88,11 @@ export class HeadAdmission {
           state: 'starting',
         })
         log.info({ node: peer.toString(), model: assignment.model, engine: assignment.engine }, 'node joined')
+        for (const f of report.engineFailures ?? [])
+          log.warn(
+            { node: peer.toString(), engine: f.engine, reason: f.reason },
+            'a node cannot run an engine it has',
+          )
         return assignment
       },
       onLeave: async (peer) => {

@@ -397,6 +397,10 @@ export class HeadApi {
         .nodes()
         .filter((n) => this.verified.flagged(n.peerId))
         .map((n) => n.peerId),
+      // Engines nodes have but could not run (they serve on another one): what to look at first.
+      engineFailures: this.registry
+        .nodes()
+        .flatMap((n) => (n.report.engineFailures ?? []).map((f) => ({ node: n.peerId, ...f }))),
     }
   }
 }

@@ -34,6 +34,8 @@ Options:
   --threads N               CPU threads of the embedded engine (default: all cores but one)
   --max-tokens-per-second N cap each sequence's speed (a volunteer's limit)
   --drain-grace D           how long in-flight requests may finish on stop (default: ${defaultDrainGraceMs / 1000}s)
+  --vllm-image IMAGE        the vLLM image to run for a vllm assignment (default: the pinned
+                            vllm/vllm-openai build for this NVIDIA driver)
   --ray                     agree to join the region's trusted Ray cluster when it runs one
   --ray-node-ip ADDRESS     the address the region's Ray head reaches this machine at (LAN or VPN)
   --control HOST:PORT       the local control API and dashboard (default: 127.0.0.1, a random port;
@@ -64,6 +66,7 @@ export async function run(argv: string[], ctx: CommandContext): Promise<number> 
     'drain-grace': { type: 'string' },
     ray: { type: 'boolean', default: false },
     'ray-node-ip': { type: 'string' },
+    'vllm-image': { type: 'string' },
     'allow-private': { type: 'boolean', default: false },
     control: { type: 'string' },
     'control-allow-remote': { type: 'boolean', default: false },
@@ -103,6 +106,7 @@ export async function run(argv: string[], ctx: CommandContext): Promise<number> 
         ? parseDuration(values['drain-grace'], '--drain-grace')
         : defaultDrainGraceMs,
     rayOptIn: values.ray,
+    ...(values['vllm-image'] != null ? { vllmImage: values['vllm-image'] } : {}),
     ...(values['ray-node-ip'] != null ? { rayNodeIpAddress: values['ray-node-ip'] } : {}),
     daemonVersion: await garageVersion(),
     logger,
@@ -131,7 +135,9 @@ export async function run(argv: string[], ctx: CommandContext): Promise<number> 
     `  region   ${info.region} (head ${info.head}${info.rttMs != null ? `, ${info.rttMs} ms` : ''})`,
   )
   print(ctx.stdout, `  model    ${info.model}`)
-  print(ctx.stdout, `  engine   ${info.engineUrl} (loopback only)`)
+  const engine = daemon.status().engine
+  print(ctx.stdout, `  engine   ${info.engineUrl} (${engine?.kind ?? 'engine'}, loopback only)`)
+  for (const f of engine?.failed ?? []) print(ctx.stdout, `  note     ${f.engine} failed here: ${f.reason}`)
   print(ctx.stdout, `  control  ${server.url}/ (dashboard; token in ${server.tokenPath})`)
   await new Promise<void>((resolve) => {
     if (ctx.shutdown.aborted) resolve()

@@ -47,6 +47,10 @@ export function formatStatus(s: NodeStatus): string {
     ['state', describeState(s)],
     ['model', s.model ?? '-'],
     ['engine', s.engine != null ? `${s.engine.kind}${s.engine.url != null ? ` ${s.engine.url}` : ''}` : '-'],
+    ...(s.engine?.detail != null && s.engine.failed.length === 0
+      ? [['', s.engine.detail] as [string, string]]
+      : []),
+    ...(s.engine?.failed ?? []).map((f): [string, string] => ['', `${f.engine} failed: ${f.reason}`]),
     ['gpu', gpu],
     ['region', s.region != null ? `${s.region}${s.head != null ? ` (head ${s.head})` : ''}` : '-'],
     ['peer id', s.peerId ?? '-'],

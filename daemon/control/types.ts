@@ -17,7 +17,14 @@ export interface NodeStatus {
   region: string | null
   head: string | null
   model: string | null
-  engine: { kind: string; url: string | null } | null
+  engine: {
+    kind: string
+    url: string | null
+    /** What the engine is doing besides serving: pulling its image (how far), or why it failed. */
+    detail: string | null
+    /** Engines that failed on this node (it serves on another one meanwhile), with why. */
+    failed: Array<{ engine: string; reason: string }>
+  } | null
   gpu: { name: string; vramMiB: number; utilizationPct: number | null; temperatureC: number | null } | null
   tokensPerSecond: number
   tokensToday: number

@@ -10,12 +10,12 @@ import { requestJoin, requestLeave } from '../../mesh/join-protocol.ts'
 import { createMeshNode, type MeshNode, type MeshNodeOptions } from '../../mesh/node.ts'
 import type { Assignment, TelemetryReport } from '../../mesh/region-messages.ts'
 import { sendTelemetry, type TelemetryAck } from '../../mesh/telemetry-protocol.ts'
-import { LlamaCppEngine } from '../engines/llamacpp/engine.ts'
 import type { RayWorker } from '../engines/ray/worker.ts'
 import type { Engine } from '../engines/types.ts'
 import { probeHardware } from '../hardware/probe.ts'
 import type { HardwareReport } from '../hardware/types.ts'
 import { type InferForwardingOptions, type InferMeshServer, serveInferOverMesh } from '../infer-handler.ts'
+import type { EngineContext } from './engines.ts'
 
 /** What the daemon needs of discovery: the head to join, and word when it is lost or changes. */
 export interface RegionFinder
@@ -48,14 +48,14 @@ export interface NodeComponents {
     options: { signal: AbortSignal; onVerified: (tokens: number) => void },
   ): Promise<TelemetryAck>
   serveInfer(node: MeshNode, options: InferForwardingOptions): Promise<InferMeshServer>
-  /** The engine an assignment names. */
-  createEngine(assignment: Assignment): Engine
+  /** The engine an assignment names (daemon/node/engines.ts makes the real ones). */
+  createEngine(assignment: Assignment, context: EngineContext): Engine
   /** A Ray worker (a container through Podman or Docker). */
   createRayWorker(): RayWorker
 }
 
-/** The real parts, except the Ray worker, which needs the node's identity and is made by the daemon. */
-export const defaultNodeComponents: Omit<NodeComponents, 'createRayWorker'> = {
+/** The real parts, except the engine and the Ray worker, which need the node's identity and hardware and are made by the daemon. */
+export const defaultNodeComponents: Omit<NodeComponents, 'createRayWorker' | 'createEngine'> = {
   probeHardware: ({ dataDir }) => probeHardware({ dataDir, commandTimeoutMs: 5_000, otherGpus: false }),
   createMeshNode,
   createDiscovery: (node, init) => new RegionDiscovery(node, init),
@@ -63,5 +63,4 @@ export const defaultNodeComponents: Omit<NodeComponents, 'createRayWorker'> = {
   requestLeave,
   sendTelemetry,
   serveInfer: serveInferOverMesh,
-  createEngine: () => new LlamaCppEngine(),
 }

@@ -1,5 +1,6 @@
 import { access, mkdir } from 'node:fs/promises'
 import { isAbsolute, join } from 'node:path'
+import type { PullProgress } from '../../containers/types.ts'
 import { GarageError } from '../../core/errors.ts'
 import type { Logger } from '../../core/logger.ts'
 import type { Assignment } from '../../mesh/region-messages.ts'
@@ -8,6 +9,7 @@ import { writeTinyModel } from '../engines/llamacpp/tiny-model.ts'
 import type { RayWorker } from '../engines/ray/worker.ts'
 import type { Engine, EngineHandle, EngineMetrics } from '../engines/types.ts'
 import type { HardwareReport } from '../hardware/types.ts'
+import type { EngineContext } from './engines.ts'
 
 export class NodeJoinError extends GarageError {}
 
@@ -21,12 +23,22 @@ export interface NodeEngineInit {
   /** The address the region's Ray head reaches this node at (LAN or VPN). */
   rayNodeIpAddress?: string
   logger: Logger
+  /** The engine's detail (a pull's progress, a failure) changed: status displays redraw. */
+  onDetail?(detail: string | null): void
+  /** The serving engine failed for good (a crash loop): the node finds another way to serve. */
+  onFault?(fault: EngineFault): void
 }
 
 export interface NodeEngineComponents {
   /** The engine an assignment names. */
-  createEngine(assignment: Assignment): Engine
+  createEngine(assignment: Assignment, context: EngineContext): Engine
   createRayWorker(): RayWorker
+}
+
+/** An engine that failed for good: the engine, and why (one line, for the head and the status). */
+export interface EngineFault {
+  engine: Assignment['engine']
+  reason: string
 }
 
 async function exists(path: string): Promise<boolean> {
@@ -47,6 +59,8 @@ export class NodeEngine {
   #handle: EngineHandle | null = null
   #running: Assignment | null = null
   #rayWorker: RayWorker | null = null
+  #detail: string | null = null
+  readonly #faults = new Map<Assignment['engine'], string>()
 
   constructor(init: NodeEngineInit, components: NodeEngineComponents) {
     this.#init = init
@@ -73,6 +87,28 @@ export class NodeEngine {
     )
   }
 
+  /** What the engine is doing beyond serving: pulling its image (how far), or why it failed. */
+  get detail(): string | null {
+    return this.#detail
+  }
+
+  /** Engines that failed on this node since it started, with why: not offered to the head again. */
+  get faults(): EngineFault[] {
+    return [...this.#faults].map(([engine, reason]) => ({ engine, reason }))
+  }
+
+  /** Remembers that `engine` cannot serve here (until the node restarts). */
+  markFailed(fault: EngineFault): void {
+    this.#faults.set(fault.engine, fault.reason)
+    this.#setDetail(`${fault.engine} failed: ${fault.reason}`)
+  }
+
+  #setDetail(detail: string | null): void {
+    if (detail === this.#detail) return
+    this.#detail = detail
+    this.#init.onDetail?.(detail)
+  }
+
   async metrics(): Promise<EngineMetrics | null> {
     return (await this.#engine?.metrics().catch(() => null)) ?? null
   }
@@ -81,10 +117,24 @@ export class NodeEngine {
   async start(assignment: Assignment): Promise<void> {
     if (this.#engine != null) await this.release()
     const log = this.#init.logger
-    const engine = this.#c.createEngine(assignment)
+    let lastLog = 0
+    const engine = this.#c.createEngine(assignment, {
+      onPullProgress: (p) => {
+        const detail = pullDetail(p)
+        this.#setDetail(detail)
+        if (Date.now() - lastLog >= 5_000 || p.phase === 'done') {
+          lastLog = Date.now()
+          log.info({ image: p.image, phase: p.phase, fraction: p.fraction }, detail)
+        }
+      },
+    })
     this.#engine = engine
     engine.addEventListener('crashed', (evt) => {
-      log.error({ err: evt.detail.error.message }, 'engine crashed')
+      const reason = oneLine(evt.detail.error.message)
+      log.error({ err: reason, engine: assignment.engine }, 'engine crashed')
+      // Only the engine serving now: a crash of one already replaced is old news.
+      if (this.#engine !== engine) return
+      this.#init.onFault?.({ engine: assignment.engine, reason })
     })
     const model =
       assignment.engine === 'llamacpp' ? await this.#resolveGguf(assignment) : assignment.source.hf
@@ -106,6 +156,8 @@ export class NodeEngine {
       ...(assignment.task === 'embed' ? { task: 'embed' as const } : {}),
     })
     this.#running = assignment
+    // A failure shown before stays shown (the node serves on another engine because of it).
+    if (this.#faults.size === 0) this.#setDetail(null)
     log.info({ model: assignment.model, url: this.#handle.baseUrl }, 'engine ready')
   }
 
@@ -200,4 +252,25 @@ export class NodeEngine {
     }
     return source
   }
+}
+
+/** One line of at most 128 characters (what a capability report carries). */
+export function oneLine(text: string): string {
+  const line = text.replace(/\s+/g, ' ').trim()
+  return line.length <= 128 ? line : `${line.slice(0, 127)}…`
+}
+
+function gigabytes(bytes: number): string {
+  return `${(bytes / 1e9).toFixed(1)} GB`
+}
+
+/** "pulling docker.io/vllm/vllm-openai:v0.30.0: 42% (3.4 of 8.1 GB)", as far as the CLI tells. */
+export function pullDetail(p: PullProgress): string {
+  if (p.phase === 'done') return `pulled ${p.image}`
+  const parts: string[] = []
+  if (p.fraction != null) parts.push(`${Math.floor(p.fraction * 100)}%`)
+  if (p.bytesDone != null && p.bytesTotal != null)
+    parts.push(`(${gigabytes(p.bytesDone)} of ${gigabytes(p.bytesTotal)})`)
+  else if (p.layersTotal > 0) parts.push(`(${p.layersDone} of ${p.layersTotal} layers)`)
+  return `pulling ${p.image}${parts.length > 0 ? `: ${parts.join(' ')}` : ''}`
 }

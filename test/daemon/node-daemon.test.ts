@@ -5,6 +5,10 @@ import { generateKeyPair } from '@libp2p/crypto/keys'
 import { peerIdFromPrivateKey } from '@libp2p/peer-id'
 import { TypedEventEmitter } from 'main-event'
 import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest'
+import { chooseAssignment } from '../../bootstrap/head/assign.ts'
+import { parseRegionPolicy } from '../../bootstrap/head/policy.ts'
+import { silentLogger } from '../../core/logger.ts'
+import { LlamaCppEngine } from '../../daemon/engines/llamacpp/engine.ts'
 import type {
   Engine,
   EngineEvents,
@@ -13,13 +17,19 @@ import type {
   EngineStartOptions,
   EngineState,
 } from '../../daemon/engines/types.ts'
+import { VllmEngine } from '../../daemon/engines/vllm/engine.ts'
+import type { HardwareReport } from '../../daemon/hardware/types.ts'
 import type { NodeComponents, RegionFinder } from '../../daemon/node/components.ts'
+import { pullDetail } from '../../daemon/node/engine.ts'
+import { createNodeEngine, vllmGpuRequest } from '../../daemon/node/engines.ts'
 import { NodeDaemon, type NodeDaemonState } from '../../daemon/node-daemon.ts'
+import { verifyCapabilityReport } from '../../mesh/capability-report.ts'
 import type { DiscoveredHead, RegionDiscoveryEvents } from '../../mesh/discovery.ts'
 import { loadOrCreateIdentity } from '../../mesh/identity.ts'
+import { JoinRefusedError } from '../../mesh/join-protocol.ts'
 import type { MeshNode } from '../../mesh/node.ts'
-import type { Assignment, TelemetryReport } from '../../mesh/region-messages.ts'
-import { cpuOnlyMachine } from '../helpers/hardware.ts'
+import type { Assignment, CapabilityReport, TelemetryReport } from '../../mesh/region-messages.ts'
+import { cpuOnlyMachine, nvidiaMachine } from '../helpers/hardware.ts'
 
 /**
  * The node's state machine (start, join, pause and resume from several sources, rejoin, drain and
@@ -323,5 +333,193 @@ describe('NodeDaemon (stand-in mesh, head and engine)', () => {
     r.failEngine.error = new Error('no such model file')
     await expect(r.daemon.start()).rejects.toThrow('no such model file')
     expect(r.daemon.status()).toMatchObject({ state: 'stopped', reason: 'no such model file' })
+  })
+})
+
+describe('NodeDaemon: the engine an assignment names, and when vLLM cannot serve', () => {
+  let dir: string
+  const daemons: NodeDaemon[] = []
+
+  beforeEach(async () => {
+    dir = await mkdtemp(join(tmpdir(), 'garage-node-engines-'))
+  })
+  afterEach(async () => {
+    for (const d of daemons.splice(0)) await d.stop({ graceMs: 0 })
+    await rm(dir, { recursive: true, force: true })
+  })
+
+  /** A vLLM engine that fails to start with `failure`, or starts and can be made to crash. */
+  class FakeVllm extends FakeEngine {
+    override readonly kind = 'vllm' as never
+    crash(message: string): void {
+      this.safeDispatchEvent('crashed', { detail: { error: new Error(message), restarts: 5 } })
+    }
+  }
+
+  /** A daemon on an NVIDIA machine whose head runs the real assignment rules over `engines`. */
+  async function rig(engines: Array<'vllm' | 'llamacpp'>, vllmFailure: Error | null) {
+    const log: string[] = []
+    const reports: CapabilityReport[] = []
+    const made: FakeEngine[] = []
+    const selfKey = await loadOrCreateIdentity(dir)
+    const self = peerIdFromPrivateKey(selfKey)
+    const headId = peerIdFromPrivateKey(await generateKeyPair('Ed25519')).toString()
+    const policy = parseRegionPolicy({
+      region: 'eu-test',
+      models: [
+        {
+          name: 'llama-3.1-8b-instruct',
+          engine: engines,
+          source: { hf: 'meta-llama/Llama-3.1-8B-Instruct', gguf: 'garage-tiny' },
+          replicas: 1,
+          minVramMiB: 0,
+          minRamMiB: 16,
+        },
+      ],
+    })
+    const components: Partial<NodeComponents> = {
+      createMeshNode: async () => ({ peerId: self, stop: async () => {} }) as unknown as MeshNode,
+      createDiscovery: () => new FakeFinder(() => head(headId)),
+      requestJoin: async (_node, peer, signed) => {
+        const report = await verifyCapabilityReport(signed, {
+          remotePeer: self,
+          region: 'eu-test',
+          now: Date.now(),
+        })
+        reports.push(report)
+        const assignment = chooseAssignment(policy, report, new Map(), peer.toString())
+        if (assignment == null)
+          throw new JoinRefusedError('no_assignment', 'no model of region eu-test fits this node')
+        return { ...assignment, telemetryIntervalMs: 60_000 }
+      },
+      requestLeave: async () => {},
+      sendTelemetry: async () => 'ok',
+      serveInfer: async () => ({ activeRequests: () => 0, idle: async () => {}, stop: async () => {} }),
+      createEngine: (assignment) => {
+        const engine =
+          assignment.engine === 'vllm'
+            ? new FakeVllm(log, () => vllmFailure)
+            : new FakeEngine(log, () => null)
+        made.push(engine)
+        return engine
+      },
+    }
+    const daemon = new NodeDaemon({
+      dataDir: dir,
+      authority: headId,
+      bootstrap: [],
+      hardware: nvidiaMachine(),
+      hostPolicies: false,
+      rayOptIn: true,
+      components,
+    })
+    daemons.push(daemon)
+    return { daemon, log, reports, made }
+  }
+
+  it('runs vLLM when the head assigns it, on a machine with an NVIDIA GPU and a container path', async () => {
+    const r = await rig(['vllm', 'llamacpp'], null)
+    await r.daemon.start()
+    expect(r.reports[0]!.engines).toEqual(['llamacpp', 'vllm', 'ray-worker'])
+    expect(r.daemon.status().engine).toMatchObject({ kind: 'vllm', failed: [] })
+    expect(r.made.map((e) => e.kind)).toEqual(['vllm'])
+  })
+
+  it('falls back to the embedded engine when vLLM cannot start, and tells the head why', async () => {
+    const reason =
+      'pulling docker.io/vllm/vllm-openai:v0.30.0 failed: dial tcp: lookup docker.io: no such host'
+    const r = await rig(['vllm', 'llamacpp'], new Error(reason))
+    await r.daemon.start()
+    expect(r.daemon.state).toBe('serving')
+    expect(r.made.map((e) => e.kind)).toEqual(['vllm', 'llamacpp'])
+    const again = r.reports.at(-1)!
+    expect(again.engines).toEqual(['llamacpp'])
+    expect(again.engineFailures).toEqual([{ engine: 'vllm', reason }])
+    expect(r.daemon.status().engine).toMatchObject({
+      kind: 'llamacpp',
+      failed: [{ engine: 'vllm', reason: expect.stringContaining('no such host') }],
+    })
+  })
+
+  it('moves to the embedded engine when vLLM crash-loops after it served', async () => {
+    const r = await rig(['vllm', 'llamacpp'], null)
+    await r.daemon.start()
+    const joined = new Promise<void>((resolve) =>
+      r.daemon.addEventListener('joined', () => resolve(), { once: true }),
+    )
+    ;(r.made[0] as FakeVllm).crash('the vLLM container exited 5 times in 10 minutes: CUDA out of memory')
+    await joined
+    await vi.waitFor(() => expect(r.daemon.status().engine?.kind).toBe('llamacpp'))
+    expect(r.reports.at(-1)!.engineFailures?.[0]?.reason).toMatch(/CUDA out of memory/)
+  })
+
+  it('says what failed when the region has nothing else for it', async () => {
+    const r = await rig(['vllm'], new Error('the image localhost/vllm:missing does not exist'))
+    await expect(r.daemon.start()).rejects.toThrow(
+      /vllm failed \(the image localhost\/vllm:missing does not exist\), and the head has nothing else for this node: .*no model of region eu-test fits/,
+    )
+  })
+})
+
+describe('the engine a vllm assignment makes', () => {
+  it("tells a pull's progress as a status line", () => {
+    const base = {
+      image: 'docker.io/vllm/vllm-openai:v0.30.0',
+      layersTotal: 0,
+      layersDone: 0,
+      bytesDone: null,
+      bytesTotal: null,
+      fraction: null,
+      line: '',
+    }
+    expect(pullDetail({ ...base, phase: 'resolving' })).toBe('pulling docker.io/vllm/vllm-openai:v0.30.0')
+    expect(
+      pullDetail({ ...base, phase: 'downloading', fraction: 0.421, bytesDone: 3.4e9, bytesTotal: 8.1e9 }),
+    ).toBe('pulling docker.io/vllm/vllm-openai:v0.30.0: 42% (3.4 GB of 8.1 GB)')
+    expect(pullDetail({ ...base, phase: 'extracting', layersTotal: 12, layersDone: 5, fraction: 0.41 })).toBe(
+      'pulling docker.io/vllm/vllm-openai:v0.30.0: 41% (5 of 12 layers)',
+    )
+    expect(pullDetail({ ...base, phase: 'done' })).toBe('pulled docker.io/vllm/vllm-openai:v0.30.0')
+  })
+
+  it('gets the GPU on the path the probe found: CDI devices with Podman, --gpus with Docker', () => {
+    const m = nvidiaMachine()
+    expect(vllmGpuRequest(m, 'podman')).toBe('all')
+    expect(
+      vllmGpuRequest(
+        { ...m, nvidiaContainer: { ...m.nvidiaContainer, cdiDevices: ['nvidia.com/gpu=0'] } },
+        'podman',
+      ),
+    ).toEqual({
+      devices: ['nvidia.com/gpu=0'],
+    })
+    expect(vllmGpuRequest(m, 'docker')).toBe('all')
+  })
+
+  it('is VllmEngine on the runtime with a GPU path, and a clear error where vLLM cannot run', () => {
+    const assignment: Assignment = {
+      v: 1,
+      region: 'eu-test',
+      head: 'h',
+      model: 'm',
+      engine: 'vllm',
+      source: { hf: 'org/m' },
+      engineArgs: {},
+      telemetryIntervalMs: 2_000,
+    }
+    const init = (hardware: HardwareReport) => ({
+      dataDir: '/tmp/x',
+      nodePeerId: () => '12D3KooWTest',
+      hardware: () => hardware,
+      logger: silentLogger,
+    })
+    const context = { onPullProgress: () => {} }
+    expect(createNodeEngine(assignment, context, init(nvidiaMachine()))).toBeInstanceOf(VllmEngine)
+    expect(
+      createNodeEngine({ ...assignment, engine: 'llamacpp' }, context, init(cpuOnlyMachine())),
+    ).toBeInstanceOf(LlamaCppEngine)
+    expect(() => createNodeEngine(assignment, context, init(cpuOnlyMachine()))).toThrow(
+      /vLLM needs an NVIDIA GPU/,
+    )
   })
 })

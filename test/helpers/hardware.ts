@@ -38,3 +38,37 @@ export function cpuOnlyMachine(): HardwareReport {
     durationMs: 1,
   }
 }
+
+/** A gamer's PC as the probe sees it: an RTX 4090 (24 GiB), Podman running, a CDI spec for the GPU. */
+export function nvidiaMachine(): HardwareReport {
+  const m = cpuOnlyMachine()
+  const gpu = {
+    index: 0,
+    vendor: 'nvidia' as const,
+    name: 'NVIDIA GeForce RTX 4090',
+    uuid: 'GPU-5d3f2a9c-8e1b-4c7d-9f02-6a1b3c4d5e6f',
+    vramTotalMiB: 24_564,
+    vramUsedMiB: 1_387,
+    utilizationPct: 4,
+    temperatureC: 42,
+    powerDrawW: 31,
+    powerLimitW: 450,
+    driverVersion: '580.95',
+    computeCapability: '8.9',
+    source: 'nvidia-smi' as const,
+  }
+  return {
+    ...m,
+    gpus: [gpu],
+    nvidia: { tool: 'nvidia-smi', status: 'ok', message: null, gpus: [gpu] },
+    containers: {
+      ...m.containers,
+      podman: { ...m.containers.podman, installed: true, version: '4.3.1', reachable: true, rootless: false },
+    },
+    nvidiaContainer: {
+      cdiSpecFiles: ['/etc/cdi/nvidia.yaml'],
+      cdiDevices: ['nvidia.com/gpu=0', 'nvidia.com/gpu=all'],
+      toolkitInstalled: true,
+    },
+  }
+}

@@ -188,6 +188,10 @@ export interface ProcessClusterOptions {
   keyNames: string[]
   /** libp2p debug namespaces for the nodes (DEBUG=...), to see dials and connection drops in their logs. */
   nodeDebug?: string
+  /** The regions' policy models (default: the tiny model on the embedded engine, a replica per node). */
+  models?: unknown[]
+  /** More `garage node` arguments and environment for a node (e.g. --vllm-image, a PATH with a fake nvidia-smi). */
+  nodeSetup?: (node: string) => { args?: string[]; env?: NodeJS.ProcessEnv }
   /** A node logged that it joined its region (first start, or a rejoin after a loss). */
   onNodeJoined?: (node: string, at: number) => void
   progress?: (message: string) => void
@@ -348,7 +352,7 @@ export class ProcessCluster {
         join(dir, 'policy.json'),
         JSON.stringify({
           region: name,
-          models: [
+          models: o.models ?? [
             {
               name: tinyModel,
               engine: ['llamacpp'],
@@ -480,6 +484,8 @@ export class ProcessCluster {
       ...['--max-tokens-per-second', String(this.options.maxTokensPerSecond)],
       ...['--no-host-policies', '--drain-grace', '5s', '--data-dir', n.dir],
     ]
+    const setup = this.options.nodeSetup?.(name) ?? {}
+    args.push(...(setup.args ?? []))
     const argv = [process.execPath, garageBin, ...args]
     const onStderr = (line: string): void => {
       if (line.includes('"msg":"joined the region"')) this.options.onNodeJoined?.(name, performance.now())
@@ -490,6 +496,7 @@ export class ProcessCluster {
       this.env({
         ...daemonEnv(),
         ...(this.options.nodeDebug != null ? { DEBUG: this.options.nodeDebug } : {}),
+        ...setup.env,
       }),
       onStderr,
     )

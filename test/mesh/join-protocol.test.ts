@@ -106,6 +106,26 @@ describe('signed capability reports', () => {
     expect(await verify(await signCapabilityReport(key, report))).toEqual(report)
   })
 
+  it('carries the engines that failed, with why, and bounds them', async () => {
+    const report = reportFor(peer.toString(), {
+      engines: ['llamacpp'],
+      engineFailures: [{ engine: 'vllm', reason: 'the vLLM image could not be pulled: no network' }],
+    })
+    expect(await verify(await signCapabilityReport(key, report))).toEqual(report)
+    for (const failures of [
+      [{ engine: 'docker', reason: 'x' }],
+      [{ engine: 'vllm', reason: 'x'.repeat(129) }],
+      [{ engine: 'vllm', reason: '' }],
+      [{ engine: 'vllm' }],
+      Array.from({ length: 3 }, () => ({ engine: 'vllm', reason: 'x' })),
+    ]) {
+      const bad = reportFor(peer.toString(), { engineFailures: failures as never })
+      expect((await rejection(verify(await forge(key, bad)))).name, JSON.stringify(failures)).toBe(
+        'CapabilityReportShapeError',
+      )
+    }
+  })
+
   it('drops absent optional fields, so a report built with undefined still encodes', async () => {
     const report = reportFor(peer.toString(), { hostPolicy: { state: 'clear', reason: undefined } as never })
     expect((await verify(await signCapabilityReport(key, report))).hostPolicy).toEqual({ state: 'clear' })

@@ -13,7 +13,7 @@ export function statusOf(state: NodeStatus['state'], patch: Partial<NodeStatus> 
     region: 'eu-north',
     head: '12D3KooWHead',
     model: 'garage-tiny',
-    engine: { kind: 'llamacpp', url: 'http://127.0.0.1:5001' },
+    engine: { kind: 'llamacpp', url: 'http://127.0.0.1:5001', detail: null, failed: [] },
     gpu: null,
     tokensPerSecond: 0,
     tokensToday: 0,

@@ -131,7 +131,10 @@ function renderStatus(status) {
   $('reason').textContent = reason.join(' · ')
   $('gpu').textContent = describeGpu(status.gpu)
   $('model').textContent = status.model ?? '–'
-  $('engine').textContent = status.engine != null ? status.engine.kind : '–'
+  const engine = status.engine
+  const notes = engine == null ? [] : [...(engine.failed ?? []).map((f) => `${f.engine} failed: ${f.reason}`)]
+  if (engine?.detail != null && notes.length === 0) notes.push(engine.detail)
+  $('engine').textContent = engine != null ? [engine.kind, ...notes].join(' · ') : '–'
   $('region').textContent = status.region ?? '–'
   $('uptime').textContent = formatDuration(status.uptimeSeconds)
   renderNumbers(status)

@@ -12,7 +12,7 @@ export class StandInTarget extends TypedEventEmitter<ControlEvents> implements C
     region: 'eu-north',
     head: '12D3KooWStandInHead',
     model: 'garage-tiny',
-    engine: { kind: 'llamacpp', url: 'http://127.0.0.1:9999' },
+    engine: { kind: 'llamacpp', url: 'http://127.0.0.1:9999', detail: null, failed: [] },
     gpu: { name: 'NVIDIA GeForce RTX 4070', vramMiB: 12_282, utilizationPct: 40, temperatureC: 61 },
     tokensPerSecond: 0,
     tokensToday: 1_200,

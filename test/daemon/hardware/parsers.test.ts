@@ -1,6 +1,10 @@
+import { mkdtemp, rm, writeFile } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
 import { describe, expect, it } from 'vitest'
 import { parseRocmSmi } from '../../../daemon/hardware/amd.ts'
 import { kvCacheMiB, loadCatalog, requiredVramMiB } from '../../../daemon/hardware/catalog.ts'
+import { cdiSpecDirs, cdiSpecDirsOf, containersConfFiles } from '../../../daemon/hardware/containers.ts'
 import { parseNvidiaComputeApps, parseNvidiaGpus } from '../../../daemon/hardware/nvidia.ts'
 import { isWsl2, parseOsRelease } from '../../../daemon/hardware/system.ts'
 
@@ -92,5 +96,46 @@ describe('model catalog', () => {
     const llama = catalog.find((m) => m.id === 'llama-3.1-8b-instruct-awq')!
     expect(kvCacheMiB(llama)).toBe(1024)
     expect(llama.minVramMiB.vllm).toBe(Math.ceil((5465 + 1024 + 1536) / 0.9))
+  })
+})
+
+describe("where Podman looks for CDI specs (containers.conf's cdi_spec_dirs)", () => {
+  it('reads the [engine] table only, quoted either way, comments and other tables ignored', () => {
+    const conf = [
+      '[containers]',
+      'cdi_spec_dirs = ["/not/here"]',
+      '[engine] # the engine',
+      'runtime = "runc"',
+      'cdi_spec_dirs = ["/etc/cdi", \'/opt/cdi\']',
+      '[network]',
+    ].join('\n')
+    expect(cdiSpecDirsOf(conf)).toEqual(['/etc/cdi', '/opt/cdi'])
+    expect(cdiSpecDirsOf('[engine]\nruntime = "runc"')).toBeNull()
+  })
+
+  it('follows CONTAINERS_CONF and CONTAINERS_CONF_OVERRIDE as Podman does, the last setting winning', async () => {
+    expect(containersConfFiles({ HOME: '/home/me' })).toEqual([
+      '/usr/share/containers/containers.conf',
+      '/etc/containers/containers.conf',
+      '/home/me/.config/containers/containers.conf',
+    ])
+    const dir = await mkdtemp(join(tmpdir(), 'garage-conf-'))
+    try {
+      await writeFile(join(dir, 'a.conf'), '[engine]\ncdi_spec_dirs = ["/a"]\n')
+      await writeFile(join(dir, 'b.conf'), '[engine]\ncdi_spec_dirs = ["/b"]\n')
+      expect(await cdiSpecDirs({ CONTAINERS_CONF: join(dir, 'a.conf') })).toEqual(['/a'])
+      expect(
+        await cdiSpecDirs({
+          CONTAINERS_CONF: join(dir, 'a.conf'),
+          CONTAINERS_CONF_OVERRIDE: join(dir, 'b.conf'),
+        }),
+      ).toEqual(['/b'])
+      expect(await cdiSpecDirs({ CONTAINERS_CONF: join(dir, 'missing.conf') })).toEqual([
+        '/etc/cdi',
+        '/var/run/cdi',
+      ])
+    } finally {
+      await rm(dir, { recursive: true, force: true })
+    }
   })
 })
