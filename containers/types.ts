@@ -8,7 +8,7 @@ import type { Logger } from '../core/logger.ts'
 export type ContainerRuntimeName = 'podman' | 'docker'
 
 /** What a Garage container is for; also its `garage.role` label. */
-export type GarageContainerRole = 'vllm' | 'ray-worker' | 'ray-head'
+export type GarageContainerRole = 'vllm' | 'vllm-group' | 'ray-worker' | 'ray-head'
 
 export interface ContainerRuntimeDetails {
   name: ContainerRuntimeName

@@ -14,8 +14,8 @@ import { HostPolicyMonitor, type HostPolicyState } from './host/monitor.ts'
 import { createHostSampler, type HostSampler } from './host/sampler.ts'
 import type { InferMeshServer } from './infer-handler.ts'
 import { defaultNodeComponents, type NodeComponents } from './node/components.ts'
-import { NodeEngine, oneLine } from './node/engine.ts'
-import { createNodeEngine, readHuggingFaceToken } from './node/engines.ts'
+import { type EngineFault, NodeEngine, oneLine } from './node/engine.ts'
+import { createNodeEngine, readHuggingFaceToken, vllmGpuRequest } from './node/engines.ts'
 import { NodeMembership } from './node/membership.ts'
 import { PauseController } from './node/pause.ts'
 import { NodeTelemetry } from './node/telemetry.ts'
@@ -185,6 +185,11 @@ export class NodeDaemon extends TypedEventEmitter<NodeDaemonEvents> implements C
           nodePeerId: this.node!.peerId.toString(),
           dataDir: options.dataDir,
           optIn: options.rayOptIn === true,
+          // A pause frees the GPU within about a second: the worker gets no longer to leave.
+          stopGraceMs: 2_000,
+          ...(this.hardware != null
+            ? { gpu: vllmGpuRequest(this.hardware, vllmCapability(this.hardware).runtime ?? 'podman') }
+            : {}),
           logger: this.log,
         }),
       ...options.components,
@@ -216,6 +221,7 @@ export class NodeDaemon extends TypedEventEmitter<NodeDaemonEvents> implements C
             : 'starting',
         model: () => this.membership?.assignment?.model ?? '',
         nvidia: () => this.hardware?.nvidia.status === 'ok',
+        ray: () => this.engine.rayState,
         send: async (report, onVerified) => {
           const head = this.membership?.headPeerId()
           if (this.node == null || head == null) return 'ok'
@@ -447,7 +453,13 @@ export class NodeDaemon extends TypedEventEmitter<NodeDaemonEvents> implements C
         return this.join()
       }
     }
-    await this.engine.startRayWorker(assignment, this.hardware, head.certificate?.rayTrusted === true)
+    try {
+      await this.engine.startRayWorker(assignment, this.hardware, head.certificate?.rayTrusted === true)
+    } catch (err) {
+      // A pipeline stage whose Ray worker cannot join: offer the head no Ray worker from now on.
+      this.engine.markFailed({ engine: 'ray', reason: oneLine((err as Error).message) })
+      return this.join()
+    }
     await this.telemetry.joined()
   }
 
@@ -468,8 +480,12 @@ export class NodeDaemon extends TypedEventEmitter<NodeDaemonEvents> implements C
     return {
       ...report,
       // A Ray worker runs vLLM's image on the GPU: without vLLM here it cannot either.
-      engines: report.engines.filter((e) => !failed.has(e) && !(e === 'ray-worker' && failed.has('vllm'))),
-      engineFailures: faults.slice(0, 2),
+      engines: report.engines.filter(
+        (e) => !failed.has(e) && !(e === 'ray-worker' && (failed.has('vllm') || failed.has('ray'))),
+      ),
+      engineFailures: faults
+        .filter((f): f is EngineFault & { engine: 'vllm' | 'llamacpp' } => f.engine !== 'ray')
+        .slice(0, 2),
     }
   }
 

@@ -96,6 +96,15 @@ export class FederationApi {
             headers: { 'retry-after': '1' },
           },
         )
+      // A region knows the model but has nothing serving it this moment (a pipeline group re-forming).
+      if (this.c.directory.regions().some((r) => r.reachable && r.models.has(model)))
+        throw apiError(
+          'no_capacity',
+          `no region can serve ${JSON.stringify(model)} right now; retry shortly`,
+          {
+            headers: { 'retry-after': '2' },
+          },
+        )
       throw apiError('model_not_found', `no region serves the model ${JSON.stringify(model)} now`, {
         param: 'model',
       })

@@ -24,6 +24,11 @@ export interface UsageRecord {
   region: string
   /** PeerId of the node that served it; null or '' when none is known (nothing is credited). */
   node: string | null
+  /**
+   * A pipeline group's answer: every member, with the share of the tokens its stage earns (the
+   * layers it holds); replaces `node`. The tokens are split in proportion, whole tokens, exactly.
+   */
+  nodes?: Array<{ node: string; weight: number }>
   promptTokens: number
   /** Counted by the head and gateway as they proxied the stream, not claimed by the node. */
   completionTokens: number
@@ -172,11 +177,17 @@ export class UsageLedger {
     usage.promptTokens += prompt
     usage.completionTokens += completion
     this.usage.set(usageKey, usage)
-    if (entry.node != null && entry.node !== '') {
-      const creditKey = `${day}\u0000${entry.node}\u0000${entry.model}\u0000${entry.region}`
+    const shares =
+      entry.nodes != null && entry.nodes.length > 0
+        ? splitByWeight(prompt, completion, entry.nodes)
+        : entry.node != null && entry.node !== ''
+          ? [{ node: entry.node, prompt, completion }]
+          : []
+    for (const share of shares) {
+      const creditKey = `${day}\u0000${share.node}\u0000${entry.model}\u0000${entry.region}`
       const credit = this.credits.get(creditKey) ?? {
         day,
-        node: entry.node,
+        node: share.node,
         model: entry.model,
         region: entry.region,
         requests: 0,
@@ -184,8 +195,8 @@ export class UsageLedger {
         completionTokens: 0,
       }
       credit.requests++
-      credit.promptTokens += prompt
-      credit.completionTokens += completion
+      credit.promptTokens += share.prompt
+      credit.completionTokens += share.completion
       this.credits.set(creditKey, credit)
     }
     this.schedule()
@@ -373,4 +384,35 @@ function rangeFilter(range: LedgerRange, column: string): { where: string[]; par
     params.push(dayOf(range.until))
   }
   return { where, params }
+}
+
+/**
+ * Tokens split among nodes in proportion to their weights, in whole tokens that add up exactly
+ * (largest remainders first, ties to the earlier node).
+ */
+export function splitByWeight(
+  prompt: number,
+  completion: number,
+  nodes: ReadonlyArray<{ node: string; weight: number }>,
+): Array<{ node: string; prompt: number; completion: number }> {
+  const weights = nodes.map((n) => (Number.isFinite(n.weight) && n.weight > 0 ? n.weight : 0))
+  const total = weights.reduce((a, b) => a + b, 0)
+  const split = (tokens: number): number[] => {
+    if (total === 0) return nodes.map((_, i) => (i === 0 ? tokens : 0))
+    const exact = weights.map((w) => (tokens * w) / total)
+    const out = exact.map(Math.floor)
+    let left = tokens - out.reduce((a, b) => a + b, 0)
+    const order = exact
+      .map((x, i) => [x - Math.floor(x), i] as const)
+      .sort((a, b) => b[0] - a[0] || a[1] - b[1])
+    for (const [, i] of order) {
+      if (left <= 0) break
+      out[i]! += 1
+      left--
+    }
+    return out
+  }
+  const p = split(prompt)
+  const c = split(completion)
+  return nodes.map((n, i) => ({ node: n.node, prompt: p[i]!, completion: c[i]! }))
 }

@@ -111,11 +111,14 @@ export class RegionRoute implements ProxyRoute<FederationCall> {
   }
 
   answerHeaders(call: FederationCall, region: string, response: InferResponse): Record<string, string> {
-    const servedBy = servedByOf(response)
+    const header = (name: string): string => response.headers.find(([k]) => k === name)?.[1] ?? ''
+    const servedBy = header('x-garage-node')
+    const shares = header('x-garage-node-shares')
     return {
       'x-request-id': call.requestId,
       'x-garage-region': region,
       ...(servedBy !== '' ? { 'x-garage-node': servedBy } : {}),
+      ...(shares !== '' ? { 'x-garage-node-shares': shares } : {}),
     }
   }
 
@@ -139,7 +142,7 @@ export class RegionRoute implements ProxyRoute<FederationCall> {
           keyId: call.key.id,
           model: call.model,
           region,
-          node: servedByOf(response),
+          ...servedByOf(response),
           promptTokens: outcome.promptTokens,
           completionTokens: outcome.completionTokens,
         })
@@ -160,8 +163,26 @@ export class RegionRoute implements ProxyRoute<FederationCall> {
   }
 }
 
-function servedByOf(response: InferResponse): string {
-  return response.headers.find(([k]) => k === 'x-garage-node')?.[1] ?? ''
+/**
+ * Who served an answer, as its head said: one node (`x-garage-node`), or a pipeline group's members
+ * with their shares (`x-garage-node: a,b,c`, `x-garage-node-shares: 11,11,10`).
+ */
+function servedByOf(response: InferResponse): {
+  node: string
+  nodes?: Array<{ node: string; weight: number }>
+} {
+  const header = (name: string): string => response.headers.find(([k]) => k === name)?.[1] ?? ''
+  const served = header('x-garage-node')
+  if (!served.includes(',')) return { node: served }
+  const members = served
+    .split(',')
+    .filter((n) => n !== '')
+    .slice(0, 64)
+  const shares = header('x-garage-node-shares').split(',').map(Number)
+  return {
+    node: members[0] ?? '',
+    nodes: members.map((node, i) => ({ node, weight: shares[i] != null && shares[i]! > 0 ? shares[i]! : 1 })),
+  }
 }
 
 /** A head's error answer, kept as the client will see it when no other region can help. */

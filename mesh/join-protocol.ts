@@ -86,6 +86,9 @@ function intIn(v: unknown, field: string, min: number, max: number): number {
  * Checks an assignment field by field (the node runs what it says, so a hostile head gets nothing
  * past this) and returns a fresh copy with absent optionals dropped. Throws JoinProtocolError.
  */
+/** The most pipeline stages a group may have. */
+export const maxGroupSize = 16
+
 export function parseAssignment(value: unknown): Assignment {
   if (!isPlainObject(value)) bad('must be a map')
   if (value.v !== 1) bad(`version ${printable(value.v)} is not supported (want 1)`)
@@ -93,12 +96,13 @@ export function parseAssignment(value: unknown): Assignment {
     value,
     '',
     ['v', 'region', 'head', 'model', 'engine', 'source', 'engineArgs', 'telemetryIntervalMs'],
-    ['ray', 'task'],
+    ['ray', 'task', 'group'],
   )
   const region = boundedString(value.region, 'region', 63)
   if (!regionNamePattern.test(region)) bad(`region ${JSON.stringify(region)} is not a region name`)
   const engine = value.engine
-  if (engine !== 'llamacpp' && engine !== 'vllm') bad('engine must be llamacpp or vllm')
+  if (engine !== 'llamacpp' && engine !== 'vllm' && engine !== 'ray')
+    bad('engine must be llamacpp, vllm or ray')
 
   const src = value.source
   if (!isPlainObject(src)) bad('source must be a map')
@@ -107,7 +111,7 @@ export function parseAssignment(value: unknown): Assignment {
   if (src.gguf !== undefined) source.gguf = boundedString(src.gguf, 'source.gguf', maxModelSourceLength)
   if (src.hf !== undefined) source.hf = boundedString(src.hf, 'source.hf', maxModelSourceLength)
   if (engine === 'llamacpp' && source.gguf == null) bad('engine llamacpp needs source.gguf')
-  if (engine === 'vllm' && source.hf == null) bad('engine vllm needs source.hf')
+  if ((engine === 'vllm' || engine === 'ray') && source.hf == null) bad(`engine ${engine} needs source.hf`)
 
   const args = value.engineArgs
   if (!isPlainObject(args)) bad('engineArgs must be a map')
@@ -141,12 +145,24 @@ export function parseAssignment(value: unknown): Assignment {
   if (value.ray !== undefined) {
     const ray = value.ray
     if (!isPlainObject(ray)) bad('ray must be a map')
-    exactKeys(ray, 'ray.', ['address', 'token'])
+    exactKeys(ray, 'ray.', ['address', 'token'], ['image'])
     assignment.ray = {
       address: boundedString(ray.address, 'ray.address', maxRayAddressLength),
       token: boundedString(ray.token, 'ray.token', maxRayTokenLength),
+      ...(ray.image !== undefined
+        ? { image: boundedString(ray.image, 'ray.image', maxModelSourceLength) }
+        : {}),
     }
   }
+  if (value.group !== undefined) {
+    const g = value.group
+    if (!isPlainObject(g)) bad('group must be a map')
+    exactKeys(g, 'group.', ['size', 'rank'])
+    const size = intIn(g.size, 'group.size', 2, maxGroupSize)
+    assignment.group = { size, rank: intIn(g.rank, 'group.rank', 0, size - 1) }
+  }
+  if (engine === 'ray' && (assignment.group == null || assignment.ray == null))
+    bad('engine ray needs group and ray (the cluster to join)')
   return assignment
 }
 

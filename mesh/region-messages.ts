@@ -63,6 +63,16 @@ export interface RayCredentials {
   address: string
   /** RAY_AUTH_MODE=token; handed over only inside an assignment, never in the DHT. */
   token: string
+  /** The image the head runs: Ray and vLLM versions must match across the cluster. */
+  image?: string
+}
+
+/** A member's place in a pipeline group: the region's Ray cluster serves one model on several GPUs. */
+export interface GroupPlace {
+  /** Pipeline stages of the group. */
+  size: number
+  /** This node's stage, from 0. */
+  rank: number
 }
 
 /** The head's answer to a join: what to serve and how. */
@@ -73,7 +83,8 @@ export interface Assignment {
   head: string
   /** Name the engine serves the model under; requests name it in `model`. */
   model: string
-  engine: 'llamacpp' | 'vllm'
+  /** `ray`: a member of a pipeline group: no engine of its own, its GPU in the region's Ray cluster. */
+  engine: 'llamacpp' | 'vllm' | 'ray'
   source: ModelSource
   engineArgs: {
     parallel?: number
@@ -84,6 +95,8 @@ export interface Assignment {
   ray?: RayCredentials
   /** What the model serves: absent or 'generate' (chat, completions), 'embed' (/v1/embeddings). */
   task?: ModelTask
+  /** With engine `ray`: the group this node is a member of. */
+  group?: GroupPlace
 }
 
 export type ModelTask = 'generate' | 'embed'
@@ -110,4 +123,6 @@ export interface TelemetryReport {
   /** 0..1 */
   kvCacheUsage: number
   gpu?: GpuTelemetry
+  /** The node's Ray worker, when its assignment gave it one: joined the cluster, or not (yet). */
+  ray?: 'ready' | 'starting'
 }

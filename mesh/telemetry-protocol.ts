@@ -20,7 +20,8 @@ import type { GpuTelemetry, NodeServingState, TelemetryReport } from './region-m
  * (the node must join again, e.g. after a head restart) and both close.
  */
 
-export type TelemetryAck = 'ok' | 'not_joined'
+/** 'reassign': the head has other work for the node (a pipeline group's stage): join again. */
+export type TelemetryAck = 'ok' | 'not_joined' | 'reassign'
 
 /** The peer broke the protocol: a malformed report or answer. */
 export class TelemetryProtocolError extends Error {
@@ -64,7 +65,7 @@ export function parseTelemetryReport(value: unknown): TelemetryReport {
   ]
   for (const k of required) if (value[k] === undefined) bad(`${k} is missing`)
   for (const k of Object.keys(value))
-    if (!required.includes(k) && k !== 'gpu') bad(`${k} is not a known field`)
+    if (!required.includes(k) && k !== 'gpu' && k !== 'ray') bad(`${k} is not a known field`)
   const { seq, state, model } = value
   if (typeof seq !== 'number' || !Number.isSafeInteger(seq) || seq < 0)
     bad('seq must be a non-negative integer')
@@ -97,6 +98,10 @@ export function parseTelemetryReport(value: unknown): TelemetryReport {
     }
     report.gpu = g
   }
+  if (value.ray !== undefined) {
+    if (value.ray !== 'ready' && value.ray !== 'starting') bad('ray must be ready or starting')
+    report.ray = value.ray
+  }
   return report
 }
 
@@ -122,7 +127,7 @@ export interface VerifiedAck {
 
 function ackMessage(ack: TelemetryAck | VerifiedAck): Record<string, unknown> {
   if (typeof ack === 'object') return { v: 1, ok: true, verified: Math.max(0, Math.floor(ack.verified)) }
-  return ack === 'ok' ? { v: 1, ok: true } : { v: 1, ok: false, code: 'not_joined' }
+  return ack === 'ok' ? { v: 1, ok: true } : { v: 1, ok: false, code: ack }
 }
 
 async function serve(
@@ -172,12 +177,16 @@ function parseAck(value: unknown): { ack: TelemetryAck; verified: number | null 
     ) {
       return { ack: 'ok', verified: value.verified as number }
     }
-    if (keys === 'code,ok,v' && value.ok === false && value.code === 'not_joined') {
-      return { ack: 'not_joined', verified: null }
+    if (
+      keys === 'code,ok,v' &&
+      value.ok === false &&
+      (value.code === 'not_joined' || value.code === 'reassign')
+    ) {
+      return { ack: value.code, verified: null }
     }
   }
   throw new TelemetryProtocolError(
-    'telemetry answer must be { v: 1, ok: true [, verified] } or { v: 1, ok: false, code: "not_joined" }',
+    'telemetry answer must be { v: 1, ok: true [, verified] } or { v: 1, ok: false, code: "not_joined" | "reassign" }',
   )
 }
 
@@ -282,7 +291,7 @@ export class TelemetryReporter {
       const ack = await this.init.send({ ...sample, v: 1, seq: this.seq }, { signal: controller.signal })
       if (controller.signal.aborted) return
       // Keeps ticking: once the owner has joined again, the next report is answered 'ok'.
-      if (ack === 'not_joined') this.init.onNotJoined()
+      if (ack === 'not_joined' || ack === 'reassign') this.init.onNotJoined()
     } catch (err) {
       if (controller.signal.aborted) return
       this.log.warn({ err }, 'telemetry report failed; retrying at the next tick')

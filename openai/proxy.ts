@@ -36,7 +36,8 @@ export interface ProxyTicket {
   end(ok: boolean, completionTokens: number): void
 }
 
-export interface ProxyRoute<C extends ProxyCall = ProxyCall> {
+/** `A`: how a target is reached (a PeerId over the mesh; a head also reaches its groups' local vLLM). */
+export interface ProxyRoute<C extends ProxyCall = ProxyCall, A = PeerId> {
   /** How messages name a target: 'node', 'region'. */
   readonly noun: string
   readonly maxAttempts: number
@@ -46,8 +47,8 @@ export interface ProxyRoute<C extends ProxyCall = ProxyCall> {
   readonly unreachableCode: HttpErrorCodeName
   /** The next target for the call, not one of `tried`; null when none is left. */
   pick(call: C, tried: ReadonlySet<string>): string | null
-  /** The target's PeerId; null skips it (it vanished since it was picked). */
-  peerOf(target: string): PeerId | null
+  /** Where the target is reached; null skips it (it vanished since it was picked). */
+  peerOf(target: string): A | null
   begin(target: string): ProxyTicket
   /** The target proved healthy or broken (never called when the asker left or sent a bad request). */
   success(target: string): void
@@ -65,7 +66,7 @@ export interface ProxyRoute<C extends ProxyCall = ProxyCall> {
   /** What the asker gets when no target was left to try. */
   noCapacity(call: C): ApiError
   /** Sends the request to a target (sendInferRequest over the hop's mesh node). */
-  send(peer: PeerId, call: C, signal: AbortSignal): Promise<InferResponse>
+  send(peer: A, call: C, signal: AbortSignal): Promise<InferResponse>
 }
 
 /** The request as it goes to the next hop. */
@@ -91,7 +92,10 @@ export function proxyRequest(call: ProxyCall): {
  * relayed (or the asker left); throws the ApiError the asker should get when every attempt failed
  * before its first byte.
  */
-export async function proxyWithFailover<C extends ProxyCall>(call: C, route: ProxyRoute<C>): Promise<void> {
+export async function proxyWithFailover<C extends ProxyCall, A = PeerId>(
+  call: C,
+  route: ProxyRoute<C, A>,
+): Promise<void> {
   const { sink } = call
   const tried = new Set<string>()
   let lastError: ApiError | null = null

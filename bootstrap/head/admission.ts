@@ -7,6 +7,7 @@ import { handleTelemetryProtocol } from '../../mesh/telemetry-protocol.ts'
 import type { VerifiedThroughput } from '../../openai/usage.ts'
 import type { RegionalRouter } from '../../routing/node-router.ts'
 import { chooseAssignment } from './assign.ts'
+import type { RayGroups } from './groups.ts'
 import type { RegionPolicy } from './policy.ts'
 import type { NodeRegistry } from './registry.ts'
 
@@ -42,6 +43,8 @@ export interface HeadAdmissionComponents {
   router: RegionalRouter
   verified: VerifiedThroughput
   pending: PendingTokens
+  /** The region's pipeline groups: a node may be given a stage instead of a model of its own. */
+  groups?: RayGroups | null
 }
 
 /**
@@ -60,11 +63,23 @@ export class HeadAdmission {
 
   async start(): Promise<void> {
     const { region, policy, logger: log } = this.#init
-    const { node, registry, router, verified, pending } = this.#c
+    const { node, registry, router, verified, pending, groups } = this.#c
     const self = node.peerId.toString()
     await handleJoinProtocol(node, {
       region,
       onJoin: async (report, peer) => {
+        const stage = groups?.assign(peer.toString(), report, self) ?? null
+        if (stage != null) {
+          // A member serves nothing itself: its GPU is the group's, which the router reaches instead.
+          verified.remove(peer.toString())
+          router.remove(peer.toString())
+          registry.join(peer.toString(), report, stage)
+          log.info(
+            { node: peer.toString(), model: stage.model, rank: stage.group?.rank },
+            'node joined as a pipeline group member',
+          )
+          return stage
+        }
         const ray =
           policy.ray?.enabled && policy.ray.trusted ? (this.#init.ray?.credentials() ?? undefined) : undefined
         const assignment = chooseAssignment(
@@ -120,6 +135,8 @@ export class HeadAdmission {
             'node claims more tokens than the head proxied for it (over 10%): flagged',
           )
         } else if (change != null) log.info({ node: id }, 'node claims are within bounds again')
+        // A spare a pipeline group wants (or a member whose stage changed) joins again.
+        if (groups?.telemetry(id, report, registry.get(id)?.report ?? null) === 'reassign') return 'reassign'
         // The node shows what the head verified as its credits.
         return { ack: 'ok', verified: verified.verified(id) }
       },

@@ -70,6 +70,8 @@ export function chooseAssignment(
 ): Assignment | null {
   let best: { model: ModelPolicy; fit: EngineFit; deficit: number } | null = null
   for (const model of policy.models) {
+    // A pipeline group's model is served by the group (groups.ts), never by one node alone.
+    if (model.pipelineParallel != null) continue
     const fit = engineFor(model, report)
     if (fit == null) continue
     const deficit = model.replicas - (currentReplicas.get(model.name) ?? 0)

@@ -33,6 +33,7 @@ import { OutputItemStore, responsesSink, responsesToChat } from '../../openai/re
 import { VerifiedThroughput } from '../../openai/usage.ts'
 import { RegionalRouter } from '../../routing/node-router.ts'
 import { HeadAdmission, PendingTokens } from './admission.ts'
+import { type GroupEngine, type GroupEngineInit, RayGroups } from './groups.ts'
 import { type HeadMetrics, headMetrics } from './metrics.ts'
 import type { RegionPolicy } from './policy.ts'
 import { NodeRegistry } from './registry.ts'
@@ -52,6 +53,11 @@ export interface RegionalHeadOptions {
   logger?: Logger
   /** The region's Ray head, when the policy runs a trusted cluster: its credentials go into assignments. */
   ray?: { credentials(): RayCredentials } | null
+  /**
+   * Makes a pipeline group's vLLM on the Ray cluster (the composition layer passes a VllmEngine);
+   * without it the policy's group models are not served.
+   */
+  groupEngine?: ((init: GroupEngineInit) => GroupEngine) | null
   /** Silence after which a node is evicted (default: the protocol's telemetry deadline). */
   telemetryDeadlineMs?: number
   /** Nodes a request may try before its first byte (default 3). */
@@ -71,6 +77,8 @@ export interface RegionalHead {
   registry: NodeRegistry
   router: RegionalRouter
   verified: VerifiedThroughput
+  /** The region's pipeline groups on its Ray cluster. */
+  groups: RayGroups
   metrics: Registry
   /** Handles one request of the HTTP API. */
   serve(req: IncomingMessage, res: ServerResponse): Promise<void>
@@ -102,7 +110,11 @@ export async function startRegionalHead(options: RegionalHeadOptions): Promise<R
   const router = new RegionalRouter()
   const verified = new VerifiedThroughput()
   const pending = new PendingTokens()
-  const metrics = headMetrics(registry, router, verified)
+  const groups = new RayGroups(
+    { region, policy, ray: options.ray ?? null, createEngine: options.groupEngine ?? null, logger: log },
+    router,
+  )
+  const metrics = headMetrics(registry, router, verified, groups)
   const route = new HeadRoute(
     {
       region,
@@ -111,7 +123,7 @@ export async function startRegionalHead(options: RegionalHeadOptions): Promise<R
       ...(options.firstByteTimeoutMs != null ? { firstByteTimeoutMs: options.firstByteTimeoutMs } : {}),
       ...(options.idleTimeoutMs != null ? { idleTimeoutMs: options.idleTimeoutMs } : {}),
     },
-    { node, router, verified, pending, metrics },
+    { node, router, verified, pending, metrics, groups },
   )
 
   // Registry → router: the registry is the truth about membership, the router follows it.
@@ -121,19 +133,21 @@ export async function startRegionalHead(options: RegionalHeadOptions): Promise<R
     route.forget(peerId)
     // A node that comes back reports from zero again.
     verified.remove(peerId)
+    groups.left(peerId)
     log.info({ node: peerId, reason }, 'node left the region')
   })
+  registry.addEventListener('node:state', (evt) => groups.state(evt.detail.peerId, evt.detail.state))
 
   const admission = new HeadAdmission(
     { region, policy, ray: options.ray ?? null, logger: log },
-    { node, registry, router, verified, pending },
+    { node, registry, router, verified, pending, groups },
   )
   await admission.start()
   registry.start()
 
   const api = new HeadApi(
     { region, self: node.peerId.toString(), logger: log },
-    { registry, router, verified, route, requests: metrics.requests },
+    { registry, router, verified, route, groups, requests: metrics.requests },
   )
 
   const serve = async (req: IncomingMessage, res: ServerResponse): Promise<void> => {
@@ -211,6 +225,7 @@ export async function startRegionalHead(options: RegionalHeadOptions): Promise<R
     registry,
     router,
     verified,
+    groups,
     metrics: metrics.registry,
     serve,
     allowFederation: (peerId) => {
@@ -222,6 +237,7 @@ export async function startRegionalHead(options: RegionalHeadOptions): Promise<R
       registry.stop()
       await unhandleInfer().catch(() => {})
       await admission.stop()
+      await groups.stop()
       await closeServer(server)
       log.info('regional head stopped')
     },
@@ -241,6 +257,7 @@ export class HeadApi {
   private readonly router: RegionalRouter
   private readonly verified: VerifiedThroughput
   private readonly route: HeadRoute
+  private readonly groups: RayGroups
   private readonly requests: HeadMetrics['requests']
   /** Output items of answers given, for Responses item_reference. */
   private readonly items = new OutputItemStore()
@@ -252,6 +269,7 @@ export class HeadApi {
       router: RegionalRouter
       verified: VerifiedThroughput
       route: HeadRoute
+      groups: RayGroups
       requests: HeadMetrics['requests']
     },
   ) {
@@ -262,6 +280,7 @@ export class HeadApi {
     this.router = components.router
     this.verified = components.verified
     this.route = components.route
+    this.groups = components.groups
     this.requests = components.requests
   }
 
@@ -333,7 +352,10 @@ export class HeadApi {
     const prepared = prepareUpstreamRequest(raw.json, kind)
     const model = prepared.model
     const known = this.router.models().some((m) => m.model === model)
-    const assigned = !known && this.registry.nodes().some((n) => n.assignment.model === model)
+    const assigned =
+      !known &&
+      (this.registry.nodes().some((n) => n.assignment.model === model) ||
+        this.groups.views().some((g) => g.model === model && g.members.length > 0))
     // Labelled only when the region knows the model: made-up names must not grow /metrics.
     if (known || assigned) seen.model = model
     if (!known) {
@@ -363,26 +385,42 @@ export class HeadApi {
     const snapshot = this.router.snapshot()
     return {
       object: 'list',
-      data: this.router.models().map((m) => {
-        const serving = snapshot.filter((n) => n.model === m.model && n.state === 'serving')
-        return {
-          id: m.model,
-          object: 'model',
-          created,
-          owned_by: 'garage',
-          garage: {
-            region: this.region,
-            nodes: m.nodes,
-            // 0 until the head has measured a node: the federation then counts the region at other
-            // regions' measured rate rather than at this pool's 1 tok/s stand-in.
-            capacityTokensPerSecond: serving.some((n) => n.measured)
-              ? Math.round(serving.reduce((sum, n) => sum + n.capacity, 0) * 10) / 10
-              : 0,
-            inflight: serving.reduce((sum, n) => sum + n.inflight, 0),
-            slots: serving.reduce((sum, n) => sum + n.slots, 0),
-          },
-        }
-      }),
+      data: this.router
+        .models()
+        .map((m) => {
+          const serving = snapshot.filter((n) => n.model === m.model && n.state === 'serving')
+          return {
+            id: m.model,
+            object: 'model',
+            created,
+            owned_by: 'garage',
+            garage: {
+              region: this.region,
+              nodes: m.nodes,
+              // 0 until the head has measured a node: the federation then counts the region at other
+              // regions' measured rate rather than at this pool's 1 tok/s stand-in.
+              capacityTokensPerSecond: serving.some((n) => n.measured)
+                ? Math.round(serving.reduce((sum, n) => sum + n.capacity, 0) * 10) / 10
+                : 0,
+              inflight: serving.reduce((sum, n) => sum + n.inflight, 0),
+              slots: serving.reduce((sum, n) => sum + n.slots, 0),
+            },
+          }
+        })
+        .concat(
+          // A pipeline group forming again after a loss: known, with no node serving it now, so
+          // the federation answers 503 no_capacity (retry) rather than 404 while it re-forms.
+          this.groups
+            .views()
+            .filter((g) => g.state !== 'serving' && g.formations > 0 && g.members.length > 0)
+            .map((g) => ({
+              id: g.model,
+              object: 'model',
+              created,
+              owned_by: 'garage',
+              garage: { region: this.region, nodes: 0, capacityTokensPerSecond: 0, inflight: 0, slots: 0 },
+            })),
+        ),
     }
   }
 
@@ -401,6 +439,8 @@ export class HeadApi {
       engineFailures: this.registry
         .nodes()
         .flatMap((n) => (n.report.engineFailures ?? []).map((f) => ({ node: n.peerId, ...f }))),
+      // Pipeline groups on the region's Ray cluster: members, state, time to form, tokens.
+      groups: this.groups.views(),
     }
   }
 }

@@ -1,6 +1,7 @@
 import { Counter, Gauge, Histogram, Registry } from 'prom-client'
 import type { VerifiedThroughput } from '../../openai/usage.ts'
 import type { RegionalRouter } from '../../routing/node-router.ts'
+import type { GroupView, RayGroups } from './groups.ts'
 import type { NodeRegistry } from './registry.ts'
 
 /** The head's /metrics: requests, retries, timings, tokens, and each node's numbers. */
@@ -18,6 +19,7 @@ export function headMetrics(
   registry: NodeRegistry,
   router: RegionalRouter,
   verified: VerifiedThroughput,
+  groups?: RayGroups,
 ): HeadMetrics {
   const metrics = new Registry()
   const out: HeadMetrics = {
@@ -100,5 +102,36 @@ export function headMetrics(
   perNode('garage_head_node_inflight', 'Requests the head has outstanding at the node', (p) =>
     router.inflight(p),
   )
+  if (groups != null) {
+    const perGroup = (
+      name: string,
+      help: string,
+      value: (g: GroupView) => number,
+      labels: string[] = [],
+    ): void => {
+      new Gauge({
+        name,
+        help,
+        labelNames: ['model', ...labels],
+        registers: [metrics],
+        collect() {
+          this.reset()
+          for (const g of groups.views()) this.set({ model: g.model }, value(g))
+        },
+      })
+    }
+    perGroup('garage_head_group_members', "Members of the model's pipeline group", (g) => g.members.length)
+    perGroup('garage_head_group_size', 'Pipeline stages the group needs', (g) => g.size)
+    perGroup('garage_head_group_serving', "1 while the model's pipeline group serves", (g) =>
+      g.state === 'serving' ? 1 : 0,
+    )
+    perGroup('garage_head_group_formations', 'Times the group began serving', (g) => g.formations)
+    perGroup(
+      'garage_head_group_form_seconds',
+      'How long the last formation took',
+      (g) => (g.lastFormedMs ?? 0) / 1000,
+    )
+    perGroup('garage_head_group_completion_tokens', 'Completion tokens the group served', (g) => g.tokens)
+  }
   return out
 }

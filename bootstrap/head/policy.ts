@@ -2,7 +2,7 @@ import { readFile } from 'node:fs/promises'
 import { GarageError } from '../../core/errors.ts'
 import { isPlainObject } from '../../core/guards.ts'
 import { regionNamePattern } from '../../mesh/certificate.ts'
-import { maxModelNameLength, maxModelSourceLength } from '../../mesh/join-protocol.ts'
+import { maxGroupSize, maxModelNameLength, maxModelSourceLength } from '../../mesh/join-protocol.ts'
 import type { ModelSource, ModelTask } from '../../mesh/region-messages.ts'
 
 /**
@@ -28,6 +28,15 @@ export interface ModelPolicy {
   contextLength?: number
   /** What the model serves: 'generate' (chat, completions; the default) or 'embed' (/v1/embeddings). */
   task: ModelTask
+  /**
+   * A model larger than one GPU: served by a group of this many opted-in nodes of the region's
+   * trusted Ray cluster, one pipeline stage each (vLLM's --pipeline-parallel-size), not by single nodes.
+   */
+  pipelineParallel?: number
+  /** GPUs per stage (--tensor-parallel-size); default 1. */
+  tensorParallel?: number
+  /** The model's layers, when known: a group's credits are split by the layers each stage holds. */
+  layers?: number
 }
 
 export interface RayPolicy {
@@ -101,6 +110,9 @@ function parseModel(m: unknown, field: string): ModelPolicy {
     'parallel',
     'contextLength',
     'task',
+    'pipelineParallel',
+    'tensorParallel',
+    'layers',
   ])
   const name = text(m.name, `${field}.name`, maxModelNameLength)
   if (!modelNamePattern.test(name)) {
@@ -160,6 +172,17 @@ function parseModel(m: unknown, field: string): ModelPolicy {
   if (m.contextLength !== undefined) {
     model.contextLength = integer(m.contextLength, at('contextLength'), 1, maxContextLength)
   }
+  if (m.pipelineParallel !== undefined) {
+    model.pipelineParallel = integer(m.pipelineParallel, at('pipelineParallel'), 2, maxGroupSize)
+    if (!engine.includes('vllm')) fail(at('engine'), 'must list vllm: a pipeline group runs vLLM on Ray')
+    if (model.replicas !== 1) fail(at('replicas'), 'must be 1 for a pipeline group (one group per model)')
+    if (model.task !== 'generate') fail(at('task'), 'must be generate for a pipeline group')
+  }
+  if (m.tensorParallel !== undefined) {
+    if (model.pipelineParallel == null) fail(at('tensorParallel'), 'needs pipelineParallel')
+    model.tensorParallel = integer(m.tensorParallel, at('tensorParallel'), 1, 8)
+  }
+  if (m.layers !== undefined) model.layers = integer(m.layers, at('layers'), 1, 10_000)
   return model
 }
 
@@ -205,7 +228,15 @@ export function parseRegionPolicy(json: unknown): RegionPolicy {
     if (seen.has(m.name)) fail(`models[${i}].name`, `${describe(m.name)} is listed twice`)
     seen.add(m.name)
   }
-  return { region, models, ray: parseRay(value.ray) }
+  const ray = parseRay(value.ray)
+  for (const [i, m] of models.entries()) {
+    if (m.pipelineParallel != null && !(ray.enabled && ray.trusted))
+      fail(
+        `models[${i}].pipelineParallel (model ${m.name})`,
+        'needs the region to run a trusted Ray cluster (ray.enabled and ray.trusted): its members share one cluster with no isolation between them',
+      )
+  }
+  return { region, models, ray }
 }
 
 /** Reads and checks a policy file; every failure is a RegionPolicyError naming the file and the field. */

@@ -205,7 +205,7 @@ export class RayHead extends TypedEventEmitter<RayHeadEvents> {
     if (this.token == null || this.supervised.running == null || this.supervised.state === 'crashed') {
       throw new RayHeadStartError('the Ray head is not running', 'RAY_HEAD_NOT_RUNNING')
     }
-    return { address: this.address, token: this.token }
+    return { address: this.address, token: this.token, image: this.init.image ?? rayImage }
   }
 
   async start(options: { signal?: AbortSignal } = {}): Promise<{ container: string; address: string }> {

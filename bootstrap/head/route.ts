@@ -1,7 +1,8 @@
+import { request as httpRequest } from 'node:http'
 import type { PeerId } from '@libp2p/interface'
 import { type ApiError, apiError } from '../../core/errors.ts'
 import type { Logger } from '../../core/logger.ts'
-import { type InferResponse, sendInferRequest } from '../../mesh/infer-protocol.ts'
+import { InferConnectError, type InferResponse, sendInferRequest } from '../../mesh/infer-protocol.ts'
 import type { MeshNode } from '../../mesh/node.ts'
 import { PeerIdCache } from '../../mesh/peer-ids.ts'
 import {
@@ -15,7 +16,11 @@ import type { RelayOutcome } from '../../openai/relay.ts'
 import type { VerifiedThroughput } from '../../openai/usage.ts'
 import type { RegionalRouter } from '../../routing/node-router.ts'
 import type { PendingTokens } from './admission.ts'
+import { isGroupTarget, type RayGroups } from './groups.ts'
 import type { HeadMetrics } from './metrics.ts'
+
+/** A group's vLLM answers its first byte within this, as a node does over the mesh. */
+const defaultGroupFirstByteTimeoutMs = 60_000
 
 /** Node answers that mean "try someone else" when nothing has reached the asker yet. */
 export const headRetryableStatuses: ReadonlySet<number> = new Set([429, 500, 502, 503, 504])
@@ -33,6 +38,8 @@ export interface HeadRouteInit {
 export interface HeadRouteComponents {
   /** Sends to nodes; null in tests that stub send(). */
   node: MeshNode | null
+  /** The region's pipeline groups (their vLLM listens on this machine); null when it has none. */
+  groups?: RayGroups | null
   router: RegionalRouter
   verified: VerifiedThroughput
   pending: PendingTokens
@@ -44,11 +51,17 @@ interface HeadCall extends ProxyCall {
   inFlight?: number
 }
 
+/** Where a target is reached: a node over the mesh, or a pipeline group's vLLM on this machine. */
+export type HeadTarget =
+  | { kind: 'node'; peer: PeerId }
+  | { kind: 'group'; target: string; baseUrl: string; apiKey: string }
+
 /**
  * How the regional head runs the shared failover loop (openai/proxy.ts): over the nodes of the
- * model's pool, as the router picks them, counting verified tokens for each node.
+ * model's pool (and the model's pipeline group), as the router picks them, counting verified tokens
+ * for each.
  */
-export class HeadRoute implements ProxyRoute<HeadCall> {
+export class HeadRoute implements ProxyRoute<HeadCall, HeadTarget> {
   readonly noun = 'node'
   readonly retryableStatuses = headRetryableStatuses
   readonly unreachableCode = 'node_unreachable' as const
@@ -72,8 +85,14 @@ export class HeadRoute implements ProxyRoute<HeadCall> {
     return this.#c.router.pick(call.model, { exclude: tried })
   }
 
-  peerOf(target: string): PeerId {
-    return this.#peerIds.get(target)
+  peerOf(target: string): HeadTarget | null {
+    if (isGroupTarget(target)) {
+      const endpoint = this.#c.groups?.endpoint(target)
+      return endpoint == null
+        ? null
+        : { kind: 'group', target, baseUrl: endpoint.baseUrl, apiKey: endpoint.apiKey }
+    }
+    return { kind: 'node', peer: this.#peerIds.get(target) }
   }
 
   begin(target: string): ProxyTicket {
@@ -92,13 +111,53 @@ export class HeadRoute implements ProxyRoute<HeadCall> {
     this.#c.router.failure(target)
   }
 
-  send(peer: PeerId, call: HeadCall, signal: AbortSignal): Promise<InferResponse> {
+  send(to: HeadTarget, call: HeadCall, signal: AbortSignal): Promise<InferResponse> {
+    if (to.kind === 'group') return this.#sendToGroup(to, call, signal)
     const { node } = this.#c
     if (node == null) throw new Error('the head route has no mesh node to send with')
-    return sendInferRequest(node, peer, proxyRequest(call), {
+    return sendInferRequest(node, to.peer, proxyRequest(call), {
       signal,
       ...(this.#init.firstByteTimeoutMs != null ? { firstByteTimeoutMs: this.#init.firstByteTimeoutMs } : {}),
       ...(this.#init.idleTimeoutMs != null ? { idleTimeoutMs: this.#init.idleTimeoutMs } : {}),
+    })
+  }
+
+  /** A pipeline group's vLLM, on this machine's loopback, with its key. */
+  #sendToGroup(
+    to: { baseUrl: string; apiKey: string },
+    call: HeadCall,
+    signal: AbortSignal,
+  ): Promise<InferResponse> {
+    const request = proxyRequest(call)
+    const firstByteMs = this.#init.firstByteTimeoutMs ?? defaultGroupFirstByteTimeoutMs
+    return new Promise((resolve, reject) => {
+      const req = httpRequest(
+        `${to.baseUrl}${request.path}`,
+        {
+          method: request.method,
+          headers: Object.fromEntries([...request.headers, ['authorization', `Bearer ${to.apiKey}`]]),
+          signal,
+        },
+        (res) => {
+          clearTimeout(timer)
+          resolve({
+            status: res.statusCode ?? 502,
+            headers: [['content-type', String(res.headers['content-type'] ?? 'application/json')]],
+            body: (async function* () {
+              for await (const chunk of res) yield chunk as Uint8Array
+            })(),
+          })
+        },
+      )
+      const timer = setTimeout(
+        () => req.destroy(new Error(`no answer within ${firstByteMs} ms`)),
+        firstByteMs,
+      )
+      req.on('error', (err) => {
+        clearTimeout(timer)
+        reject(new InferConnectError(`the group's vLLM did not answer: ${err.message}`, { cause: err }))
+      })
+      req.end(request.body)
     })
   }
 
@@ -123,7 +182,17 @@ export class HeadRoute implements ProxyRoute<HeadCall> {
   }
 
   answerHeaders(call: HeadCall, target: string): Record<string, string> {
-    // Which volunteer served it: the federation credits it, and a consumer can cite it.
+    // Which volunteer served it: the federation credits it, and a consumer can cite it. A group's
+    // answer names every member, with the share of the tokens each stage earns.
+    if (isGroupTarget(target)) {
+      const members = this.#c.groups?.members(target) ?? []
+      return {
+        'x-request-id': call.requestId,
+        'x-garage-node': members.map((m) => m.node).join(','),
+        'x-garage-node-shares': members.map((m) => String(m.weight)).join(','),
+        'x-garage-region': this.#init.region,
+      }
+    }
     return { 'x-request-id': call.requestId, 'x-garage-node': target, 'x-garage-region': this.#init.region }
   }
 
@@ -138,6 +207,7 @@ export class HeadRoute implements ProxyRoute<HeadCall> {
     if (outcome != null) {
       const tokens = outcome.completionTokens
       this.#c.verified.add(target, tokens)
+      if (isGroupTarget(target)) this.#c.groups?.served(target, tokens)
       metrics.regionTokens.inc({ model: call.model }, tokens)
       if (outcome.interrupted != null) {
         metrics.streamErrors.inc()

@@ -2,8 +2,10 @@ import { defaultBootstrapHttpPort, startBootstrap } from '../../bootstrap/bootst
 import { defaultHeadHttpPort, type RegionalHead, startRegionalHead } from '../../bootstrap/head/head.ts'
 import { loadRegionPolicy } from '../../bootstrap/head/policy.ts'
 import { RayHead } from '../../bootstrap/head/ray-head.ts'
+import { vllmImage } from '../../containers/images.ts'
 import { createLogger } from '../../core/logger.ts'
 import { defaultDataDir } from '../../core/paths.ts'
+import { VllmEngine } from '../../daemon/engines/vllm/engine.ts'
 import {
   type CommandContext,
   parseDuration,
@@ -41,6 +43,9 @@ Options:
   --policy FILE          also run the regional head with this region policy (JSON)
   --head-http HOST:PORT  the head's OpenAI API (default: 127.0.0.1:${defaultHeadHttpPort})
   --ray-address ADDRESS  where the policy runs a Ray cluster: the address workers reach its head at
+  --ray-image IMAGE      the image of the region's Ray cluster (head and workers; default the pinned
+                         rayproject/ray build)
+  --vllm-image IMAGE     the image of the pipeline groups' vLLM (default the pinned vllm/vllm-openai)
   --federation PEER_ID   a federation gateway allowed to send requests to this head, repeatable
   --allow-private        dial private and loopback addresses (LAN, devnet, tests)
   --data-dir DIR         where the identity key lives (default: $GARAGE_DATA_DIR or the OS's data folder)`
@@ -58,6 +63,8 @@ export async function run(argv: string[], ctx: CommandContext): Promise<number> 
     'announce-interval': { type: 'string', default: '10m' },
     'allow-private': { type: 'boolean', default: false },
     'data-dir': { type: 'string' },
+    'ray-image': { type: 'string' },
+    'vllm-image': { type: 'string' },
     policy: { type: 'string' },
     'head-http': { type: 'string' },
     'ray-address': { type: 'string' },
@@ -112,13 +119,32 @@ export async function run(argv: string[], ctx: CommandContext): Promise<number> 
           nodePeerId: node.peerId.toString(),
           dataDir,
           ...(values['ray-address'] != null ? { nodeIpAddress: values['ray-address'] } : {}),
+          ...(values['ray-image'] != null ? { image: values['ray-image'] } : {}),
+          ...(policy.ray.port != null ? { gcsPort: policy.ray.port } : {}),
           logger,
         })
         const started = await ray.start()
         print(ctx.stderr, `Ray head ready at ${started.address}`)
       }
+      const headPeerId = node.peerId.toString()
       head = await startRegionalHead({
         ray,
+        // A pipeline group's vLLM runs beside the Ray head, as the cluster's driver (no GPU of its own).
+        groupEngine: (group) =>
+          new VllmEngine({
+            nodePeerId: headPeerId,
+            dataDir,
+            image: values['vllm-image'] ?? vllmImage,
+            gpu: 'none',
+            role: 'vllm-group',
+            rayCluster: {
+              address: group.cluster.address,
+              token: group.cluster.token,
+              pipelineParallel: group.pipelineParallel,
+              tensorParallel: group.tensorParallel,
+            },
+            logger,
+          }),
         federationPeers: splitList(values.federation),
         node: node.node,
         region: node.region,

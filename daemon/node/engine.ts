@@ -59,6 +59,8 @@ export class NodeEngine {
   #handle: EngineHandle | null = null
   #running: Assignment | null = null
   #rayWorker: RayWorker | null = null
+  /** GPUs the running Ray worker offers the cluster (a pipeline stage's, or none). */
+  #rayWorkerGpus = 0
   #detail: string | null = null
   readonly #faults = new Map<Assignment['engine'], string>()
 
@@ -79,12 +81,18 @@ export class NodeEngine {
   /** True when the engine serving now is the one `assignment` names. */
   serves(assignment: Assignment): boolean {
     const running = this.#running
-    return (
-      running != null &&
-      this.#handle != null &&
-      running.model === assignment.model &&
-      running.engine === assignment.engine
-    )
+    if (running == null || running.model !== assignment.model || running.engine !== assignment.engine)
+      return false
+    // A pipeline stage has no engine here: the same stage is the same work.
+    if (assignment.engine === 'ray') return running.group?.rank === assignment.group?.rank
+    return this.#handle != null
+  }
+
+  /** The Ray worker, when one runs: in the cluster, or joining it. */
+  get rayState(): 'ready' | 'starting' | null {
+    const worker = this.#rayWorker
+    if (worker == null) return null
+    return worker.state === 'ready' ? 'ready' : 'starting'
   }
 
   /** What the engine is doing beyond serving: pulling its image (how far), or why it failed. */
@@ -115,8 +123,18 @@ export class NodeEngine {
 
   /** Starts the engine the assignment names (stopping another first). */
   async start(assignment: Assignment): Promise<void> {
-    if (this.#engine != null) await this.release()
+    await this.release()
     const log = this.#init.logger
+    if (assignment.engine === 'ray') {
+      // A pipeline stage: no engine of its own; the GPU goes to the Ray cluster (startRayWorker).
+      this.#running = assignment
+      const g = assignment.group!
+      this.#setDetail(
+        `pipeline stage ${g.rank + 1} of ${g.size} of ${assignment.model} on the region's Ray cluster`,
+      )
+      log.info({ model: assignment.model, stage: g.rank, of: g.size }, 'serving a pipeline stage')
+      return
+    }
     let lastLog = 0
     const engine = this.#c.createEngine(assignment, {
       onPullProgress: (p) => {
@@ -161,28 +179,51 @@ export class NodeEngine {
     log.info({ model: assignment.model, url: this.#handle.baseUrl }, 'engine ready')
   }
 
-  /** Stops the engine: the process exits and takes the model (and the GPU memory) with it. */
+  /**
+   * Stops the engine and leaves the Ray cluster: the processes exit and take the model (and the GPU
+   * memory) with them.
+   */
   async release(): Promise<void> {
     const engine = this.#engine
     this.#engine = null
     this.#handle = null
     this.#running = null
-    await engine?.stop()
+    await Promise.all([engine?.stop(), this.#stopRayWorker()])
+  }
+
+  async #stopRayWorker(): Promise<void> {
+    const worker = this.#rayWorker
+    this.#rayWorker = null
+    await worker
+      ?.stop()
+      .catch((err: Error) =>
+        this.#init.logger.warn({ err: err.message }, 'the Ray worker did not stop cleanly'),
+      )
   }
 
   /**
    * Joins the region's Ray cluster when the assignment carries its credentials: the head sends them
-   * only to nodes that opted in, for a cluster its certificate marks as trusted. A failure here
-   * leaves the node serving its own model.
+   * only to nodes that opted in, for a cluster its certificate marks as trusted. A pipeline stage
+   * offers the cluster its GPUs; any other node joins without GPUs (its GPU is its own engine's), so
+   * a group's vLLM lands on its stages only. A failure leaves a node with a model of its own serving
+   * it; a stage that cannot join says so (the node offers the head no Ray worker again).
    */
   async startRayWorker(
     assignment: Assignment,
     hardware: HardwareReport | null,
     trusted: boolean,
   ): Promise<void> {
-    if (assignment.ray == null || this.#rayWorker != null) return
-    const worker = this.#c.createRayWorker()
+    if (assignment.ray == null) {
+      await this.#stopRayWorker()
+      return
+    }
+    const stage = assignment.engine === 'ray'
     const nvidia = hardware?.gpus.filter((g) => g.vendor === 'nvidia') ?? []
+    const numGpus = stage ? nvidia.length : 0
+    if (this.#rayWorker != null && this.#rayWorkerGpus === numGpus && this.#rayWorker.state !== 'crashed')
+      return
+    await this.#stopRayWorker()
+    const worker = this.#c.createRayWorker()
     try {
       await worker.start({
         assignment: {
@@ -191,27 +232,40 @@ export class NodeEngine {
           token: assignment.ray.token,
           trusted,
           nodeIpAddress: this.#init.rayNodeIpAddress ?? '127.0.0.1',
+          ...(assignment.ray.image != null ? { image: assignment.ray.image } : {}),
         },
-        numGpus: nvidia.length,
-        vramMiB: Math.min(
-          this.#init.vramCapMiB ?? Number.POSITIVE_INFINITY,
-          nvidia.reduce((n, g) => n + g.vramTotalMiB, 0),
-        ),
+        numGpus,
+        vramMiB: stage
+          ? Math.min(
+              this.#init.vramCapMiB ?? Number.POSITIVE_INFINITY,
+              nvidia.reduce((n, g) => n + g.vramTotalMiB, 0),
+            )
+          : 0,
       })
       this.#rayWorker = worker
-      this.#init.logger.info({ head: assignment.ray.address }, "joined the region's Ray cluster")
-    } catch (err) {
-      this.#init.logger.error(
-        { err: (err as Error).message },
-        "cannot join the region's Ray cluster; serving without it",
+      this.#rayWorkerGpus = numGpus
+      worker.addEventListener('crashed', (evt) => {
+        if (this.#rayWorker !== worker) return
+        const reason = oneLine(`the Ray worker failed: ${evt.detail.error.message}`)
+        this.#init.logger.error({ err: reason }, 'the Ray worker failed')
+        if (this.#running?.engine === 'ray') this.#init.onFault?.({ engine: 'ray', reason })
+      })
+      this.#init.logger.info(
+        { head: assignment.ray.address, gpus: numGpus },
+        "joined the region's Ray cluster",
       )
+    } catch (err) {
+      const reason = oneLine(`cannot join the region's Ray cluster: ${(err as Error).message}`)
+      this.#init.logger.error(
+        { err: reason },
+        stage ? 'cannot serve a pipeline stage' : "serving without the region's Ray cluster",
+      )
+      if (stage) throw new NodeJoinError(reason, 'RAY_WORKER_FAILED', { cause: err })
     }
   }
 
   /** Stops the Ray worker and the engine. */
   async stop(): Promise<void> {
-    await this.#rayWorker?.stop().catch(() => {})
-    this.#rayWorker = null
     await this.release().catch(() => {})
   }
 

@@ -1,7 +1,7 @@
 import type { Logger } from '../../core/logger.ts'
 import { runTool } from '../../core/tools.ts'
 import type { GpuTelemetry, NodeServingState, TelemetryReport } from '../../mesh/region-messages.ts'
-import { TelemetryReporter } from '../../mesh/telemetry-protocol.ts'
+import { type TelemetryAck, TelemetryReporter } from '../../mesh/telemetry-protocol.ts'
 import type { EngineMetrics } from '../engines/types.ts'
 import { nvidiaGpuArgs, parseNvidiaGpus } from '../hardware/nvidia.ts'
 
@@ -44,8 +44,10 @@ export interface NodeTelemetrySource {
   model(): string
   /** nvidia-smi is there to ask. */
   nvidia(): boolean
+  /** The node's Ray worker, when its assignment gave it one. */
+  ray?(): 'ready' | 'starting' | null
   /** Sends one numbered report to the head; resolves with its answer. */
-  send(report: TelemetryReport, onVerified: (tokens: number) => void): Promise<'ok' | 'not_joined'>
+  send(report: TelemetryReport, onVerified: (tokens: number) => void): Promise<TelemetryAck>
 }
 
 /**
@@ -138,6 +140,7 @@ export class NodeTelemetry {
       }
     }
     const gpu = await this.#gpu()
+    const ray = this.#source.ray?.() ?? null
     return {
       state: this.#source.state(),
       model: this.#source.model(),
@@ -148,10 +151,11 @@ export class NodeTelemetry {
       waiting: m?.['vllm:num_requests_waiting'] ?? 0,
       kvCacheUsage: Math.min(1, Math.max(0, m?.['vllm:kv_cache_usage_perc'] ?? 0)),
       ...(gpu != null ? { gpu } : {}),
+      ...(ray != null ? { ray } : {}),
     }
   }
 
-  #send(report: TelemetryBody): Promise<'ok' | 'not_joined'> {
+  #send(report: TelemetryBody): Promise<TelemetryAck> {
     return this.#source.send({ v: 1, seq: ++this.#seq, ...report }, (tokens) =>
       this.#creditsToday.feed(tokens),
     )

@@ -77,13 +77,20 @@ const peers: string[] = []
 const dirs: string[] = []
 let baseImage: string
 let headImage: string
+let brokenImage: string
 
-/** The stand-in image with the head stand-in as /usr/bin/ray; tagged by content, removed after the suite. */
-async function headStandInImage(base: string): Promise<string> {
-  const tag = `localhost/garage-test-ray-head:${createHash('sha256').update(`${base}\n${headStandIn}`).digest('hex').slice(0, 16)}`
+/** A `ray` that cannot start a head: it prints its usage line and exits 2, as a wrong ray would. */
+const brokenRay = `#!/bin/node
+process.stderr.write('usage: ray start --address=HOST:PORT --block (this ray cannot start a head)\\n')
+process.exit(2)
+`
+
+/** The stand-in image with `script` as /usr/bin/ray; tagged by content, removed after the suite. */
+async function headStandInImage(base: string, script = headStandIn): Promise<string> {
+  const tag = `localhost/garage-test-ray-head:${createHash('sha256').update(`${base}\n${script}`).digest('hex').slice(0, 16)}`
   const dir = await mkdtemp(join(tmpdir(), 'garage-ray-head-image-'))
   try {
-    await writeFile(join(dir, 'ray'), headStandIn)
+    await writeFile(join(dir, 'ray'), script)
     await chmod(join(dir, 'ray'), 0o755)
     await writeFile(join(dir, 'Containerfile'), `FROM ${base}\nCOPY ray /usr/bin/ray\n`)
     await podman(['build', '--pull=never', '--quiet', '--tag', tag, dir], 120_000)
@@ -97,11 +104,13 @@ beforeAll(async () => {
   await requirePodman()
   baseImage = await standInImage()
   headImage = await headStandInImage(baseImage)
+  brokenImage = await headStandInImage(baseImage, brokenRay)
 })
 
 afterAll(async () => {
   await removeContainersOf(peers)
-  if (headImage != null) await podman(['rmi', '--force', headImage]).catch(() => undefined)
+  for (const image of [headImage, brokenImage])
+    if (image != null) await podman(['rmi', '--force', image]).catch(() => undefined)
   await Promise.all(dirs.map((d) => rm(d, { recursive: true, force: true })))
 })
 
@@ -211,8 +220,7 @@ describe('RayHead on Podman', () => {
   })
 
   it('a ray that exits before its GCS serves: RayHeadStartError with its last words, no container left', async () => {
-    // The worker stand-in answers `ray start --head` with its usage line and exit code 2.
-    const { head, peer } = await headFor({ image: baseImage })
+    const { head, peer } = await headFor({ image: brokenImage })
     const err = await head.start().catch((e: Error) => e)
     expect(err).toMatchObject({ name: 'RayHeadStartError', code: 'RAY_HEAD_EXITED' })
     expect((err as Error).message).toMatch(/code 2.*usage: ray start --address/)

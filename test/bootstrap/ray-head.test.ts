@@ -209,7 +209,7 @@ describe('RayHead', () => {
       expect((await stat(join(dir, rayHeadTokenFile))).mode & 0o777).toBe(0o600)
       // 32 random bytes, base64url.
       expect(token).toMatch(/^[A-Za-z0-9_-]{43}$/)
-      expect(head.credentials()).toEqual({ address: `127.0.0.1:${port}`, token })
+      expect(head.credentials()).toEqual({ address: `127.0.0.1:${port}`, token, image: rayImage })
       tokens.push(token)
 
       const [run] = runtime.runs

@@ -10,7 +10,7 @@ import { sendInferRequest } from '../../mesh/infer-protocol.ts'
 import { requestJoin } from '../../mesh/join-protocol.ts'
 import { createMeshNode } from '../../mesh/node.ts'
 import { INFER_PROTOCOL } from '../../mesh/protocols.ts'
-import { sendTelemetry } from '../../mesh/telemetry-protocol.ts'
+import { sendTelemetry, type TelemetryAck } from '../../mesh/telemetry-protocol.ts'
 import { garageBin } from '../helpers/cli.ts'
 import { dialAddr, TestMesh, waitForEvent } from '../helpers/mesh.ts'
 import { startTestRegion, type TestRegion, tinyModel } from '../helpers/region.ts'
@@ -198,7 +198,7 @@ describe('a region under faults and hostile peers', () => {
     })
     mesh.track(() => stop.stop())
     let seq = 0
-    const claim = (tokensTotal: number): Promise<'ok' | 'not_joined'> =>
+    const claim = (tokensTotal: number): Promise<TelemetryAck> =>
       sendTelemetry(
         liar,
         head,

@@ -191,7 +191,13 @@ export interface ProcessClusterOptions {
   /** The regions' policy models (default: the tiny model on the embedded engine, a replica per node). */
   models?: unknown[]
   /** More `garage node` arguments and environment for a node (e.g. --vllm-image, a PATH with a fake nvidia-smi). */
-  nodeSetup?: (node: string) => { args?: string[]; env?: NodeJS.ProcessEnv }
+  nodeSetup?: (node: string) => { args?: string[]; env?: NodeJS.ProcessEnv; hostPolicies?: boolean }
+  /** The policy's `ray` section (default: no Ray cluster). */
+  ray?: unknown
+  /** The regions' certificates mark their Ray cluster trusted. */
+  rayTrusted?: boolean
+  /** More `garage bootstrap` arguments (e.g. --ray-image, --vllm-image). */
+  headArgs?: string[]
   /** A node logged that it joined its region (first start, or a rejoin after a loss). */
   onNodeJoined?: (node: string, at: number) => void
   progress?: (message: string) => void
@@ -346,6 +352,7 @@ export class ProcessCluster {
           head: headPeerId,
           addrs: [],
           ttlMs: 86_400_000,
+          ...(o.rayTrusted === true ? { rayTrusted: true } : {}),
         }),
       )
       await writeFile(
@@ -364,7 +371,7 @@ export class ProcessCluster {
               contextLength: o.contextLength,
             },
           ],
-          ray: { enabled: false },
+          ray: o.ray ?? { enabled: false },
         }),
       )
       this.regions.set(name, {
@@ -449,6 +456,7 @@ export class ProcessCluster {
       ...others.flatMap((o) => ['--bootstrap', o.addr]),
       ...r.announce.flatMap((a) => ['--announce', a]),
       ...['--data-dir', r.dir],
+      ...(this.options.headArgs ?? []),
     ]
     const proc = new GarageProcess(`head ${name}`, [process.execPath, garageBin, ...args], this.env())
     this.started.push(proc)
@@ -482,9 +490,10 @@ export class ProcessCluster {
       // Inside the namespace, loopback only: like a gamer behind NAT, it dials out and opens nothing.
       ...['--listen', '/ip4/127.0.0.1/tcp/0', '--allow-private', '--threads', '1'],
       ...['--max-tokens-per-second', String(this.options.maxTokensPerSecond)],
-      ...['--no-host-policies', '--drain-grace', '5s', '--data-dir', n.dir],
+      ...['--drain-grace', '5s', '--data-dir', n.dir],
     ]
     const setup = this.options.nodeSetup?.(name) ?? {}
+    if (setup.hostPolicies !== true) args.push('--no-host-policies')
     args.push(...(setup.args ?? []))
     const argv = [process.execPath, garageBin, ...args]
     const onStderr = (line: string): void => {

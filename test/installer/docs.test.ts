@@ -176,7 +176,7 @@ describe('the user docs agree with the CLI', () => {
       wsl: ['--install', '--status'],
       winget: ['--id'],
       launchctl: [],
-      vllm: ['--runner'],
+      vllm: ['--runner', '--distributed-executor-backend'],
     }
     for (const flags of Object.values(otherTools)) for (const f of flags) known.add(f)
     const unknown: string[] = []

@@ -95,9 +95,9 @@ function headRig(answers: Record<string, Answer[]>) {
   )
   const tried: string[] = []
   const pendingSeen: number[] = []
-  route.peerOf = (target: string) => target as unknown as PeerId
-  route.send = async (peer) => {
-    const target = peer as unknown as string
+  route.peerOf = (target: string) => ({ kind: 'node', peer: target as unknown as PeerId })
+  route.send = async (to) => {
+    const target = (to as { peer: unknown }).peer as string
     tried.push(target)
     pendingSeen.push(pending.get(target))
     const answer = answers[target]!.shift()!

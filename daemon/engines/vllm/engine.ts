@@ -51,6 +51,10 @@ export interface VllmEngineInit {
   restartPolicy?: Partial<RestartPolicy>
   logger?: Logger
   onPullProgress?: (progress: PullProgress) => void
+  /** A pipeline group's vLLM on the region's Ray cluster (the regional head runs it). */
+  rayCluster?: { address: string; token: string; pipelineParallel: number; tensorParallel: number }
+  /** The container's role label (default `vllm`; a head's group is `vllm-group`). */
+  role?: 'vllm' | 'vllm-group'
 }
 
 const defaults = {
@@ -131,7 +135,7 @@ export class VllmEngine extends TypedEventEmitter<VllmEngineEvents> implements E
         {
           image,
           namePrefix: 'garage-vllm',
-          secrets: () => vllmSecrets(apiKey, this.init.huggingFaceToken),
+          secrets: () => vllmSecrets(apiKey, this.init.huggingFaceToken, this.init.rayCluster?.token),
           runDir: join(this.init.dataDir, 'run'),
           publishPort: true,
           prepare: async () => {
@@ -149,6 +153,16 @@ export class VllmEngine extends TypedEventEmitter<VllmEngineEvents> implements E
               ...(options.contextLength != null ? { maxModelLen: options.contextLength } : {}),
               ...(options.parallel != null ? { maxNumSeqs: options.parallel } : {}),
               ...(options.task != null ? { task: options.task } : {}),
+              ...(this.init.rayCluster != null
+                ? {
+                    ray: {
+                      address: this.init.rayCluster.address,
+                      pipelineParallel: this.init.rayCluster.pipelineParallel,
+                      tensorParallel: this.init.rayCluster.tensorParallel,
+                    },
+                  }
+                : {}),
+              ...(this.init.role != null ? { role: this.init.role } : {}),
               cacheDir,
               gpu: this.init.gpu ?? 'all',
               shmSize: this.init.shmSize ?? defaults.shmSize,
