@@ -1,4 +1,4 @@
-import { mkdtemp, rm, writeFile } from 'node:fs/promises'
+import { chmod, mkdtemp, rm, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { generateKeyPair } from '@libp2p/crypto/keys'
@@ -21,7 +21,7 @@ import { VllmEngine } from '../../daemon/engines/vllm/engine.ts'
 import type { HardwareReport } from '../../daemon/hardware/types.ts'
 import type { NodeComponents, RegionFinder } from '../../daemon/node/components.ts'
 import { pullDetail } from '../../daemon/node/engine.ts'
-import { createNodeEngine, vllmGpuRequest } from '../../daemon/node/engines.ts'
+import { createNodeEngine, readHuggingFaceToken, vllmGpuRequest } from '../../daemon/node/engines.ts'
 import { NodeDaemon, type NodeDaemonState } from '../../daemon/node-daemon.ts'
 import { verifyCapabilityReport } from '../../mesh/capability-report.ts'
 import type { DiscoveredHead, RegionDiscoveryEvents } from '../../mesh/discovery.ts'
@@ -462,6 +462,19 @@ describe('NodeDaemon: the engine an assignment names, and when vLLM cannot serve
 })
 
 describe('the engine a vllm assignment makes', () => {
+  it('reads the Hugging Face token from a 0600 file in the data dir, and refuses one others can read', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'garage-hf-'))
+    try {
+      expect(await readHuggingFaceToken(dir)).toBeUndefined()
+      await writeFile(join(dir, 'huggingface.token'), 'hf_secret\n', { mode: 0o600 })
+      expect(await readHuggingFaceToken(dir)).toBe('hf_secret')
+      await chmod(join(dir, 'huggingface.token'), 0o644)
+      await expect(readHuggingFaceToken(dir)).rejects.toThrow(/mode 644.*chmod 600/)
+    } finally {
+      await rm(dir, { recursive: true, force: true })
+    }
+  })
+
   it("tells a pull's progress as a status line", () => {
     const base = {
       image: 'docker.io/vllm/vllm-openai:v0.30.0',

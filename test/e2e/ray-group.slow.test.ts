@@ -1,6 +1,6 @@
 import { type ChildProcess, spawn } from 'node:child_process'
 import { randomBytes } from 'node:crypto'
-import { copyFile, mkdir, mkdtemp, rm, symlink, writeFile } from 'node:fs/promises'
+import { mkdtemp, rm, symlink } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { delimiter, join } from 'node:path'
 import { execa } from 'execa'
@@ -10,7 +10,7 @@ import { freeLoopbackPort } from '../../containers/ports.ts'
 import { UsageLedger } from '../../federation/ledger.ts'
 import { openFederationStore } from '../../federation/store.ts'
 import { containersOf, requirePodman, standInImage } from '../containers/podman.ts'
-import { fakeMachine } from '../helpers/fake-tools.ts'
+import { fakeGpuMachine } from '../helpers/fake-tools.ts'
 import { ProcessCluster } from '../helpers/process-cluster.ts'
 
 /**
@@ -26,15 +26,6 @@ import { ProcessCluster } from '../helpers/process-cluster.ts'
 
 const model = 'stand-in-70b'
 const runId = randomBytes(4).toString('hex')
-const cdiFile = `/var/run/cdi/garage-test-${runId}.yaml`
-const cdiSpec = `cdiVersion: 0.5.0
-kind: nvidia.com/gpu
-devices:
-  - name: all
-    containerEdits:
-      env:
-        - GARAGE_TEST_GPU=all
-`
 
 interface Health {
   groups: Array<{
@@ -50,6 +41,7 @@ describe('a pipeline group on the Ray cluster', () => {
   let root: string
   let cluster: ProcessCluster
   let image: string
+  let gpu: Awaited<ReturnType<typeof fakeGpuMachine>> | undefined
   const games: ChildProcess[] = []
 
   const health = async (): Promise<Health> =>
@@ -68,16 +60,10 @@ describe('a pipeline group on the Ray cluster', () => {
 
   beforeAll(async () => {
     await requirePodman()
-    if (process.getuid?.() !== 0)
-      throw new Error('this suite writes a CDI spec to /var/run/cdi, which needs root (CI runs as root)')
     image = await standInImage()
-    await mkdir('/var/run/cdi', { recursive: true })
-    await writeFile(cdiFile, cdiSpec)
     root = await mkdtemp(join(tmpdir(), 'garage-ray-group-'))
-    const fake = await fakeMachine('rtx4090', root)
-    const bin = join(root, 'bin')
-    await mkdir(bin)
-    for (const tool of ['nvidia-smi', 'nvidia-ctk']) await copyFile(join(fake.binDir, tool), join(bin, tool))
+    gpu = await fakeGpuMachine(root, runId)
+    const bin = gpu.bin
     cluster = ProcessCluster.create({
       runId,
       root: join(root, 'cluster'),
@@ -124,7 +110,7 @@ describe('a pipeline group on the Ray cluster', () => {
   afterAll(async () => {
     for (const g of games) g.kill('SIGKILL')
     const report = await cluster?.stop()
-    await rm(cdiFile, { force: true })
+    await gpu?.remove()
     if (root != null) await rm(root, { recursive: true, force: true })
     expect(report?.containers ?? []).toEqual([])
   })

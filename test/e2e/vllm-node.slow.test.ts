@@ -1,12 +1,12 @@
 import { randomBytes } from 'node:crypto'
-import { copyFile, mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises'
+import { mkdtemp, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { delimiter, join } from 'node:path'
 import { execa } from 'execa'
 import OpenAI from 'openai'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { containersOf, inspectContainer, requirePodman, standInImage } from '../containers/podman.ts'
-import { fakeMachine } from '../helpers/fake-tools.ts'
+import { fakeGpuMachine } from '../helpers/fake-tools.ts'
 import { ProcessCluster } from '../helpers/process-cluster.ts'
 
 /**
@@ -16,48 +16,23 @@ import { ProcessCluster } from '../helpers/process-cluster.ts'
  * real), serves chat through the federation, and removes the container when it stops. A second node
  * whose vLLM image cannot be had says why and serves on the embedded engine instead.
  *
- * Podman 4.3 reads CDI specs only from /etc/cdi and /var/run/cdi (later versions also from
- * containers.conf's cdi_spec_dirs, which the probe follows): the spec is written to /var/run/cdi
- * under a name of this run and removed afterwards.
  */
 
 const model = 'stand-in-8b'
 const runId = randomBytes(4).toString('hex')
-const cdiFile = `/var/run/cdi/garage-test-${runId}.yaml`
-const cdiSpec = `cdiVersion: 0.5.0
-kind: nvidia.com/gpu
-devices:
-  - name: "0"
-    containerEdits:
-      env:
-        - GARAGE_TEST_GPU=0
-  - name: all
-    containerEdits:
-      env:
-        - GARAGE_TEST_GPU=all
-containerEdits:
-  env:
-    - NVIDIA_VISIBLE_DEVICES=all
-`
 
 describe('garage node with vLLM in Podman', () => {
   let root: string
   let cluster: ProcessCluster
   let image: string
+  let gpu: Awaited<ReturnType<typeof fakeGpuMachine>> | undefined
 
   beforeAll(async () => {
     await requirePodman()
-    if (process.getuid?.() !== 0)
-      throw new Error('this suite writes a CDI spec to /var/run/cdi, which needs root (CI runs as root)')
     image = await standInImage()
-    await mkdir('/var/run/cdi', { recursive: true })
-    await writeFile(cdiFile, cdiSpec)
     root = await mkdtemp(join(tmpdir(), 'garage-vllm-node-'))
-    // The fake machine's nvidia-smi and nvidia-ctk, before the real PATH (Podman is the real one).
-    const fake = await fakeMachine('rtx4090', root)
-    const bin = join(root, 'bin')
-    await mkdir(bin)
-    for (const tool of ['nvidia-smi', 'nvidia-ctk']) await copyFile(join(fake.binDir, tool), join(bin, tool))
+    gpu = await fakeGpuMachine(root, runId)
+    const bin = gpu.bin
     cluster = ProcessCluster.create({
       runId,
       root: join(root, 'cluster'),
@@ -90,7 +65,7 @@ describe('garage node with vLLM in Podman', () => {
 
   afterAll(async () => {
     const report = await cluster?.stop()
-    await rm(cdiFile, { force: true })
+    await gpu?.remove()
     if (root != null) await rm(root, { recursive: true, force: true })
     expect(report?.containers ?? []).toEqual([])
   })

@@ -1,4 +1,4 @@
-import { access, chmod, mkdtemp, readFile, symlink, writeFile } from 'node:fs/promises'
+import { access, chmod, copyFile, mkdir, mkdtemp, readFile, rm, symlink, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
@@ -80,4 +80,49 @@ export async function fakeMachine(
       otherGpus: false,
     },
   }
+}
+
+/**
+ * This machine as a gamer's PC with an RTX 4090 for `garage node` processes: the fake machine's
+ * nvidia-smi and nvidia-ctk in `bin` (put it before the real PATH: Podman stays the real one), and a
+ * CDI spec for the GPU that real Podman resolves. Podman 4.3 reads CDI specs only from /etc/cdi and
+ * /var/run/cdi (later versions also from containers.conf's cdi_spec_dirs, which the probe follows):
+ * the spec goes to /var/run/cdi under a name of this run, so it needs root; remove() takes it away.
+ */
+export async function fakeGpuMachine(
+  root: string,
+  runId: string,
+): Promise<{ bin: string; remove(): Promise<void> }> {
+  if (process.getuid?.() !== 0)
+    throw new Error(
+      'a fake GPU for real Podman needs a CDI spec in /var/run/cdi, which needs root (CI runs as root)',
+    )
+  const fake = await fakeMachine('rtx4090', root)
+  const bin = join(root, 'bin')
+  await mkdir(bin, { recursive: true })
+  for (const tool of ['nvidia-smi', 'nvidia-ctk']) await copyFile(join(fake.binDir, tool), join(bin, tool))
+  const cdiFile = `/var/run/cdi/garage-test-${runId}.yaml`
+  await mkdir('/var/run/cdi', { recursive: true })
+  // The devices' edits show in the container's environment: proof Podman resolved them.
+  await writeFile(
+    cdiFile,
+    [
+      'cdiVersion: 0.5.0',
+      'kind: nvidia.com/gpu',
+      'devices:',
+      '  - name: "0"',
+      '    containerEdits:',
+      '      env:',
+      '        - GARAGE_TEST_GPU=0',
+      '  - name: all',
+      '    containerEdits:',
+      '      env:',
+      '        - GARAGE_TEST_GPU=all',
+      'containerEdits:',
+      '  env:',
+      '    - NVIDIA_VISIBLE_DEVICES=all',
+      '',
+    ].join('\n'),
+  )
+  return { bin, remove: () => rm(cdiFile, { force: true }) }
 }
