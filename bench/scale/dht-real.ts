@@ -5,7 +5,7 @@
  * The tables are read from kad-dht's internals (routingTable.kb, providers): not a public API, so
  * this file may need a touch on a kad-dht upgrade.
  */
-import { createHash } from 'node:crypto'
+import { createHash, randomBytes } from 'node:crypto'
 import { noise } from '@chainsafe/libp2p-noise'
 import { yamux } from '@chainsafe/libp2p-yamux'
 import { generateKeyPair } from '@libp2p/crypto/keys'
@@ -176,6 +176,35 @@ async function holdersSettled(
   }
 }
 
+/**
+ * kad-dht's bucket refresh, awaited: a walk to a random key in each bucket range but our own (a key
+ * sharing exactly `cpl` leading bits with this server). A self-query only walks towards the server's
+ * own id, so it learns its own half of the key space; without this, servers know the other half only
+ * through the bootstrap they dialled, the mesh splits into cliques joined at one node, and a lookup
+ * from one side ends at the other side's closest peers, missing the record (what CI saw: 2-3 of 4
+ * found). kad-dht runs the same refresh at start (table still empty: nothing to refresh) and then
+ * every 5 minutes, so a network up for longer has these tables.
+ */
+async function refreshBuckets(node: MeshNode, prefixLength: number): Promise<void> {
+  const self = createHash('sha256').update(node.peerId.toMultihash().bytes).digest()
+  const leadingBit = (bytes: Uint8Array, i: number): number => (bytes[i >> 3]! >> (7 - (i & 7))) & 1
+  for (let cpl = 0; cpl < prefixLength; cpl++) {
+    // kad-dht hashes the key: draw keys until the hash shares exactly `cpl` leading bits with ours.
+    let key: Uint8Array
+    let hash: Buffer
+    do {
+      key = new Uint8Array(randomBytes(32))
+      hash = createHash('sha256').update(key).digest()
+    } while (
+      !Array.from({ length: cpl }, (_, i) => leadingBit(hash, i) === leadingBit(self, i)).every(Boolean) ||
+      leadingBit(hash, cpl) === leadingBit(self, cpl)
+    )
+    for await (const _ of node.services.dht.getClosestPeers(key)) {
+      // drained
+    }
+  }
+}
+
 /** Runs `task` for every item with at most `limit` running at once. */
 async function eachLimited<T>(items: T[], limit: number, task: (item: T) => Promise<void>): Promise<void> {
   let next = 0
@@ -245,14 +274,15 @@ export async function validateDhtModel(
       nodes.push(...wave)
       servers.push(...wave)
     }
-    // Servers that started together know little of each other until kad-dht's next self-query
-    // (every 5 min): run it now, as in a network that has been up for a while.
+    // Servers that started together know little of each other until kad-dht's next self-query and
+    // bucket refresh (every 5 min): run both now, as in a network that has been up for a while.
     await tablesFilled(servers, 30_000)
     await eachLimited(servers, 4, async (s) => {
       for await (const _ of s.services.dht.getClosestPeers(s.peerId.toMultihash().bytes)) {
         // drained
       }
     })
+    await eachLimited(servers, 4, (s) => refreshBuckets(s, params.prefixLength))
     await tablesSettled(servers, 1_000, 20_000)
 
     const cid = await regionKey('scale-validation')
