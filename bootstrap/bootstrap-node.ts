@@ -144,7 +144,7 @@ export async function startBootstrap(options: BootstrapOptions): Promise<Bootstr
   })
 
   const registry = new Registry()
-  collectDefaultMetrics({ register: registry, prefix: 'garage_bootstrap_process_' })
+  collectDefaultMetrics({ register: registry, prefix: 'garage_bootstrap_' })
   const announcements = new Counter({
     name: 'garage_bootstrap_region_announcements_total',
     help: 'DHT announcements of this region, by outcome',

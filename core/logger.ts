@@ -2,9 +2,18 @@ import { type Logger, pino } from 'pino'
 
 /** One root logger per process, JSON to stderr (stdout stays for command output); GARAGE_LOG_LEVEL sets the level. */
 export function createLogger(name = 'garage', defaultLevel = 'info', tail?: LogTail): Logger {
-  const options = { name, level: process.env.GARAGE_LOG_LEVEL ?? defaultLevel }
+  const level = process.env.GARAGE_LOG_LEVEL ?? defaultLevel
+  const options = { name, level }
   if (tail == null) return pino(options, pino.destination(2))
-  return pino(options, pino.multistream([{ stream: pino.destination(2) }, { stream: tail }]))
+  // A multistream filters each stream at its own level, 'info' unless told: give them the logger's,
+  // or GARAGE_LOG_LEVEL=debug reaches neither stderr nor the tail (garage node logs through these).
+  return pino(
+    options,
+    pino.multistream([
+      { level, stream: pino.destination(2) },
+      { level, stream: tail },
+    ]),
+  )
 }
 
 /** The last lines a process logged, kept in memory for `garage logs` and the dashboard. */

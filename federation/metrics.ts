@@ -16,7 +16,7 @@ export interface FederationMetrics {
 
 export function federationMetrics(directory: RegionDirectory): FederationMetrics {
   const metrics = new Registry()
-  collectDefaultMetrics({ register: metrics, prefix: 'garage_federation_process_' })
+  collectDefaultMetrics({ register: metrics, prefix: 'garage_federation_' })
   const activeStreams = { value: 0 }
   new Gauge({
     name: 'garage_federation_active_streams',

@@ -215,6 +215,9 @@ describe('garage CLI', () => {
     ]) {
       expect(metrics).toMatch(new RegExp(`^${name} -?[\\d.e+]+$`, 'm'))
     }
+    // prom-client's process metrics, prefixed once.
+    expect(metrics).toMatch(/^garage_bootstrap_process_cpu_user_seconds_total /m)
+    expect(metrics).not.toMatch(/process_process_/)
     const expiry = Number(/^garage_bootstrap_certificate_expiry_seconds (\S+)$/m.exec(metrics)![1])
     expect(expiry).toBeGreaterThan(2 * 86_400 - 600)
     expect(expiry).toBeLessThanOrEqual(2 * 86_400)

@@ -43,61 +43,80 @@ describe('garage devnet (npm start)', () => {
 })
 
 describe('npm start as a process', () => {
-  it('prints the banner, and on SIGTERM stops every process it started and exits 0', async () => {
-    const { spawn, execFileSync } = await import('node:child_process')
-    const { garageBin } = await import('../helpers/cli.ts')
-    const data = await mkdtemp(join(tmpdir(), 'garage-devnet-proc-'))
-    try {
-      const child = spawn(
-        process.execPath,
-        [garageBin, 'devnet', '--nodes', '1', '--port', '0', '--data-dir', data],
-        { env: { ...process.env, GARAGE_LOG_LEVEL: 'warn' }, stdio: ['ignore', 'pipe', 'pipe'] },
-      )
-      let stdout = ''
-      await new Promise<void>((resolve, reject) => {
-        child.stdout!.on('data', (d: Buffer) => {
-          stdout += d.toString()
-          if (stdout.includes('Ctrl-C stops the devnet')) resolve()
+  it.each([
+    ['SIGTERM', 'the process'],
+    ['SIGINT', 'its process group, as Ctrl-C in a terminal does'],
+  ] as const)(
+    'prints the banner, and on %s to %s stops every process it started and exits 0, logging no error',
+    async (signal, _to) => {
+      const { spawn, execFileSync } = await import('node:child_process')
+      const { garageBin } = await import('../helpers/cli.ts')
+      const data = await mkdtemp(join(tmpdir(), 'garage-devnet-proc-'))
+      try {
+        const child = spawn(
+          process.execPath,
+          [garageBin, 'devnet', '--nodes', '2', '--port', '0', '--data-dir', data],
+          {
+            env: { ...process.env, GARAGE_LOG_LEVEL: 'warn' },
+            stdio: ['ignore', 'pipe', 'pipe'],
+            // A terminal's foreground process group: Ctrl-C signals every process in it.
+            detached: true,
+          },
+        )
+        let stderr = ''
+        child.stderr!.on('data', (d: Buffer) => {
+          stderr += d.toString()
         })
-        child.once('exit', (code) => reject(new Error(`devnet exited early with ${code}: ${stdout}`)))
-      })
-      expect(stdout).toContain('OpenAI base URL  http://127.0.0.1:')
-      expect(stdout).toMatch(/API key {10}gk_/)
-      expect(stdout).toContain('curl -s http://127.0.0.1:')
-      // Its engine processes, found before it stops, must be gone after.
-      const descendants = (pid: number): number[] => {
-        const out = execFileSync('ps', ['-eo', 'pid=,ppid='], { encoding: 'utf8' })
-        const pairs = out
-          .trim()
-          .split('\n')
-          .map((l) => l.trim().split(/\s+/).map(Number) as [number, number])
-        const found: number[] = []
-        const walk = (p: number): void => {
-          for (const [c, pp] of pairs)
-            if (pp === p) {
-              found.push(c)
-              walk(c)
-            }
+        let stdout = ''
+        await new Promise<void>((resolve, reject) => {
+          child.stdout!.on('data', (d: Buffer) => {
+            stdout += d.toString()
+            if (stdout.includes('Ctrl-C stops the devnet')) resolve()
+          })
+          child.once('exit', (code) => reject(new Error(`devnet exited early with ${code}: ${stdout}`)))
+        })
+        expect(stdout).toContain('OpenAI base URL  http://127.0.0.1:')
+        expect(stdout).toMatch(/API key {10}gk_/)
+        expect(stdout).toContain('curl -s http://127.0.0.1:')
+        // Its engine processes, found before it stops, must be gone after.
+        const descendants = (pid: number): number[] => {
+          const out = execFileSync('ps', ['-eo', 'pid=,ppid='], { encoding: 'utf8' })
+          const pairs = out
+            .trim()
+            .split('\n')
+            .map((l) => l.trim().split(/\s+/).map(Number) as [number, number])
+          const found: number[] = []
+          const walk = (p: number): void => {
+            for (const [c, pp] of pairs)
+              if (pp === p) {
+                found.push(c)
+                walk(c)
+              }
+          }
+          walk(pid)
+          return found
         }
-        walk(pid)
-        return found
+        const children = descendants(child.pid!)
+        expect(children.length).toBeGreaterThan(0)
+        const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)))
+        if (signal === 'SIGINT') process.kill(-child.pid!, 'SIGINT')
+        else child.kill('SIGTERM')
+        expect(await exited).toBe(0)
+        // A deliberate stop is not a crash: the engines are stopped by their node, not by the signal.
+        expect(stderr).not.toMatch(/engine crashed|"level":50/)
+        const alive = children.filter((pid) => {
+          try {
+            process.kill(pid, 0)
+            return true
+          } catch {
+            return false
+          }
+        })
+        expect(alive).toEqual([])
+      } finally {
+        await rm(data, { recursive: true, force: true })
       }
-      const children = descendants(child.pid!)
-      expect(children.length).toBeGreaterThan(0)
-      const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)))
-      child.kill('SIGTERM')
-      expect(await exited).toBe(0)
-      const alive = children.filter((pid) => {
-        try {
-          process.kill(pid, 0)
-          return true
-        } catch {
-          return false
-        }
-      })
-      expect(alive).toEqual([])
-    } finally {
-      await rm(data, { recursive: true, force: true })
-    }
-  }, 60_000)
+    },
+    60_000,
+  )
 })

@@ -85,6 +85,9 @@ export class LlamaCppEngine extends TypedEventEmitter<EngineEvents> implements E
     const child = spawn(process.execPath, [serveScript], {
       env: { ...process.env, GARAGE_ENGINE_OPTIONS: JSON.stringify(serverOptions) },
       stdio: ['ignore', 'pipe', 'pipe', 'ipc'],
+      // Its own process group: Ctrl-C in the node's terminal is the node's to handle (drain, then
+      // stop the engine), not the engine's; it still exits when the node goes (IPC disconnect).
+      detached: process.platform !== 'win32',
     })
     this.child = child
     child.stderr?.on('data', (d: Buffer) => {
