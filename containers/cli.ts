@@ -129,6 +129,7 @@ export class CliContainerRuntime implements ContainerRuntime {
   private async exec(args: string[], timeoutMs = this.commandTimeoutMs): Promise<ToolResult> {
     const result = await runTool(this.command, args, {
       timeoutMs,
+      concurrent: true,
       ...(this.env != null ? { env: { ...process.env, ...this.env } } : {}),
     })
     const what = `${this.name} ${args[0] ?? ''}`.trim()
@@ -210,6 +211,8 @@ export class CliContainerRuntime implements ContainerRuntime {
       forceKillAfterDelay: 2_000,
       reject: false,
       stdin: 'ignore',
+      // Not in our terminal's process group: a Ctrl-C is ours to handle, not this helper's.
+      detached: process.platform !== 'win32',
       buffer: false,
       ...(this.env != null ? { env: this.env } : {}),
     })
@@ -274,6 +277,8 @@ export class CliContainerRuntime implements ContainerRuntime {
       forceKillAfterDelay: 1_000,
       reject: false,
       stdin: 'ignore',
+      // Not in our terminal's process group: a Ctrl-C is ours to handle, not this helper's.
+      detached: process.platform !== 'win32',
       ...(this.env != null ? { env: this.env } : {}),
     })
     if (result.isCanceled && options.signal != null) throw abortError(options.signal)
@@ -292,6 +297,8 @@ export class CliContainerRuntime implements ContainerRuntime {
       cancelSignal: options.signal,
       reject: false,
       stdin: 'ignore',
+      // Not in our terminal's process group: a Ctrl-C is ours to handle, not this helper's.
+      detached: process.platform !== 'win32',
       buffer: false,
       ...(this.env != null ? { env: this.env } : {}),
     })

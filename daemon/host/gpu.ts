@@ -34,7 +34,7 @@ export function summarizeGpus(gpus: readonly GpuInfo[]): HostGpuReading | null {
   }
 }
 
-/** Utilisation, temperature and compute apps from two parallel nvidia-smi queries, kept for maxAgeMs. */
+/** Utilisation, temperature and compute apps from two nvidia-smi queries (runTool runs them one at a time), kept for maxAgeMs. */
 export class NvidiaHostReader {
   private readonly timeoutMs: number
   private readonly maxAgeMs: number

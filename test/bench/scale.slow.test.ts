@@ -6,29 +6,33 @@ describe('the scale bench on the real stack', () => {
   // GARAGE_DHT_RUNS=20 repeats it (each run a fresh mesh with another seed): every lookup must find
   // the record every time.
   const runs = Number(process.env.GARAGE_DHT_RUNS ?? 1)
-  it('predicts what real kad-dht lookups do over the same routing tables; every lookup finds the record', async () => {
-    for (let run = 0; run < runs; run++) {
-      const v = await validateDhtModel({
-        servers: 16,
-        clients: 4,
-        modelRuns: 20,
-        seed: 11 + run,
-        table: { kBucketSize: 4, prefixLength: 2 },
-      })
-      expect(v.kadDht).toEqual({ k: 4, alpha: 10, disjointPaths: 10 })
-      expect(v.realHolders).toBeGreaterThan(0)
-      // Once the servers' buckets are refreshed (as kad-dht does every 5 min), a lookup from either
-      // half of the key space reaches the record's holders: no lookup misses, real or modelled.
-      expect(v.real.foundShare, `run ${run}: ${v.real.queryErrors} real requests failed`).toBe(1)
-      expect(v.model.foundShare, `run ${run}`).toBe(1)
-      // Same tables, same key, same holders: the same walk, up to the order answers arrive in.
-      expect(Math.abs(v.model.hops.mean - v.real.hops.mean)).toBeLessThanOrEqual(1)
-      expect(v.model.messages.mean).toBeGreaterThan(v.real.messages.mean * 0.6)
-      expect(v.model.messages.mean).toBeLessThan(v.real.messages.mean * 1.6)
-      // Each client stays connected to the servers it asked.
-      expect(v.connectionsKeptShare).toBeGreaterThan(0.9)
-    }
-  }, 60_000 + runs * 30_000)
+  it(
+    'predicts what real kad-dht lookups do over the same routing tables; every lookup finds the record',
+    async () => {
+      for (let run = 0; run < runs; run++) {
+        const v = await validateDhtModel({
+          servers: 16,
+          clients: 4,
+          modelRuns: 20,
+          seed: 11 + run,
+          table: { kBucketSize: 4, prefixLength: 2 },
+        })
+        expect(v.kadDht).toEqual({ k: 4, alpha: 10, disjointPaths: 10 })
+        expect(v.realHolders).toBeGreaterThan(0)
+        // Once the servers' buckets are refreshed (as kad-dht does every 5 min), a lookup from either
+        // half of the key space reaches the record's holders: no lookup misses, real or modelled.
+        expect(v.real.foundShare, `run ${run}: ${v.real.queryErrors} real requests failed`).toBe(1)
+        expect(v.model.foundShare, `run ${run}`).toBe(1)
+        // Same tables, same key, same holders: the same walk, up to the order answers arrive in.
+        expect(Math.abs(v.model.hops.mean - v.real.hops.mean)).toBeLessThanOrEqual(1)
+        expect(v.model.messages.mean).toBeGreaterThan(v.real.messages.mean * 0.6)
+        expect(v.model.messages.mean).toBeLessThan(v.real.messages.mean * 1.6)
+        // Each client stays connected to the servers it asked.
+        expect(v.connectionsKeptShare).toBeGreaterThan(0.9)
+      }
+    },
+    60_000 + runs * 30_000,
+  )
 
   it("measures a real head's cost per connection, join, report and request", async () => {
     const load = await measureHeadLoad({

@@ -1,4 +1,4 @@
-import { mkdtemp, rm } from 'node:fs/promises'
+import { chmod, mkdir, mkdtemp, rm, symlink, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { afterAll, describe, expect, it } from 'vitest'
@@ -38,6 +38,30 @@ describe('garage doctor on this machine (CPU only, no GPU)', () => {
       ),
     ).toBe(true)
     expect(report.advice.map((a: { id: string }) => a.id)).toContain('nvidia-gpu')
+  })
+
+  it('a hung nvidia-smi (a script that ignores SIGTERM, its sleeper holding the pipe): doctor exits within its deadline plus a second', async () => {
+    const dataDir = await mkdtemp(join(tmpdir(), 'garage-doctor-hang-'))
+    dirs.push(dataDir)
+    const bin = join(dataDir, 'bin')
+    await mkdir(bin)
+    await symlink('/bin/sleep', join(bin, 'sleep'))
+    await writeFile(join(bin, 'nvidia-smi'), "#!/bin/sh\ntrap '' TERM\nsleep 30\n")
+    await chmod(join(bin, 'nvidia-smi'), 0o755)
+    // The same command without the hang: what starting Node and probing the rest costs here.
+    const baseStarted = performance.now()
+    const base = await garage(['doctor', '--json', '--timeout', '1s', '--data-dir', dataDir], {
+      PATH: join(dataDir, 'empty'),
+    })
+    const baseMs = performance.now() - baseStarted
+    expect(base.code, base.stderr).toBe(0)
+    const started = performance.now()
+    const hung = await garage(['doctor', '--json', '--timeout', '1s', '--data-dir', dataDir], { PATH: bin })
+    const tookMs = performance.now() - started
+    expect(hung.code, hung.stderr).toBe(0)
+    expect(JSON.parse(hung.stdout).hardware.nvidia).toMatchObject({ status: 'timeout' })
+    // One deadline (the second nvidia-smi query is backed off, not waited for) plus a second.
+    expect(tookMs - baseMs).toBeLessThan(1_000 + 1_000)
   })
 
   it('rejects a bad --timeout with the usage', async () => {
