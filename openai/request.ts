@@ -2,6 +2,7 @@ import { isUtf8 } from 'node:buffer'
 import { apiError } from '../core/errors.ts'
 import { isPlainObject } from '../core/guards.ts'
 import type { ProxiedKind } from './endpoints.ts'
+import { toolCallHiddenTokens } from './usage.ts'
 
 /**
  * What a proxy hop (the federation, a head) reads of an OpenAI generation request before passing it
@@ -78,7 +79,11 @@ export function prepareUpstreamRequest(body: unknown, kind: ProxiedKind): Prepar
     model,
     hiddenTokensPerChoice:
       endTokensPerChoice +
-      (format === 'json_object' || format === 'json_schema' ? structuredOutputHiddenTokens : 0),
+      (format === 'json_object' || format === 'json_schema' ? structuredOutputHiddenTokens : 0) +
+      // A call begun but cut by max_tokens before its arguments: its syntax and name never show.
+      (Array.isArray(body.tools) && body.tools.length > 0 && body.tool_choice !== 'none'
+        ? toolCallHiddenTokens
+        : 0),
     promptBound: null,
   }
 }

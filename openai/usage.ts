@@ -238,8 +238,17 @@ export interface ThroughputSnapshot {
   reportedAt: number | null
 }
 
+/**
+ * Tokens a node may have generated, per stream its client abandoned, after the head stopped reading:
+ * the node stops when the reset reaches it, tens of milliseconds later. Not credited; only kept out of
+ * the over-reporting check, so an honest node is not flagged for its clients' aborts.
+ */
+export const abandonedStreamAllowanceTokens = 64
+
 interface PeerThroughput {
   verified: number
+  /** Allowances for abandoned streams (see abandonedStreamAllowanceTokens): never credited. */
+  unseen: number
   reported: number | null
   reportedAt: number | null
   flaggedSince: number | null
@@ -264,6 +273,16 @@ export class VerifiedThroughput {
   }
 
   /**
+   * A stream of this node's was abandoned by its client with `remaining` tokens of its budget left:
+   * what it generated after the head stopped reading (at most abandonedStreamAllowanceTokens) is not
+   * held against it. Nothing is credited.
+   */
+  abandoned(peer: string, remaining: number): void {
+    if (!(remaining > 0)) return
+    this.#entry(peer).unseen += Math.min(remaining, abandonedStreamAllowanceTokens)
+  }
+
+  /**
    * Records the node's self-reported total and re-checks it; returns the change when the flag
    * flips (log it once), null otherwise. `pendingTokens`: tokens of its requests still streaming.
    */
@@ -273,7 +292,7 @@ export class VerifiedThroughput {
     const now = this.#now()
     entry.reported = reportedTotal
     entry.reportedAt = now
-    const credited = entry.verified + Math.max(0, pendingTokens)
+    const credited = entry.verified + entry.unseen + Math.max(0, pendingTokens)
     const over = reportedTotal > credited * flagRatio && reportedTotal - credited > flagSlackTokens
     if (over === (entry.flaggedSince != null)) return null
     entry.flaggedSince = over ? now : null
@@ -308,7 +327,7 @@ export class VerifiedThroughput {
   #entry(peer: string): PeerThroughput {
     let e = this.#peers.get(peer)
     if (e == null) {
-      e = { verified: 0, reported: null, reportedAt: null, flaggedSince: null }
+      e = { verified: 0, unseen: 0, reported: null, reportedAt: null, flaggedSince: null }
       this.#peers.set(peer, e)
     }
     return e

@@ -209,6 +209,9 @@ export class HeadRoute implements ProxyRoute<HeadCall, HeadTarget> {
       this.#c.verified.add(target, tokens)
       if (isGroupTarget(target)) this.#c.groups?.served(target, tokens)
       metrics.regionTokens.inc({ model: call.model }, tokens)
+      // Its client left mid-stream: the node generated on until the reset reached it, unseen.
+      if (outcome.interrupted != null && call.sink.gone.aborted)
+        this.#c.verified.abandoned(target, (call.inFlight ?? 0) - tokens)
       if (outcome.interrupted != null) {
         metrics.streamErrors.inc()
         if (!call.sink.gone.aborted)

@@ -11,6 +11,7 @@ import { zodResponseFormat, zodTextFormat } from 'openai/helpers/zod'
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest'
 import { z } from 'zod'
 import { type Devnet, startDevnet } from '../../cli/commands/devnet.ts'
+import { abandonedStreamAllowanceTokens } from '../../openai/usage.ts'
 import { recordingFetch } from '../helpers/openapi.ts'
 
 /**
@@ -613,6 +614,20 @@ describe('OpenAI client libraries against the federation', () => {
     add(structured.usage!.prompt_tokens, structured.usage!.completion_tokens)
     const response = await openai.responses.create({ model, input: 'hi', max_output_tokens: 7 })
     add(response.usage!.input_tokens, response.usage!.output_tokens)
+    // A call max_tokens cuts short is in the answer as far as it got, finish_reason 'length' (as
+    // OpenAI answers): its tokens are ones the head can see. Dropped, they got honest nodes flagged.
+    const cut = await openai.chat.completions.create({
+      model,
+      messages,
+      tools: [weatherTool],
+      tool_choice: 'required',
+      max_tokens: 24,
+      seed: 3,
+    })
+    expect(cut.choices[0]!.finish_reason).toBe('length')
+    expect(cut.choices[0]!.message.tool_calls?.[0]).toMatchObject({ function: { name: 'get_weather' } })
+    expect(cut.usage!.completion_tokens).toBe(24)
+    add(cut.usage!.prompt_tokens, cut.usage!.completion_tokens)
     const embedded = await openai.embeddings.create({ model: embedModel, input: ['one', 'two', 'three'] })
     add(embedded.usage.prompt_tokens, 0)
 
@@ -633,16 +648,39 @@ describe('OpenAI client libraries against the federation', () => {
       completion: credits.completion - creditsBefore.completion,
     }).toEqual({ prompt: seen.prompt, completion: seen.completion })
 
-    // What each node says it generated (its telemetry's source) against what its head verified.
+    // Streams their clients abandon: the node generates on until the reset reaches it, unseen.
+    const aborts = 3
+    for (let i = 0; i < aborts; i++) {
+      const abort = new AbortController()
+      const stream = await openai.chat.completions.create(
+        { model, messages, max_tokens: 400, stream: true },
+        { signal: abort.signal },
+      )
+      let chunks = 0
+      await (async () => {
+        for await (const _ of stream) if (++chunks === 3) abort.abort()
+      })().catch(() => {})
+    }
+
+    // What each node says it generated (its telemetry's source) against what its head verified:
+    // exactly equal but for what the abandoned streams generated unseen, and never flagged.
     const head = devnet.heads[0]!
     for (const node of devnet.info.nodes) {
-      const metrics = await (await fetch(`${node.engineUrl}/metrics`)).text()
-      const reported = Number(/^vllm:generation_tokens_total\{[^}]*\} (\S+)$/m.exec(metrics)?.[1] ?? 0)
+      let reported = 0
+      let verified = 0
+      // Once the engine has nothing running (the abandoned generations have stopped).
+      for (let wait = 0; wait < 100; wait++) {
+        const metrics = await (await fetch(`${node.engineUrl}/metrics`)).text()
+        reported = Number(/^vllm:generation_tokens_total\{[^}]*\} (\S+)$/m.exec(metrics)?.[1] ?? 0)
+        verified = head.verified.verified(node.peerId)
+        if (Number(/^vllm:num_requests_running\{[^}]*\} (\S+)$/m.exec(metrics)?.[1] ?? 1) === 0) break
+        await new Promise((r) => setTimeout(r, 50))
+      }
       head.verified.compare(node.peerId, reported)
-      expect(
-        head.verified.flagged(node.peerId),
-        `${node.model}: reported ${reported}, verified ${head.verified.verified(node.peerId)}`,
-      ).toBe(false)
+      const why = `${node.model}: reported ${reported}, verified ${verified}`
+      expect(head.verified.flagged(node.peerId), why).toBe(false)
+      expect(reported, why).toBeGreaterThanOrEqual(verified)
+      expect(reported - verified, why).toBeLessThanOrEqual(aborts * abandonedStreamAllowanceTokens)
     }
   })
 })

@@ -429,10 +429,13 @@ export class Generator {
       } else if (writer.toolCalls(index)[s.call]?.arguments === '')
         writer.toolCallArguments(index, s.call, '{}')
     }
-    // A call the token limit cut short is no call (a stream has shown its start; finish_reason says length).
-    writer.keepToolCalls(index, calls.length)
-    const finish: FinishReason =
-      result.metadata.stopReason === 'maxTokens' ? 'length' : calls.length > 0 ? 'tool_calls' : 'stop'
+    // A call the token limit cut short stays, its arguments as far as they got, with finish_reason
+    // 'length' (as OpenAI answers it, and as the stream has shown it): dropping it hid tokens the
+    // model generated from the answer, and the head, which credits only what it sees, flagged the
+    // honest node for them. Otherwise only the calls LlamaChat completed count.
+    const cut = result.metadata.stopReason === 'maxTokens'
+    if (!cut) writer.keepToolCalls(index, calls.length)
+    const finish: FinishReason = cut ? 'length' : calls.length > 0 ? 'tool_calls' : 'stop'
     return { finish, tokens: meter.count() }
   }
 }

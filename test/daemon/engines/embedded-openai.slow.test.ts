@@ -183,7 +183,7 @@ describe('embedded engine: tools, structured output, sampling parameters, embedd
     expect(none.choices[0]!.finish_reason).not.toBe('tool_calls')
   })
 
-  it('auto lets the model decide: the answer is text or valid calls, never a broken call', async () => {
+  it('auto lets the model decide: the answer is text or valid calls; a call max_tokens cut short says length', async () => {
     for (let seed = 1; seed <= 4; seed++) {
       const res = await client.chat.completions.create({
         model,
@@ -196,9 +196,11 @@ describe('embedded engine: tools, structured output, sampling parameters, embedd
       for (const call of choice.message.tool_calls ?? []) {
         if (call.type !== 'function') throw new Error('not a function call')
         expect(call.function.name).toBe('get_weather')
-        JSON.parse(call.function.arguments)
+        // Complete calls parse; one the token limit cut has its arguments as far as they got.
+        if (choice.finish_reason !== 'length') JSON.parse(call.function.arguments)
       }
-      if ((choice.message.tool_calls ?? []).length > 0) expect(choice.finish_reason).toBe('tool_calls')
+      if ((choice.message.tool_calls ?? []).length > 0)
+        expect(choice.finish_reason).toMatch(/^(tool_calls|length)$/)
     }
   })
 
