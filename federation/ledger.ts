@@ -34,6 +34,11 @@ export interface UsageRecord {
   completionTokens: number
   /** When it was answered (default: now); it counts in this instant's UTC day. */
   at?: Date | number
+  /**
+   * Requests this record counts (default 1). A streamed answer is billed as it streams: its first
+   * record counts the request, the ones after it (0) add the tokens relayed since.
+   */
+  requests?: 0 | 1
 }
 
 /** A range of UTC days, both ends included: a Date (its UTC day) or "YYYY-MM-DD". */
@@ -173,7 +178,8 @@ export class UsageLedger {
       promptTokens: 0,
       completionTokens: 0,
     }
-    usage.requests++
+    const requests = entry.requests ?? 1
+    usage.requests += requests
     usage.promptTokens += prompt
     usage.completionTokens += completion
     this.usage.set(usageKey, usage)
@@ -194,7 +200,7 @@ export class UsageLedger {
         promptTokens: 0,
         completionTokens: 0,
       }
-      credit.requests++
+      credit.requests += requests
       credit.promptTokens += share.prompt
       credit.completionTokens += share.completion
       this.credits.set(creditKey, credit)

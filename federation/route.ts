@@ -25,6 +25,8 @@ export interface FederationCall extends ProxyCall {
   prefer: string | undefined
   /** Labels of the request's metrics, filled in as it goes. */
   labels: { model: string; region: string }
+  /** What the ledger has of this answer so far (a stream is billed as it streams). */
+  billed?: { requests: number; completionTokens: number }
 }
 
 export interface RegionRouteInit {
@@ -128,6 +130,28 @@ export class RegionRoute implements ProxyRoute<FederationCall> {
     if (call.prepared.stream) this.#c.metrics.activeStreams.value++
   }
 
+  /**
+   * Bills a stream as it is relayed, write by write, so a gateway killed mid-stream has billed what
+   * its client received but for the last event-loop turn's writes (the ledger writes once a turn).
+   */
+  streamed(call: FederationCall, region: string, response: InferResponse, completionTokens: number): void {
+    if (response.status !== 200) return
+    const billed = (call.billed ??= { requests: 0, completionTokens: 0 })
+    const more = completionTokens - billed.completionTokens
+    if (more <= 0 && billed.requests > 0) return
+    this.#c.ledger.record({
+      keyId: call.key.id,
+      model: call.model,
+      region,
+      ...servedByOf(response),
+      requests: billed.requests > 0 ? 0 : 1,
+      promptTokens: 0,
+      completionTokens: Math.max(0, more),
+    })
+    billed.requests = 1
+    billed.completionTokens += Math.max(0, more)
+  }
+
   answered(
     call: FederationCall,
     region: string,
@@ -137,14 +161,17 @@ export class RegionRoute implements ProxyRoute<FederationCall> {
     const { metrics } = this.#c
     if (outcome != null) {
       if (response.status === 200) {
-        // The client received these tokens: bill the key, credit the node that generated them.
+        // The client received these tokens: bill the key, credit the node that generated them
+        // (what streamed was billed as it went: the rest, and the prompt, now).
+        const billed = call.billed ?? { requests: 0, completionTokens: 0 }
         this.#c.ledger.record({
           keyId: call.key.id,
           model: call.model,
           region,
           ...servedByOf(response),
+          requests: billed.requests > 0 ? 0 : 1,
           promptTokens: outcome.promptTokens,
-          completionTokens: outcome.completionTokens,
+          completionTokens: Math.max(0, outcome.completionTokens - billed.completionTokens),
         })
         this.#c.limiter.record(call.key.id, outcome.promptTokens + outcome.completionTokens)
         metrics.tokens.inc({ model: call.model, kind: 'prompt' }, outcome.promptTokens)

@@ -61,6 +61,8 @@ export interface ProxyRoute<C extends ProxyCall = ProxyCall, A = PeerId> {
   answerHeaders(call: C, target: string, response: InferResponse): Record<string, string>
   /** The answer starts: its head arrived. */
   answering(call: C, target: string, response: InferResponse): void
+  /** A streamed answer was written on: `completionTokens` relayed so far (optional). */
+  streamed?(call: C, target: string, response: InferResponse, completionTokens: number): void
   /** The answer ended: `outcome` null when relaying it threw. Always called once after answering(). */
   answered(call: C, target: string, response: InferResponse, outcome: RelayOutcome | null): void
   /** What the asker gets when no target was left to try. */
@@ -139,6 +141,7 @@ export async function proxyWithFailover<C extends ProxyCall, A = PeerId>(
         call.prepared,
         route.answerHeaders(call, target, response),
         ticket.firstByte,
+        route.streamed != null ? (tokens) => route.streamed!(call, target, response, tokens) : undefined,
       )
     } catch (err) {
       ticket.end(false, 0)

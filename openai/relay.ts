@@ -146,7 +146,8 @@ export interface RelayOutcome {
  * Relays `response` to `sink`, counting tokens. Streams pass through event by event (the usage chunk
  * the hop added is dropped when the asker did not ask for it); a stream that breaks after its first
  * byte ends with an OpenAI-style SSE error event and [DONE]. `onDecodeStart` marks when a stream's
- * head arrived (the router times a node's speed from there).
+ * head arrived (the router times a node's speed from there); `onStreamed` follows a stream write by
+ * write with the completion tokens relayed so far (never more than the outcome's).
  */
 export async function relayAnswer(
   response: InferResponse,
@@ -154,6 +155,7 @@ export async function relayAnswer(
   prepared: PreparedRequest,
   headers: Record<string, string>,
   onDecodeStart: () => void = () => {},
+  onStreamed: (completionTokens: number) => void = () => {},
 ): Promise<RelayOutcome> {
   const contentType = response.headers.find(([k]) => k.toLowerCase() === 'content-type')?.[1] ?? ''
   const out: Record<string, string> = { ...headers, 'content-type': contentType || 'application/json' }
@@ -204,7 +206,11 @@ export async function relayAnswer(
       for (const event of splitter.push(chunk)) {
         if (counter.feed(event.data)) text += event.raw
       }
-      if (text.length > 0) await sink.write(text)
+      if (text.length > 0) {
+        await sink.write(text)
+        // What the asker has so far, counted as an interrupted stream would be: billed as it streams.
+        onStreamed(counter.verifiedTokens())
+      }
     }
   } catch (err) {
     if (!sink.gone.aborted) {

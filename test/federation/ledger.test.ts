@@ -116,6 +116,19 @@ describe('UsageLedger', () => {
     expect(ledger.usageByKey({ keyId: 'key_a' })[0]).toMatchObject({ model: 'garage-tiny', requests: 101 })
   })
 
+  it('a stream billed as it streams: the first record counts the request, the later ones add tokens', () => {
+    ledger.record(entry({ requests: 1, promptTokens: 0, completionTokens: 3 }))
+    ledger.record(entry({ requests: 0, promptTokens: 0, completionTokens: 4 }))
+    ledger.record(entry({ requests: 0, promptTokens: 10, completionTokens: 1 }))
+    ledger.flush()
+    expect(ledger.usageByKey()).toEqual([
+      expect.objectContaining({ keyId: 'key_a', requests: 1, promptTokens: 10, completionTokens: 8 }),
+    ])
+    expect(ledger.creditsByNode()).toEqual([
+      expect.objectContaining({ node: nodeA, requests: 1, promptTokens: 10, completionTokens: 8 }),
+    ])
+  })
+
   it('writes the records of one event-loop turn together, right after that turn', async () => {
     ledger.record(entry())
     ledger.record(entry({ completionTokens: 5 }))

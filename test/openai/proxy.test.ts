@@ -245,7 +245,15 @@ describe("the federation's failover (federation/route.ts on openai/proxy.ts)", (
     expect(sink.status).toBe(200)
     expect(sink.headers).toMatchObject({ 'x-garage-region': 'far', 'x-garage-node': 'node-7' })
     expect(rig.ledger).toEqual([
-      { keyId: 'key-1', model: 'm', region: 'far', node: 'node-7', promptTokens: 5, completionTokens: 3 },
+      {
+        keyId: 'key-1',
+        model: 'm',
+        region: 'far',
+        node: 'node-7',
+        requests: 1,
+        promptTokens: 5,
+        completionTokens: 3,
+      },
     ])
     expect(rig.limited).toEqual([['key-1', 8]])
     expect(c.labels.region).toBe('far')
