@@ -136,7 +136,8 @@ export class RegionRoute implements ProxyRoute<FederationCall> {
    */
   streamed(call: FederationCall, region: string, response: InferResponse, completionTokens: number): void {
     if (response.status !== 200) return
-    const billed = (call.billed ??= { requests: 0, completionTokens: 0 })
+    call.billed ??= { requests: 0, completionTokens: 0 }
+    const billed = call.billed
     const more = completionTokens - billed.completionTokens
     if (more <= 0 && billed.requests > 0) return
     this.#c.ledger.record({
