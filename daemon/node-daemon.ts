@@ -22,6 +22,9 @@ import { NodeTelemetry } from './node/telemetry.ts'
 
 export type NodeDaemonState = 'stopped' | 'starting' | NodeServingState | 'stopping'
 
+/** The first join's retries while the region cannot be reached: 1 s, doubling to 30 s. */
+export const firstJoinRetryMs = { min: 1_000, max: 30_000 } as const
+
 export interface NodeDaemonEvents extends ControlEvents {
   joined: CustomEvent<{ head: string; region: string; assignment: Assignment }>
   /** The engine let go of the model (and the GPU) for a pause: how long it took from the pause. */
@@ -147,6 +150,8 @@ export class NodeDaemon extends TypedEventEmitter<NodeDaemonEvents> implements C
   private current: NodeDaemonState = 'stopped'
   /** Why the node entered its current state (a failed start says what failed). */
   private stateReason: string | null = null
+  /** Ends a first join that is waiting for its region (stop() during start). */
+  private abortStart: (() => void) | null = null
   private key: PrivateKey | null = null
   private node: MeshNode | null = null
   private hardware: HardwareReport | null = null
@@ -279,10 +284,12 @@ export class NodeDaemon extends TypedEventEmitter<NodeDaemonEvents> implements C
   }
 
   private setState(state: NodeDaemonState, reason?: string): void {
-    if (state === this.current) return
+    const why = reason ?? null
+    if (state === this.current && why === this.stateReason) return
+    // The same state with a new reason (what a start waits for) is news to watchers too.
+    if (state !== this.current) this.log.info({ state, reason }, 'node state')
     this.current = state
-    this.stateReason = reason ?? null
-    this.log.info({ state, reason }, 'node state')
+    this.stateReason = why
     this.safeDispatchEvent('state', { detail: this.status() })
   }
 
@@ -390,12 +397,9 @@ export class NodeDaemon extends TypedEventEmitter<NodeDaemonEvents> implements C
         },
         logger: this.log,
       })
-      await this.join()
+      await this.firstJoin()
       this.setState('serving')
-      this.telemetry.start(
-        this.membership.assignment!.telemetryIntervalMs,
-        () => void this.rejoin('the head does not know this node'),
-      )
+      await this.telemetry.reportNow()
       // 1 Hz numbers for the dashboard's chart.
       this.statsTimer = setInterval(() => {
         const st = this.status()
@@ -414,6 +418,47 @@ export class NodeDaemon extends TypedEventEmitter<NodeDaemonEvents> implements C
       await this.teardown()
       this.setState('stopped', (err as Error).message)
       throw err
+    }
+  }
+
+  /**
+   * The first join, tried until it works while the region cannot be reached (no head found, a head
+   * that does not answer): with backoff, saying in the status what it waits for. A refusal, or a node
+   * that cannot serve what it is given, ends the start with its reason.
+   */
+  private async firstJoin(): Promise<void> {
+    const stopped = new AbortController()
+    this.abortStart = () => stopped.abort()
+    let delayMs: number = firstJoinRetryMs.min
+    try {
+      for (;;) {
+        try {
+          await this.membership!.ensureHead()
+          await this.join()
+          return
+        } catch (err) {
+          const code = (err as GarageError).code
+          if (stopped.signal.aborted || (code !== 'NO_REGION' && code !== 'JOIN_FAILED')) throw err
+          if (code === 'JOIN_FAILED') this.membership!.forgetHead()
+          const reason = `${oneLine((err as Error).message)}; trying again in ${Math.round(delayMs / 1000)} s`
+          this.log.warn(
+            { err: oneLine((err as Error).message), retryInMs: delayMs },
+            'region not reachable yet',
+          )
+          this.setState('starting', reason)
+          const waited = await new Promise<boolean>((resolve) => {
+            const timer = setTimeout(() => resolve(true), delayMs)
+            stopped.signal.addEventListener('abort', () => {
+              clearTimeout(timer)
+              resolve(false)
+            })
+          })
+          if (!waited) throw new GarageError('stopped before the node could join a region', 'NODE_STOPPED')
+          delayMs = Math.min(delayMs * 2, firstJoinRetryMs.max)
+        }
+      }
+    } finally {
+      this.abortStart = null
     }
   }
 
@@ -439,6 +484,12 @@ export class NodeDaemon extends TypedEventEmitter<NodeDaemonEvents> implements C
     this.telemetry.resetSequence()
     const head = membership.head!
     this.safeDispatchEvent('joined', { detail: { head: head.peerId, region: head.region!, assignment } })
+    // Report from the join on, 'starting' while the engine loads: a head that heard nothing for its
+    // deadline evicted a node whose model took longer than that to load (7 s), right after it joined.
+    this.telemetry.start(
+      assignment.telemetryIntervalMs,
+      () => void this.rejoin('the head does not know this node'),
+    )
     if (!this.engine.serves(assignment)) {
       try {
         await this.engine.start(assignment)
@@ -571,7 +622,7 @@ export class NodeDaemon extends TypedEventEmitter<NodeDaemonEvents> implements C
     try {
       const assignment = this.membership?.assignment
       if (assignment != null) await this.engine.start(assignment)
-      await this.join()
+      await this.firstJoin()
       this.setState('serving')
       await this.telemetry.reportNow()
     } catch (err) {
@@ -585,6 +636,20 @@ export class NodeDaemon extends TypedEventEmitter<NodeDaemonEvents> implements C
   /** Stop taking requests, let in-flight ones finish (up to the grace period), leave, stop. */
   async stop(options: { graceMs?: number } = {}): Promise<void> {
     if (this.current === 'stopped' || this.current === 'stopping') return
+    // A start still waiting for its region ends there; start() stops what it started.
+    if (this.current === 'starting' && this.abortStart != null) {
+      const stopped = new Promise<void>((resolve) => {
+        const watch = (evt: CustomEvent<NodeStatus>): void => {
+          if (evt.detail.state !== 'stopped') return
+          this.removeEventListener('state', watch)
+          resolve()
+        }
+        this.addEventListener('state', watch)
+      })
+      this.abortStart()
+      await stopped
+      return
+    }
     const graceMs = options.graceMs ?? this.options.drainGraceMs ?? defaultDrainGraceMs
     if (this.current === 'serving' || this.current === 'paused') {
       this.setState('draining')

@@ -121,11 +121,26 @@ export async function run(argv: string[], ctx: CommandContext): Promise<number> 
   })
   if (server.warning != null) print(ctx.stderr, `warning: ${server.warning}`)
   print(ctx.stderr, 'starting node: probing hardware, finding a region')
+  // While its region cannot be reached the node waits and tries again, saying why; Ctrl-C ends that.
+  let waitingFor: string | null = null
+  const onState = (evt: CustomEvent<{ state: string; reason: string | null }>): void => {
+    const { state, reason } = evt.detail
+    if (state === 'starting' && reason != null && reason !== waitingFor)
+      print(ctx.stderr, `waiting: ${reason}`)
+    waitingFor = reason
+  }
+  daemon.addEventListener('state', onState)
+  const stopStarting = (): void => void daemon.stop()
+  ctx.shutdown.addEventListener('abort', stopStarting, { once: true })
   try {
     await daemon.start()
   } catch (err) {
     await server.close()
+    if (ctx.shutdown.aborted) return 0
     throw err
+  } finally {
+    daemon.removeEventListener('state', onState)
+    ctx.shutdown.removeEventListener('abort', stopStarting)
   }
   const info = daemon.info()
   print(ctx.stdout, 'node serving')

@@ -50,7 +50,7 @@ export class NodeMembership {
     return this.#assignment
   }
 
-  /** Starts discovery and picks the head to join (the configured region or the lowest RTT). */
+  /** Starts discovery; ensureHead() picks the head to join (the configured region or the lowest RTT). */
   async start(onHeadChanged: (reason: string) => void): Promise<void> {
     const discovery = this.#c.createDiscovery(this.#node, {
       authority: this.#init.authority,
@@ -68,12 +68,16 @@ export class NodeMembership {
       }
     })
     discovery.start()
-    this.#head = await discovery.choose()
   }
 
-  /** Finds a head again when the node has none. */
+  /** Finds a head when the node has none (the first, or again after forgetHead()). */
   async ensureHead(): Promise<void> {
     if (this.#head == null && this.#discovery != null) this.#head = await this.#discovery.choose()
+  }
+
+  /** The chosen head could not be joined: the next ensureHead() looks again. */
+  forgetHead(): void {
+    this.#head = null
   }
 
   /**

@@ -48,8 +48,11 @@ class FakeEngine extends TypedEventEmitter<EngineEvents> implements Engine {
     this.log = log
     this.failStart = failStart
   }
+  /** Holds start() (a model that takes long to load) until it resolves. */
+  static loading: Promise<void> = Promise.resolve()
   async start(options: EngineStartOptions): Promise<EngineHandle> {
     this.log.push(`engine start ${options.servedModelName}`)
+    await FakeEngine.loading
     const err = this.failStart()
     if (err != null) throw err
     this.state = 'ready'
@@ -136,7 +139,9 @@ describe('NodeDaemon (stand-in mesh, head and engine)', () => {
     await rm(dir, { recursive: true, force: true })
   })
 
-  async function rig(options: { telemetryIntervalMs?: number } = {}): Promise<Rig> {
+  async function rig(
+    options: { telemetryIntervalMs?: number; unreachableJoins?: number } = {},
+  ): Promise<Rig> {
     const heads = await Promise.all(
       [0, 1].map(async () => peerIdFromPrivateKey(await generateKeyPair('Ed25519')).toString()),
     )
@@ -148,6 +153,7 @@ describe('NodeDaemon (stand-in mesh, head and engine)', () => {
     const engines: FakeEngine[] = []
     const ack = { value: 'ok' as 'ok' | 'not_joined' }
     const failEngine = { error: null as Error | null }
+    const unreachable = { joins: options.unreachableJoins ?? 0 }
     let finder: FakeFinder | null = null
     const joining = { now: 0, most: 0, gate: Promise.resolve() }
     let current = 0
@@ -161,6 +167,10 @@ describe('NodeDaemon (stand-in mesh, head and engine)', () => {
         return finder
       },
       requestJoin: async (_node, peer) => {
+        if (unreachable.joins > 0) {
+          unreachable.joins--
+          throw new Error('the dial to the head timed out')
+        }
         joining.now++
         joining.most = Math.max(joining.most, joining.now)
         await joining.gate
@@ -235,6 +245,58 @@ describe('NodeDaemon (stand-in mesh, head and engine)', () => {
     expect(r.joins).toEqual([r.heads[0]])
     expect(r.log).toEqual(['engine start garage-tiny'])
     expect(r.daemon.status()).toMatchObject({ state: 'serving', region: 'eu-test', model: 'garage-tiny' })
+  })
+
+  it('a head that cannot be reached at start: waits and tries again with backoff, saying so in the status', async () => {
+    const r = await rig({ unreachableJoins: 2 })
+    const reasons: Array<string | null> = []
+    r.daemon.addEventListener('state', (e) => reasons.push(e.detail.reason))
+    const started = performance.now()
+    await r.daemon.start()
+    expect(r.daemon.state).toBe('serving')
+    expect(r.daemon.status().reason).toBeNull()
+    // Two waits, 1 s then 2 s, each said in the status.
+    expect(performance.now() - started).toBeGreaterThanOrEqual(2_900)
+    expect(reasons.filter((x) => x != null)).toEqual([
+      expect.stringMatching(
+        /cannot join region eu-test .*the dial to the head timed out; trying again in 1 s$/,
+      ),
+      expect.stringMatching(/; trying again in 2 s$/),
+    ])
+    expect(r.joins).toEqual([r.heads[0]])
+  })
+
+  it('stop() while a start waits for its region ends the start at once, stopped, nothing left running', async () => {
+    const r = await rig({ unreachableJoins: 1_000 })
+    const starting = r.daemon.start()
+    while (r.daemon.status().reason == null) await new Promise((resolve) => setTimeout(resolve, 10))
+    const stopped = performance.now()
+    await r.daemon.stop()
+    await expect(starting).rejects.toThrow('stopped before the node could join a region')
+    expect(performance.now() - stopped).toBeLessThan(500)
+    expect(r.daemon.state).toBe('stopped')
+  })
+
+  it("reports 'starting' from the join on while the engine loads, so the head does not evict it", async () => {
+    const r = await rig({ telemetryIntervalMs: 20 })
+    let loaded!: () => void
+    FakeEngine.loading = new Promise((resolve) => {
+      loaded = resolve
+    })
+    try {
+      const starting = r.daemon.start()
+      // Several reports reach the head while the model loads, every one saying 'starting'.
+      while (r.reports.length < 3) await new Promise((resolve) => setTimeout(resolve, 10))
+      expect(r.daemon.state).toBe('starting')
+      expect(r.reports.every((report) => report.state === 'starting')).toBe(true)
+      loaded()
+      await starting
+      // Serving is told at once, not at the next tick.
+      expect(r.reports.at(-1)!.state).toBe('serving')
+    } finally {
+      loaded()
+      FakeEngine.loading = Promise.resolve()
+    }
   })
 
   it('pauses for the user and a game; resumes only when both let go, with a fresh engine and join', async () => {
