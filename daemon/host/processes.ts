@@ -1,6 +1,9 @@
 import { closeSync, openSync, readdirSync, readlinkSync, readSync } from 'node:fs'
+import { dirname, join } from 'node:path'
+import { fileURLToPath } from 'node:url'
 import si from 'systeminformation'
 import { GarageError } from '../../core/errors.ts'
+import { runTool } from '../../core/tools.ts'
 import { baseName, linuxCommMaxChars } from './games.ts'
 import type { HostProcess } from './types.ts'
 
@@ -114,7 +117,7 @@ export async function listLinuxProcesses(options: LinuxProcessListOptions = {}):
   return out
 }
 
-/** Windows and macOS: systeminformation (PowerShell's Get-CimInstance on Windows, `ps` on macOS). */
+/** macOS (`ps`), and Windows where fastlist cannot run (PowerShell's Get-CimInstance). */
 export async function listProcessesWithSysteminformation(
   options: ProcessListOptions = {},
 ): Promise<HostProcess[]> {
@@ -137,11 +140,60 @@ export async function listProcessesWithSysteminformation(
   }))
 }
 
+/**
+ * fastlist, the small native program ps-list ships for Windows: one Toolhelp32 snapshot, printed as
+ * `pid<TAB>ppid<TAB>name` lines. systeminformation asks WMI through PowerShell instead, which costs a
+ * large share of a core when asked every second. Run through runTool rather than ps-list's own call,
+ * for the deadline, one call at a time, and the backoff every external tool gets. null: none for
+ * this CPU (ps-list has x64 and x86 builds).
+ */
+export function windowsProcessLister(arch: string = process.arch): string | null {
+  const build = arch === 'x64' ? 'x64' : arch === 'ia32' ? 'x86' : null
+  if (build == null) return null
+  const psList = fileURLToPath(import.meta.resolve('ps-list'))
+  return join(dirname(psList), 'vendor', `fastlist-0.3.0-${build}.exe`)
+}
+
+export const windowsProcessListTimeoutMs = 3_000
+
+/** Windows: fastlist's snapshot; where it cannot run, systeminformation. */
+export async function listWindowsProcesses(
+  options: ProcessListOptions & { lister?: string | null; env?: NodeJS.ProcessEnv } = {},
+): Promise<HostProcess[]> {
+  const lister = options.lister === undefined ? windowsProcessLister() : options.lister
+  if (lister == null) return listProcessesWithSysteminformation(options)
+  const r = await runTool(lister, [], {
+    timeoutMs: windowsProcessListTimeoutMs,
+    ...(options.env != null ? { env: options.env } : {}),
+  })
+  options.signal?.throwIfAborted()
+  if (r.status !== 'ok') {
+    throw new ProcessListError(
+      `cannot list processes: ${baseName(lister)} ${r.status === 'timeout' ? 'did not answer in time' : `failed (${r.status}): ${r.stderr.trim()}`}`,
+      'PROCESS_LIST',
+    )
+  }
+  return parseFastlist(r.stdout)
+}
+
+/** fastlist's `pid<TAB>ppid<TAB>name` lines (Windows names are whole: no command line is needed). */
+export function parseFastlist(text: string): HostProcess[] {
+  const out: HostProcess[] = []
+  for (const line of text.split(/\r?\n/)) {
+    const [pid, ppid, name] = line.split('\t')
+    const p = Number(pid)
+    if (name == null || name === '' || !Number.isInteger(p)) continue
+    out.push({ pid: p, ppid: Number.isInteger(Number(ppid)) ? Number(ppid) : 0, name })
+  }
+  return out
+}
+
 /** The fast reader where there is one. */
 export function listProcesses(
   options: LinuxProcessListOptions & { platform?: NodeJS.Platform } = {},
 ): Promise<HostProcess[]> {
-  return (options.platform ?? process.platform) === 'linux'
-    ? listLinuxProcesses(options)
-    : listProcessesWithSysteminformation(options)
+  const platform = options.platform ?? process.platform
+  if (platform === 'linux') return listLinuxProcesses(options)
+  if (platform === 'win32') return listWindowsProcesses(options)
+  return listProcessesWithSysteminformation(options)
 }

@@ -88,7 +88,7 @@ export function createHostSampler(init: HostSamplerInit): HostSampler {
     idle,
     async sample(options = {}): Promise<HostInput> {
       if (platform === 'win32' && !powerShell) {
-        // One PowerShell kept for si.processes() and si.battery(): a new one per call costs about a second.
+        // One PowerShell kept for si.battery() (and si.processes() where fastlist cannot run): a new one per call costs about a second.
         si.powerShellStart()
         powerShell = true
       }
