@@ -204,10 +204,77 @@ export async function createMeshNode(options: MeshNodeOptions): Promise<MeshNode
       tags: { 'keep-alive-garage-bootstrap': { value: 100 } },
     })
   }
+  const keeper = keepBootstrapsDialled(node, bootstrap, limits.dialTimeoutMs)
   // Dial in the background: a dead bootstrap node must not delay the others.
   for (const b of bootstrap) {
-    node.dial(b.addr, { signal: AbortSignal.timeout(limits.dialTimeoutMs) }).catch(() => {})
+    node.dial(b.addr, { signal: AbortSignal.timeout(limits.dialTimeoutMs) }).catch(() => keeper.redial(b.peerId))
   }
   backOffEmptyWalks(node.peerRouting)
   return node
+}
+
+/** The first and longest pause before dialling a bootstrap node again that this node has no connection to. */
+export const bootstrapRedialMs = { min: 1_000, max: 30_000 } as const
+
+/**
+ * Keeps the configured bootstrap nodes dialled, at the address the user gave, for as long as the node
+ * runs. libp2p alone does not: identify replaces a peer's addresses with the ones it announces (a
+ * bootstrap node behind a port forward or a proxy announces one this node cannot reach), and its
+ * reconnect queue gives up after 5 tries (about 30 s) and drops the keep-alive tag. So the configured
+ * address is put back after every identify, and a bootstrap node that dropped (or could not be dialled
+ * at start) is dialled at it again, 1 s after, doubling to 30 s, jittered, until it answers.
+ */
+function keepBootstrapsDialled(
+  node: Libp2p,
+  bootstrap: Array<{ peerId: string; addr: Multiaddr }>,
+  dialTimeoutMs: number,
+): { redial(peerId: string): void } {
+  const byPeer = new Map(bootstrap.map((b) => [b.peerId, b]))
+  const timers = new Map<string, NodeJS.Timeout>()
+  const delays = new Map<string, number>()
+  let stopped = false
+  const connected = (id: string): boolean => node.getConnections(peerIdFromString(id)).length > 0
+  const redial = (id: string): void => {
+    const b = byPeer.get(id)
+    if (b == null || stopped || timers.has(id)) return
+    const delay = delays.get(id) ?? bootstrapRedialMs.min
+    const timer = setTimeout(
+      () => {
+        timers.delete(id)
+        if (stopped || connected(id)) {
+          delays.delete(id)
+          return
+        }
+        node
+          .dial(b.addr, { signal: AbortSignal.timeout(dialTimeoutMs) })
+          .then(async () => {
+            delays.delete(id)
+            // libp2p's reconnect queue may have dropped the tag when it gave up.
+            await node.peerStore.merge(peerIdFromString(id), {
+              multiaddrs: [b.addr.decapsulateCode(421)],
+              tags: { 'keep-alive-garage-bootstrap': { value: 100 } },
+            })
+          })
+          .catch(() => {
+            delays.set(id, Math.min(delay * 2, bootstrapRedialMs.max))
+            redial(id)
+          })
+      },
+      delay * (0.75 + Math.random() / 2),
+    )
+    timer.unref()
+    timers.set(id, timer)
+  }
+  node.addEventListener('peer:disconnect', (evt) => redial(evt.detail.toString()))
+  node.addEventListener('peer:identify', (evt) => {
+    const b = byPeer.get(evt.detail.peerId.toString())
+    if (b == null) return
+    void node.peerStore.merge(evt.detail.peerId, { multiaddrs: [b.addr.decapsulateCode(421)] }).catch(() => {})
+  })
+  node.addEventListener('stop', () => {
+    stopped = true
+    for (const t of timers.values()) clearTimeout(t)
+    timers.clear()
+  })
+  return { redial }
 }
