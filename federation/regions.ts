@@ -27,6 +27,8 @@ import type { RegionModelLoad, RoutableRegion } from '../routing/region-router.t
 
 export const defaultRefreshIntervalMs = 3_000
 export const defaultDiscoveryIntervalMs = 30_000
+/** How often an unreachable region's head is asked again (besides the status rounds). */
+export const unreachableRetryMs = 1_000
 export const defaultStatusTimeoutMs = 2_000
 /** A head's model list is small (a policy has at most 256 models); anything bigger is hostile. */
 export const statusBodyMaxBytes = 1024 * 1024
@@ -205,6 +207,7 @@ export class RegionDirectory extends TypedEventEmitter<RegionDirectoryEvents> {
   readonly #entries = new Map<string, RegionStatus>()
   readonly #discoverRound: Serialized
   readonly #statusRound: Serialized
+  readonly #unreachableRound: Serialized
   #controller: AbortController | null = null
   #timers: Array<ReturnType<typeof setInterval>> = []
 
@@ -227,6 +230,7 @@ export class RegionDirectory extends TypedEventEmitter<RegionDirectoryEvents> {
     })
     this.#discoverRound = new Serialized(() => this.#discover())
     this.#statusRound = new Serialized(() => this.#askAll())
+    this.#unreachableRound = new Serialized(() => this.#askAll((e) => !e.reachable))
   }
 
   /** Runs a first round at once, then discovery and status on their intervals. Idempotent. */
@@ -242,9 +246,17 @@ export class RegionDirectory extends TypedEventEmitter<RegionDirectoryEvents> {
       if (this.#statusRound.busy) return
       this.#statusRound.run().catch((err: unknown) => this.#logRoundError(err))
     }
+    // An unreachable region is asked every second besides: a head back from a restart is serving
+    // again within a second of answering, not at the next status round.
+    const unreachableRound = (): void => {
+      if (this.#statusRound.busy || this.#unreachableRound.busy) return
+      if (![...this.#entries.values()].some((e) => !e.reachable)) return
+      this.#unreachableRound.run().catch((err: unknown) => this.#logRoundError(err))
+    }
     this.#timers = [
       setInterval(fullRound, this.#discoveryIntervalMs),
       setInterval(statusRound, this.#refreshIntervalMs),
+      setInterval(unreachableRound, Math.min(unreachableRetryMs, this.#refreshIntervalMs)),
     ]
     for (const t of this.#timers) t.unref?.()
     fullRound()
@@ -258,7 +270,12 @@ export class RegionDirectory extends TypedEventEmitter<RegionDirectoryEvents> {
     this.#controller = null
     this.#discoverRound.dropQueued()
     this.#statusRound.dropQueued()
-    await Promise.all([this.#discoverRound.settled(), this.#statusRound.settled()])
+    this.#unreachableRound.dropQueued()
+    await Promise.all([
+      this.#discoverRound.settled(),
+      this.#statusRound.settled(),
+      this.#unreachableRound.settled(),
+    ])
   }
 
   /**
@@ -326,8 +343,13 @@ export class RegionDirectory extends TypedEventEmitter<RegionDirectoryEvents> {
     // A round cut short by stop() found nothing it can be trusted on.
     if (signal?.aborted) return
     const found = headPerRegion(heads)
+    const now = this.#now()
     for (const [region, entry] of this.#entries) {
       const head = found.get(region)
+      // A lookup that missed a region whose head answers its status (a record not yet announced
+      // again after a restart, a slow DHT) is no reason to drop it: it stayed out until the next
+      // round, 30 s. Only a head that is gone (unreachable too), or replaced, or expired goes.
+      if (head == null && entry.reachable && (entry.expiresAt == null || entry.expiresAt > now)) continue
       if (head == null || head.peerId !== entry.head) {
         this.#entries.delete(region)
         this.#log.info(
@@ -358,9 +380,9 @@ export class RegionDirectory extends TypedEventEmitter<RegionDirectoryEvents> {
     }
   }
 
-  async #askAll(): Promise<void> {
+  async #askAll(which: (entry: RegionStatus) => boolean = () => true): Promise<void> {
     const signal = this.#controller?.signal
-    await Promise.all([...this.#entries.values()].map((entry) => this.#ask(entry, signal)))
+    await Promise.all([...this.#entries.values()].filter(which).map((entry) => this.#ask(entry, signal)))
   }
 
   async #ask(entry: RegionStatus, outer: AbortSignal | undefined): Promise<void> {

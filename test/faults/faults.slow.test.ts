@@ -598,7 +598,7 @@ function printFigures(run: RunResult): void {
         `  worst recovery after ${k} (${w.count}x): ${w.fromFault} ms from the fault, ${w.fromRestore} ms from the restore`,
     ),
     `  ledger: billed ${run.ledger.billedCompletion} completion tokens, credited ${run.ledger.creditedCompletion}; ` +
-      `${run.ledger.inFlightAtFederationKill} answers in flight at a gateway kill (${run.ledger.unbilledTokensAtFederationKill} tokens received, unbilled)`,
+      `${run.ledger.inFlightAtFederationKill} answers in flight at a gateway kill (${run.ledger.receivedTokensAtFederationKill} tokens received on the cut ones, billed as they streamed)`,
   ]
   process.stdout.write(`${lines.join('\n')}\n`)
 }
@@ -631,7 +631,7 @@ async function writeSummary(run: RunResult | null, cleanup: CleanupReport | null
             billedCompletion: run.ledger.billedCompletion,
             creditedCompletion: run.ledger.creditedCompletion,
             inFlightAtFederationKill: run.ledger.inFlightAtFederationKill,
-            unbilledTokensAtFederationKill: run.ledger.unbilledTokensAtFederationKill,
+            receivedTokensAtFederationKill: run.ledger.receivedTokensAtFederationKill,
             perKey: run.ledger.perKey,
             perNode: run.ledger.perNode,
             violations: run.ledger.violations,

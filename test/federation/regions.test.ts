@@ -1,6 +1,6 @@
 import { generateKeyPair } from '@libp2p/crypto/keys'
 import type { PrivateKey } from '@libp2p/interface'
-import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest'
 import type { BootstrapNode } from '../../bootstrap/bootstrap-node.ts'
 import { type RegionalHead, startRegionalHead } from '../../bootstrap/head/head.ts'
 import { parseRegionPolicy, type RegionPolicy } from '../../bootstrap/head/policy.ts'
@@ -14,7 +14,7 @@ import {
 import type { Authority } from '../../mesh/authority.ts'
 import { signCapabilityReport } from '../../mesh/capability-report.ts'
 import { issueRegionCertificate } from '../../mesh/certificate.ts'
-import type { DiscoveredHead } from '../../mesh/discovery.ts'
+import { type DiscoveredHead, RegionDiscovery } from '../../mesh/discovery.ts'
 import { handleInferProtocol, type InferReply } from '../../mesh/infer-protocol.ts'
 import { requestJoin } from '../../mesh/join-protocol.ts'
 import { createMeshNode, type MeshNode } from '../../mesh/node.ts'
@@ -344,6 +344,50 @@ describe('RegionDirectory against real heads', () => {
     await refreshUntil(directory, () => directory.region('us-east') == null, 'us-east removed')
     expect(events).toContainEqual({ type: 'region:removed', region: 'us-east', reachable: false })
     expect(directory.region('eu-north')?.reachable).toBe(true)
+  })
+})
+
+describe('RegionDirectory: a discovery round that misses a region', () => {
+  const mesh = new TestMesh()
+  afterAll(() => mesh.cleanup())
+
+  it('keeps a region whose head answers its status; drops it once the head is gone too', async () => {
+    const authority = await mesh.authority()
+    const boot = await mesh.bootstrap(authority, 'eu-north')
+    const federation = await mesh.node([dialAddr(boot)])
+    const head = await startRegionalHead({
+      node: boot.node,
+      region: 'eu-north',
+      policy: tinyPolicy('eu-north'),
+      dataDir: await mesh.tempDir('garage-head-'),
+      httpPort: 0,
+      federationPeers: [federation.peerId.toString()],
+    })
+    mesh.track(() => head.stop())
+    const directory = new RegionDirectory(federation, { authority: authority.id })
+    await refreshUntil(
+      directory,
+      () => directory.region('eu-north')?.reachable === true,
+      'eu-north reachable',
+    )
+    const events = collect(directory)
+    // The DHT lookup comes back without the region's record (what a restarted head's region saw).
+    const missed = vi.spyOn(RegionDiscovery.prototype, 'discover').mockResolvedValue([])
+    try {
+      await directory.refresh()
+      expect(directory.region('eu-north')).toMatchObject({ reachable: true })
+      expect(events.filter((e) => e.type === 'region:removed')).toEqual([])
+      // Gone for real: unreachable, and not found.
+      await head.stop()
+      await boot.stop()
+      await directory.refresh({ discover: false })
+      expect(directory.region('eu-north')).toMatchObject({ reachable: false })
+      await directory.refresh()
+      expect(directory.region('eu-north')).toBeNull()
+      expect(events).toContainEqual({ type: 'region:removed', region: 'eu-north', reachable: false })
+    } finally {
+      missed.mockRestore()
+    }
   })
 })
 

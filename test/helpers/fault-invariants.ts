@@ -113,12 +113,15 @@ export interface LedgerCheck {
   perNode: Array<{ node: string; completion: Bounds }>
   billedCompletion: number
   creditedCompletion: number
-  /** Answers the gateway was relaying when it was SIGKILLed (their billing died with it). */
+  /** Answers the gateway was relaying when it was SIGKILLed (billed as they streamed, up to the kill). */
   inFlightAtFederationKill: number
-  /** Tokens those clients had received, billed to nobody. */
-  unbilledTokensAtFederationKill: number
+  /** Tokens the clients of the cut ones had received. */
+  receivedTokensAtFederationKill: number
   violations: string[]
 }
+
+/** A stream's tokens in the gateway's last event-loop turn before a SIGKILL: a chunk, rarely two. */
+export const lastTurnTokens = 2
 
 function within(b: Bounds): boolean {
   return b.billed >= b.exact + b.min && b.billed <= b.exact + b.max
@@ -128,8 +131,9 @@ function within(b: Bounds): boolean {
  * "The ledger bills exactly the tokens clients received": per key (completion and prompt tokens,
  * requests) and per node (credits), with two kinds of answers whose billing cannot be exact:
  *  - answers in flight when the gateway was SIGKILLed (or that ended within `unsettledMs` before):
- *    the gateway records an answer when it has relayed all of it, so a cut one bills nothing, and
- *    one that just ended may have died with the write still pending: 0 or what the client got;
+ *    a stream is billed as it is relayed, so a cut one bills what its client got but the writes of
+ *    the gateway's last event-loop turn (at most `lastTurnTokens`), its request, but not its prompt
+ *    (known at the end); one that just ended may have died with its last record still pending;
  *  - answers whose client gave up after the head arrived: the gateway bills what it relayed, at
  *    least what the client read, at most max_tokens.
  * Every other answer with status 200 (cut streams included: what reached the client) is exact.
@@ -152,7 +156,7 @@ export function checkLedger(
   )
   const nodeBounds = new Map<string, Bounds>()
   let inFlightAtFederationKill = 0
-  let unbilledTokensAtFederationKill = 0
+  let receivedTokensAtFederationKill = 0
   for (const r of answered) {
     const k = keyBounds.get(r.keyName)
     if (k == null) continue
@@ -164,12 +168,15 @@ export function checkLedger(
     const prompt = r.promptTokens ?? 0
     if (atKill(r)) {
       inFlightAtFederationKill++
-      if (!r.ok) unbilledTokensAtFederationKill += r.tokens
-      const could = r.ok ? r.tokens : 0
-      k.completion.max += could
+      if (!r.ok) receivedTokensAtFederationKill += r.tokens
+      // A streamed answer's records are written each turn: at most the last turn's are lost.
+      const least = r.stream ? Math.max(0, r.tokens - lastTurnTokens) : 0
+      k.completion.min += least
+      k.completion.max += r.tokens
       k.prompt.max += r.ok ? prompt : 0
-      k.requests.max += r.ok ? 1 : 0
-      node.max += could
+      k.requests.max += 1
+      node.min += least
+      node.max += r.tokens
     } else if (gaveUp(r)) {
       k.completion.min += r.tokens
       k.completion.max += r.maxTokens
@@ -249,7 +256,7 @@ export function checkLedger(
     billedCompletion,
     creditedCompletion,
     inFlightAtFederationKill,
-    unbilledTokensAtFederationKill,
+    receivedTokensAtFederationKill,
     violations,
   }
 }
