@@ -482,6 +482,9 @@ export class NodeDaemon extends TypedEventEmitter<NodeDaemonEvents> implements C
         )
       })
     this.telemetry.resetSequence()
+    // The head counts this node from zero now: so do its reports, from the next one on (again once
+    // the engine is up, in case it is a new one).
+    await this.telemetry.joined()
     const head = membership.head!
     this.safeDispatchEvent('joined', { detail: { head: head.peerId, region: head.region!, assignment } })
     // Report from the join on, 'starting' while the engine loads: a head that heard nothing for its

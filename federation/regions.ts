@@ -69,6 +69,11 @@ export interface RegionDirectoryInit {
   authority: string
   refreshIntervalMs?: number
   discoveryIntervalMs?: number
+  /**
+   * How long a region whose head neither answers nor is found stays listed (unreachable, not routed
+   * to, asked every second) before it is dropped. Default: two discovery intervals.
+   */
+  regionGoneAfterMs?: number
   statusTimeoutMs?: number
   /** Discovery tuning, passed to RegionDiscovery. */
   discoveryTimeoutMs?: number
@@ -208,6 +213,9 @@ export class RegionDirectory extends TypedEventEmitter<RegionDirectoryEvents> {
   readonly #discoverRound: Serialized
   readonly #statusRound: Serialized
   readonly #unreachableRound: Serialized
+  readonly #regionGoneAfterMs: number
+  /** When discovery first missed each unreachable region. */
+  readonly #unfoundSince = new Map<string, number>()
   #controller: AbortController | null = null
   #timers: Array<ReturnType<typeof setInterval>> = []
 
@@ -217,6 +225,7 @@ export class RegionDirectory extends TypedEventEmitter<RegionDirectoryEvents> {
     this.#node = node
     this.#refreshIntervalMs = init.refreshIntervalMs ?? defaultRefreshIntervalMs
     this.#discoveryIntervalMs = init.discoveryIntervalMs ?? defaultDiscoveryIntervalMs
+    this.#regionGoneAfterMs = init.regionGoneAfterMs ?? 2 * this.#discoveryIntervalMs
     this.#statusTimeoutMs = init.statusTimeoutMs ?? defaultStatusTimeoutMs
     this.#now = init.now ?? Date.now
     this.#log = (init.logger ?? silentLogger).child({ component: 'federation:regions' })
@@ -347,10 +356,21 @@ export class RegionDirectory extends TypedEventEmitter<RegionDirectoryEvents> {
     for (const [region, entry] of this.#entries) {
       const head = found.get(region)
       // A lookup that missed a region whose head answers its status (a record not yet announced
-      // again after a restart, a slow DHT) is no reason to drop it: it stayed out until the next
-      // round, 30 s. Only a head that is gone (unreachable too), or replaced, or expired goes.
-      if (head == null && entry.reachable && (entry.expiresAt == null || entry.expiresAt > now)) continue
+      // again after a restart, a slow DHT) is no reason to drop it; nor is a short outage: a region
+      // dropped then stayed out until the next round found it, 30 s, although its head was back in
+      // seconds. Unreachable and unfound, it goes after regionGoneAfterMs; replaced or expired, now.
+      if (head != null) this.#unfoundSince.delete(region)
+      else if (entry.expiresAt == null || entry.expiresAt > now) {
+        if (entry.reachable) {
+          this.#unfoundSince.delete(region)
+          continue
+        }
+        const since = this.#unfoundSince.get(region) ?? now
+        this.#unfoundSince.set(region, since)
+        if (now - since < this.#regionGoneAfterMs) continue
+      }
       if (head == null || head.peerId !== entry.head) {
+        this.#unfoundSince.delete(region)
         this.#entries.delete(region)
         this.#log.info(
           { region, head: entry.head, replacedBy: head?.peerId ?? null },

@@ -239,7 +239,7 @@ export interface ThroughputSnapshot {
 }
 
 /**
- * Tokens a node may have generated, per stream its client abandoned, after the head stopped reading:
+ * Tokens a node may have generated, per stream cut mid-way (its client left, the hop to it broke), after the head stopped reading:
  * the node stops when the reset reaches it, tens of milliseconds later. Not credited; only kept out of
  * the over-reporting check, so an honest node is not flagged for its clients' aborts.
  */

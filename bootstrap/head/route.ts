@@ -209,9 +209,9 @@ export class HeadRoute implements ProxyRoute<HeadCall, HeadTarget> {
       this.#c.verified.add(target, tokens)
       if (isGroupTarget(target)) this.#c.groups?.served(target, tokens)
       metrics.regionTokens.inc({ model: call.model }, tokens)
-      // Its client left mid-stream: the node generated on until the reset reached it, unseen.
-      if (outcome.interrupted != null && call.sink.gone.aborted)
-        this.#c.verified.abandoned(target, (call.inFlight ?? 0) - tokens)
+      // Cut mid-stream (its client left, the hop to it broke): the node generated on until the
+      // reset reached it, unseen.
+      if (outcome.interrupted != null) this.#c.verified.abandoned(target, (call.inFlight ?? 0) - tokens)
       if (outcome.interrupted != null) {
         metrics.streamErrors.inc()
         if (!call.sink.gone.aborted)
@@ -222,6 +222,8 @@ export class HeadRoute implements ProxyRoute<HeadCall, HeadTarget> {
       }
       metrics.requests.inc({ model: call.model, status: String(response.status) })
     }
+    // Relaying it threw: nothing was counted, and the node may have generated up to the reset.
+    if (outcome == null) this.#c.verified.abandoned(target, call.inFlight ?? 0)
     this.#c.pending.add(target, -(call.inFlight ?? 0))
     metrics.duration.observe({ model: call.model }, (performance.now() - call.started) / 1000)
   }

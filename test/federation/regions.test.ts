@@ -6,6 +6,7 @@ import { type RegionalHead, startRegionalHead } from '../../bootstrap/head/head.
 import { parseRegionPolicy, type RegionPolicy } from '../../bootstrap/head/policy.ts'
 import { capabilityFromHardware } from '../../daemon/node-daemon.ts'
 import {
+  defaultDiscoveryIntervalMs,
   headPerRegion,
   parseRegionModels,
   RegionDirectory,
@@ -321,7 +322,7 @@ describe('RegionDirectory against real heads', () => {
   })
 
   it('marks a head that stops unreachable, and removes the region once discovery no longer finds it', async () => {
-    const directory = new RegionDirectory(federation, { authority: authority.id })
+    const directory = new RegionDirectory(federation, { authority: authority.id, regionGoneAfterMs: 0 })
     await refreshUntil(
       directory,
       () =>
@@ -351,20 +352,25 @@ describe('RegionDirectory: a discovery round that misses a region', () => {
   const mesh = new TestMesh()
   afterAll(() => mesh.cleanup())
 
-  it('keeps a region whose head answers its status; drops it once the head is gone too', async () => {
+  it('keeps a region whose head answers its status, or is down for a moment; drops it once gone for longer', async () => {
     const authority = await mesh.authority()
     const boot = await mesh.bootstrap(authority, 'eu-north')
     const federation = await mesh.node([dialAddr(boot)])
-    const head = await startRegionalHead({
-      node: boot.node,
-      region: 'eu-north',
-      policy: tinyPolicy('eu-north'),
-      dataDir: await mesh.tempDir('garage-head-'),
-      httpPort: 0,
-      federationPeers: [federation.peerId.toString()],
-    })
-    mesh.track(() => head.stop())
-    const directory = new RegionDirectory(federation, { authority: authority.id })
+    const startHead = async (): Promise<RegionalHead> => {
+      const head = await startRegionalHead({
+        node: boot.node,
+        region: 'eu-north',
+        policy: tinyPolicy('eu-north'),
+        dataDir: await mesh.tempDir('garage-head-'),
+        httpPort: 0,
+        federationPeers: [federation.peerId.toString()],
+      })
+      mesh.track(() => head.stop())
+      return head
+    }
+    let head = await startHead()
+    let clock = Date.now()
+    const directory = new RegionDirectory(federation, { authority: authority.id, now: () => clock })
     await refreshUntil(
       directory,
       () => directory.region('eu-north')?.reachable === true,
@@ -376,12 +382,23 @@ describe('RegionDirectory: a discovery round that misses a region', () => {
     try {
       await directory.refresh()
       expect(directory.region('eu-north')).toMatchObject({ reachable: true })
+      // The head goes down, a round misses it: listed still, unreachable, and taken back once it answers.
+      await head.stop()
+      await directory.refresh()
+      expect(directory.region('eu-north')).toMatchObject({ reachable: false })
+      head = await startHead()
+      await directory.refresh({ discover: false })
+      expect(directory.region('eu-north')).toMatchObject({ reachable: true })
       expect(events.filter((e) => e.type === 'region:removed')).toEqual([])
-      // Gone for real: unreachable, and not found.
+      // Gone for longer than two discovery intervals: dropped.
       await head.stop()
       await boot.stop()
-      await directory.refresh({ discover: false })
+      await directory.refresh()
       expect(directory.region('eu-north')).toMatchObject({ reachable: false })
+      // The first round that finds it both unreachable and unfound starts the count.
+      await directory.refresh()
+      expect(directory.region('eu-north')).toMatchObject({ reachable: false })
+      clock += 2 * defaultDiscoveryIntervalMs
       await directory.refresh()
       expect(directory.region('eu-north')).toBeNull()
       expect(events).toContainEqual({ type: 'region:removed', region: 'eu-north', reachable: false })
