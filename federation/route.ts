@@ -77,7 +77,7 @@ export class RegionRoute implements ProxyRoute<FederationCall> {
     return head == null ? null : this.#headIds.get(head)
   }
 
-  begin(region: string): ProxyTicket {
+  begin(region: string, _call: FederationCall): ProxyTicket {
     const ticket = this.#c.router.begin(region)
     return { firstByte: () => {}, end: (ok) => ticket.end(ok) }
   }

@@ -49,7 +49,8 @@ export interface ProxyRoute<C extends ProxyCall = ProxyCall, A = PeerId> {
   pick(call: C, tried: ReadonlySet<string>): string | null
   /** Where the target is reached; null skips it (it vanished since it was picked). */
   peerOf(target: string): A | null
-  begin(target: string): ProxyTicket
+  /** The call is sent to the target now; the ticket ends it whatever happens (exactly once). */
+  begin(target: string, call: C): ProxyTicket
   /** The target proved healthy or broken (never called when the asker left or sent a bad request). */
   success(target: string): void
   failure(target: string): void
@@ -107,7 +108,7 @@ export async function proxyWithFailover<C extends ProxyCall, A = PeerId>(
     tried.add(target)
     const peer = route.peerOf(target)
     if (peer == null) continue
-    const ticket = route.begin(target)
+    const ticket = route.begin(target, call)
     let response: InferResponse
     try {
       response = await route.send(peer, call, sink.gone)

@@ -95,11 +95,22 @@ export class HeadRoute implements ProxyRoute<HeadCall, HeadTarget> {
     return { kind: 'node', peer: this.#peerIds.get(target) }
   }
 
-  begin(target: string): ProxyTicket {
+  begin(target: string, call: HeadCall): ProxyTicket {
     const ticket = this.#c.router.begin(target)
+    // The node may generate from the moment it has the request: its budget is pending from here,
+    // not from the first byte, which a slow link delays while tokens are made (an honest node's
+    // report then ran ahead of what the head had seen, and it was flagged for a moment).
+    const budget = (call.prepared.maxTokens ?? 4096) * call.prepared.n
+    call.inFlight = budget
+    this.#c.pending.add(target, budget)
+    let ended = false
     return {
       firstByte: () => ticket.firstByte(),
-      end: (ok, completionTokens) => ticket.end({ ok, completionTokens }),
+      end: (ok, completionTokens) => {
+        if (!ended) this.#c.pending.add(target, -budget)
+        ended = true
+        ticket.end({ ok, completionTokens })
+      },
     }
   }
 
@@ -198,8 +209,6 @@ export class HeadRoute implements ProxyRoute<HeadCall, HeadTarget> {
 
   answering(call: HeadCall, target: string): void {
     this.#c.metrics.ttft.observe({ model: call.model }, (performance.now() - call.started) / 1000)
-    call.inFlight = (call.prepared.maxTokens ?? 4096) * call.prepared.n
-    this.#c.pending.add(target, call.inFlight)
   }
 
   answered(call: HeadCall, target: string, response: InferResponse, outcome: RelayOutcome | null): void {
@@ -224,7 +233,6 @@ export class HeadRoute implements ProxyRoute<HeadCall, HeadTarget> {
     }
     // Relaying it threw: nothing was counted, and the node may have generated up to the reset.
     if (outcome == null) this.#c.verified.abandoned(target, call.inFlight ?? 0)
-    this.#c.pending.add(target, -(call.inFlight ?? 0))
     metrics.duration.observe({ model: call.model }, (performance.now() - call.started) / 1000)
   }
 

@@ -57,15 +57,21 @@ export class NodeMembership {
       ...(this.#init.region != null ? { region: this.#init.region } : {}),
     })
     this.#discovery = discovery
+    let lost = false
     discovery.addEventListener('region:lost', (evt) => {
+      lost = true
       this.#init.logger.warn({ head: evt.detail.peerId }, 'lost the regional head; finding a region again')
     })
     discovery.addEventListener('region:chosen', (evt) => {
-      // A new head after a loss: join it (the first choice is joined by the daemon's start).
-      if (this.#head != null && this.#head.peerId !== evt.detail.peerId) {
-        this.#head = evt.detail
-        onHeadChanged('head changed')
-      }
+      // A head after a loss: join it at once, the same head too (back from a restart, it has
+      // forgotten this node; waiting for telemetry to say so cost seconds). The first choice is
+      // joined by the daemon's start.
+      if (this.#head == null) return
+      const changed = this.#head.peerId !== evt.detail.peerId
+      if (!changed && !lost) return
+      lost = false
+      this.#head = evt.detail
+      onHeadChanged(changed ? 'head changed' : 'head back')
     })
     discovery.start()
   }

@@ -380,6 +380,22 @@ describe('NodeDaemon (stand-in mesh, head and engine)', () => {
     expect(r.joining.most).toBe(1)
   })
 
+  it('joins at once when the head it lost comes back (a restarted head forgot it): no wait for telemetry', async () => {
+    const r = await rig()
+    await r.daemon.start()
+    expect(r.joins).toEqual([r.heads[0]])
+    const finder = r.finder()
+    // The same head chosen again without a loss: nothing to do.
+    finder.safeDispatchEvent('region:chosen', { detail: head(r.heads[0]!) })
+    expect(r.joins).toHaveLength(1)
+    const rejoined = new Promise<void>((resolve) => r.daemon.addEventListener('joined', () => resolve()))
+    finder.safeDispatchEvent('region:lost', { detail: head(r.heads[0]!) })
+    finder.safeDispatchEvent('region:chosen', { detail: head(r.heads[0]!) })
+    await rejoined
+    expect(r.joins).toEqual([r.heads[0], r.heads[0]])
+    expect(r.daemon.state).toBe('serving')
+  })
+
   it('stop drains, tells the head it leaves, stops the engine', async () => {
     const r = await rig()
     await r.daemon.start()
