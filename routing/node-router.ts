@@ -175,6 +175,15 @@ export class RegionalRouter {
     this.#markStale(model)
   }
 
+  /**
+   * The node (re)joined: a new process, or one the head had forgotten. Its breaker closes: failures
+   * of the incarnation that died say nothing of this one, and a breaker opened by a kill kept the
+   * restarted node idle for up to its 30 s backoff.
+   */
+  joined(peerId: string): void {
+    this.#nodes.get(peerId)?.breaker.success()
+  }
+
   remove(peerId: string): boolean {
     const node = this.#nodes.get(peerId)
     if (node == null) return false

@@ -102,6 +102,7 @@ export class HeadAdmission {
           slots: assignment.engineArgs.parallel ?? 1,
           state: 'starting',
         })
+        router.joined(peer.toString())
         log.info({ node: peer.toString(), model: assignment.model, engine: assignment.engine }, 'node joined')
         for (const f of report.engineFailures ?? [])
           log.warn(

@@ -364,6 +364,17 @@ describe('RegionalRouter: measured capacity', () => {
 })
 
 describe('RegionalRouter: circuit breaker', () => {
+  it('a node that joins again (restarted after a kill) starts with its breaker closed', () => {
+    const { router } = setup()
+    serving(router, ['a'])
+    for (let i = 0; i < 3; i++) router.failure('a')
+    expect(router.breakerState('a')).toBe('open')
+    expect(router.pick('m')).toBeNull()
+    router.joined('a')
+    expect(router.breakerState('a')).toBe('closed')
+    expect(router.pick('m')).toBe('a')
+  })
+
   it('opens after 3 consecutive failures, half-opens for one trial, doubles to 30 s, resets on success', () => {
     const { router, clock } = setup()
     serving(router, ['a'])
