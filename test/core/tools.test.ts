@@ -1,4 +1,4 @@
-import { execFileSync } from 'node:child_process'
+import { readdirSync, readFileSync } from 'node:fs'
 import { chmod, mkdtemp, readFile, rm, symlink, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -23,13 +23,18 @@ async function tool(name: string, body: string): Promise<{ env: NodeJS.ProcessEn
   return { env: { PATH: bin }, bin }
 }
 
-/** Processes whose command line holds `marker`. */
+/** Processes whose command line holds `marker` (read from /proc: no procps needed). */
 function running(marker: string): string[] {
-  try {
-    return execFileSync('pgrep', ['-f', marker], { encoding: 'utf8' }).trim().split('\n').filter(Boolean)
-  } catch {
-    return []
+  const found: string[] = []
+  for (const pid of readdirSync('/proc')) {
+    if (!/^\d+$/.test(pid)) continue
+    try {
+      if (readFileSync(`/proc/${pid}/cmdline`, 'utf8').replaceAll('\0', ' ').includes(marker)) found.push(pid)
+    } catch {
+      // gone meanwhile
+    }
   }
+  return found
 }
 
 describe('runTool', () => {
