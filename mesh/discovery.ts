@@ -94,8 +94,16 @@ export class RegionDiscovery extends TypedEventEmitter<RegionDiscoveryEvents> {
     const lost = this.chosenHead
     this.chosenHead = null
     void this.tagHead(lost.peerId, false)
+    this.lostHeadId = lost.peerId
     this.safeDispatch('region:lost', lost)
     void this.rediscover()
+  }
+
+  /** The head lost last; a connection to it again (back from a restart) ends the rediscovery's wait. */
+  private lostHeadId: string | null = null
+  private wake: AbortController | null = null
+  private readonly onConnect = (evt: CustomEvent<PeerId>): void => {
+    if (this.lostHeadId != null && evt.detail.toString() === this.lostHeadId) this.wake?.abort()
   }
 
   constructor(node: MeshNode, init: RegionDiscoveryInit) {
@@ -127,12 +135,14 @@ export class RegionDiscovery extends TypedEventEmitter<RegionDiscoveryEvents> {
     if (this.controller != null) return
     this.controller = new AbortController()
     this.node.addEventListener('peer:disconnect', this.onDisconnect)
+    this.node.addEventListener('peer:connect', this.onConnect)
   }
 
   stop(): void {
     this.controller?.abort()
     this.controller = null
     this.node.removeEventListener('peer:disconnect', this.onDisconnect)
+    this.node.removeEventListener('peer:connect', this.onConnect)
   }
 
   /**
@@ -262,8 +272,11 @@ export class RegionDiscovery extends TypedEventEmitter<RegionDiscoveryEvents> {
           await this.choose({ signal })
           return
         } catch {
-          // Jittered: a head restart must not send a whole region back to the DHT in lockstep.
-          await waitMs(delay * (0.5 + Math.random() / 2), signal)
+          // Jittered: a head restart must not send a whole region back to the DHT in lockstep. A
+          // connection to the lost head again (back from a restart) ends the wait at once.
+          this.wake = new AbortController()
+          await waitMs(delay * (0.5 + Math.random() / 2), AbortSignal.any([signal, this.wake.signal]))
+          this.wake = null
           delay = Math.min(delay * 2, this.init.rediscoverMaxDelayMs)
         }
       }

@@ -207,14 +207,20 @@ export async function createMeshNode(options: MeshNodeOptions): Promise<MeshNode
   const keeper = keepBootstrapsDialled(node, bootstrap, limits.dialTimeoutMs)
   // Dial in the background: a dead bootstrap node must not delay the others.
   for (const b of bootstrap) {
-    node.dial(b.addr, { signal: AbortSignal.timeout(limits.dialTimeoutMs) }).catch(() => keeper.redial(b.peerId))
+    node
+      .dial(b.addr, { signal: AbortSignal.timeout(limits.dialTimeoutMs) })
+      .catch(() => keeper.redial(b.peerId))
   }
   backOffEmptyWalks(node.peerRouting)
   return node
 }
 
-/** The first and longest pause before dialling a bootstrap node again that this node has no connection to. */
-export const bootstrapRedialMs = { min: 1_000, max: 30_000 } as const
+/**
+ * Pauses before dialling again a bootstrap node this node has no connection to: from `min`, doubling
+ * to `soonMax` for the first minute of an outage (a restarted head, which is also its region's
+ * bootstrap node, is reached within 2 s of coming back), then to `max`.
+ */
+export const bootstrapRedialMs = { min: 500, soonMax: 2_000, soonForMs: 60_000, max: 30_000 } as const
 
 /**
  * Keeps the configured bootstrap nodes dialled, at the address the user gave, for as long as the node
@@ -222,7 +228,8 @@ export const bootstrapRedialMs = { min: 1_000, max: 30_000 } as const
  * bootstrap node behind a port forward or a proxy announces one this node cannot reach), and its
  * reconnect queue gives up after 5 tries (about 30 s) and drops the keep-alive tag. So the configured
  * address is put back after every identify, and a bootstrap node that dropped (or could not be dialled
- * at start) is dialled at it again, 1 s after, doubling to 30 s, jittered, until it answers.
+ * at start) is dialled at it again (bootstrapRedialMs: every 0.5-2 s for a minute, then up to 30 s,
+ * jittered) until it answers.
  */
 function keepBootstrapsDialled(
   node: Libp2p,
@@ -232,23 +239,27 @@ function keepBootstrapsDialled(
   const byPeer = new Map(bootstrap.map((b) => [b.peerId, b]))
   const timers = new Map<string, NodeJS.Timeout>()
   const delays = new Map<string, number>()
+  const downSince = new Map<string, number>()
   let stopped = false
   const connected = (id: string): boolean => node.getConnections(peerIdFromString(id)).length > 0
   const redial = (id: string): void => {
     const b = byPeer.get(id)
     if (b == null || stopped || timers.has(id)) return
     const delay = delays.get(id) ?? bootstrapRedialMs.min
+    if (!downSince.has(id)) downSince.set(id, performance.now())
     const timer = setTimeout(
       () => {
         timers.delete(id)
         if (stopped || connected(id)) {
           delays.delete(id)
+          downSince.delete(id)
           return
         }
         node
           .dial(b.addr, { signal: AbortSignal.timeout(dialTimeoutMs) })
           .then(async () => {
             delays.delete(id)
+            downSince.delete(id)
             // libp2p's reconnect queue may have dropped the tag when it gave up.
             await node.peerStore.merge(peerIdFromString(id), {
               multiaddrs: [b.addr.decapsulateCode(421)],
@@ -256,7 +267,8 @@ function keepBootstrapsDialled(
             })
           })
           .catch(() => {
-            delays.set(id, Math.min(delay * 2, bootstrapRedialMs.max))
+            const soon = performance.now() - (downSince.get(id) ?? 0) < bootstrapRedialMs.soonForMs
+            delays.set(id, Math.min(delay * 2, soon ? bootstrapRedialMs.soonMax : bootstrapRedialMs.max))
             redial(id)
           })
       },
@@ -269,7 +281,9 @@ function keepBootstrapsDialled(
   node.addEventListener('peer:identify', (evt) => {
     const b = byPeer.get(evt.detail.peerId.toString())
     if (b == null) return
-    void node.peerStore.merge(evt.detail.peerId, { multiaddrs: [b.addr.decapsulateCode(421)] }).catch(() => {})
+    void node.peerStore
+      .merge(evt.detail.peerId, { multiaddrs: [b.addr.decapsulateCode(421)] })
+      .catch(() => {})
   })
   node.addEventListener('stop', () => {
     stopped = true
