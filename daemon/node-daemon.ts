@@ -435,6 +435,7 @@ export class NodeDaemon extends TypedEventEmitter<NodeDaemonEvents> implements C
         try {
           await this.membership!.ensureHead()
           await this.join()
+          if (stopped.signal.aborted) throw new GarageError('stopped while the node started', 'NODE_STOPPED')
           return
         } catch (err) {
           const code = (err as GarageError).code
@@ -485,6 +486,10 @@ export class NodeDaemon extends TypedEventEmitter<NodeDaemonEvents> implements C
     // The head counts this node from zero now: so do its reports, from the next one on (again once
     // the engine is up, in case it is a new one).
     await this.telemetry.joined()
+    // Stopped meanwhile: no engine may start after the stop tore everything down (it would keep
+    // the process alive past its SIGTERM).
+    if (this.current === 'stopping' || this.current === 'stopped')
+      throw new GarageError('the node stopped while it joined', 'NODE_STOPPED')
     const head = membership.head!
     this.safeDispatchEvent('joined', { detail: { head: head.peerId, region: head.region!, assignment } })
     // Report from the join on, 'starting' while the engine loads: a head that heard nothing for its
@@ -545,7 +550,14 @@ export class NodeDaemon extends TypedEventEmitter<NodeDaemonEvents> implements C
 
   /** Joins again (the head forgot this node, or another head took over); one rejoin at a time. */
   private async rejoin(reason: string): Promise<void> {
-    if (this.rejoining != null || this.current === 'stopping' || this.current === 'stopped') return
+    // A draining node is leaving: the head's not_joined after its leave is no reason to join again.
+    if (
+      this.rejoining != null ||
+      this.current === 'draining' ||
+      this.current === 'stopping' ||
+      this.current === 'stopped'
+    )
+      return
     this.log.info({ reason }, 'joining the region again')
     this.rejoining = (async () => {
       try {

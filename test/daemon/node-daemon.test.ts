@@ -189,6 +189,9 @@ describe('NodeDaemon (stand-in mesh, head and engine)', () => {
         return assignment
       },
       requestLeave: async (_node, peer) => {
+        // The leave crosses the network: reports tick meanwhile.
+        if (options.leaveDelayMs != null)
+          await new Promise((resolve) => setTimeout(resolve, options.leaveDelayMs))
         log.push(`leave ${peer.toString() === heads[current] ? 'head' : 'other'}`)
       },
       sendTelemetry: async (_node, _head, report) => {
@@ -394,6 +397,22 @@ describe('NodeDaemon (stand-in mesh, head and engine)', () => {
     await rejoined
     expect(r.joins).toEqual([r.heads[0], r.heads[0]])
     expect(r.daemon.state).toBe('serving')
+  })
+
+  it("a head's not_joined after the node's leave (it is draining) starts no rejoin, and no engine after the stop", async () => {
+    const r = await rig({ telemetryIntervalMs: 5, leaveDelayMs: 50 })
+    await r.daemon.start()
+    // From the leave on, the head no longer knows the node and says so to every report.
+    r.daemon.addEventListener('state', (e) => {
+      if (e.detail.state === 'draining') r.ack.value = 'not_joined'
+    })
+    await r.daemon.stop({ graceMs: 0 })
+    // Reports that were in flight come back; none may bring the node back.
+    await new Promise((resolve) => setTimeout(resolve, 50))
+    expect(r.daemon.state).toBe('stopped')
+    expect(r.joins).toHaveLength(1)
+    expect(r.log.filter((l) => l.startsWith('engine start'))).toHaveLength(1)
+    expect(r.log.at(-1)).toBe('engine stop')
   })
 
   it('stop drains, tells the head it leaves, stops the engine', async () => {
