@@ -140,7 +140,7 @@ describe('NodeDaemon (stand-in mesh, head and engine)', () => {
   })
 
   async function rig(
-    options: { telemetryIntervalMs?: number; unreachableJoins?: number } = {},
+    options: { telemetryIntervalMs?: number; unreachableJoins?: number; leaveDelayMs?: number } = {},
   ): Promise<Rig> {
     const heads = await Promise.all(
       [0, 1].map(async () => peerIdFromPrivateKey(await generateKeyPair('Ed25519')).toString()),
