@@ -122,7 +122,9 @@ export class HeadAdmission {
       onReport(report, peer) {
         const id = peer.toString()
         const outcome = registry.report(id, report)
-        if (outcome !== 'ok') return outcome
+        if (outcome === 'not_joined') return outcome
+        // Reordered, or from before the node's latest join: its numbers are not this entry's.
+        if (outcome === 'stale') return { ack: 'ok', verified: verified.verified(id) }
         router.updateTelemetry(id, {
           running: report.running,
           waiting: report.waiting,

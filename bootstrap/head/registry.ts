@@ -50,6 +50,9 @@ export interface NodeRegistryInit {
 
 type PeerKey = PeerId | string
 
+/** The highest number a node's first report after a join may carry (reports 1-4 lost on the way). */
+export const firstReportMaxSeq = 5
+
 export class NodeRegistry extends TypedEventEmitter<NodeRegistryEvents> {
   private readonly now: () => number
   private readonly deadlineMs: number
@@ -101,11 +104,18 @@ export class NodeRegistry extends TypedEventEmitter<NodeRegistryEvents> {
   }
 
   /** Takes a telemetry report; a report older than the last one (seq not above it) is ignored. */
-  report(peer: PeerKey, telemetry: TelemetryReport): 'ok' | 'not_joined' {
+  /**
+   * Records a node's report. 'stale': older than one already taken, or numbered before the node's
+   * latest join (a node numbers its reports from 1 at each join, so a first report numbered past
+   * firstReportMaxSeq was sent before it and crossed the join on the way): its counts belong to the
+   * node's previous entry, and taking it stalled the entry's numbering there.
+   */
+  report(peer: PeerKey, telemetry: TelemetryReport): 'ok' | 'not_joined' | 'stale' {
     const peerId = peer.toString()
     const entry = this.entries.get(peerId)
     if (entry == null) return 'not_joined'
-    if (entry.telemetry != null && telemetry.seq <= entry.telemetry.seq) return 'ok'
+    if (entry.telemetry != null && telemetry.seq <= entry.telemetry.seq) return 'stale'
+    if (entry.telemetry == null && telemetry.seq > firstReportMaxSeq) return 'stale'
     // Entries are replaced, not mutated, so an event's detail stays what it was when sent.
     const next: RegistryEntry = { ...entry, telemetry, lastSeen: this.now(), state: telemetry.state }
     this.entries.set(peerId, next)

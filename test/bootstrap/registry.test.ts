@@ -1,5 +1,5 @@
 import { afterEach, describe, expect, it, vi } from 'vitest'
-import { NodeRegistry, type NodeRegistryEvents } from '../../bootstrap/head/registry.ts'
+import { firstReportMaxSeq, NodeRegistry, type NodeRegistryEvents } from '../../bootstrap/head/registry.ts'
 import { telemetryDeadlineMs } from '../../mesh/protocols.ts'
 import type { Assignment, CapabilityReport, TelemetryReport } from '../../mesh/region-messages.ts'
 
@@ -79,6 +79,22 @@ describe('NodeRegistry', () => {
     expect(events).toEqual(['joined A garage-tiny'])
   })
 
+  it('a report numbered before the node joined again (it crossed the join) is stale; the new numbering is taken', () => {
+    const registry = new NodeRegistry()
+    registry.join('A', report('A'), assignment('garage-tiny'))
+    for (let seq = 1; seq <= 40; seq++) registry.report('A', telemetry(seq))
+    // The node joins again and numbers from 1; its report 41, sent before, arrives after the join.
+    registry.join('A', report('A'), assignment('garage-tiny'))
+    expect(registry.report('A', telemetry(41, { tokensTotal: 2151 }))).toBe('stale')
+    expect(registry.get('A')?.telemetry).toBeNull()
+    expect(registry.report('A', telemetry(1, { state: 'serving' }))).toBe('ok')
+    expect(registry.report('A', telemetry(2, { state: 'serving' }))).toBe('ok')
+    expect(registry.get('A')?.telemetry?.seq).toBe(2)
+    // Reports 1-4 lost on the way: the fifth is still this entry's first.
+    registry.join('A', report('A'), assignment('garage-tiny'))
+    expect(registry.report('A', telemetry(firstReportMaxSeq))).toBe('ok')
+  })
+
   it('answers not_joined to telemetry from a stranger', () => {
     const registry = new NodeRegistry()
     expect(registry.report('B', telemetry(1))).toBe('not_joined')
@@ -93,8 +109,8 @@ describe('NodeRegistry', () => {
     t = 100
     expect(registry.report('A', telemetry(2))).toBe('ok')
     t = 200
-    expect(registry.report('A', telemetry(1, { state: 'paused' }))).toBe('ok')
-    expect(registry.report('A', telemetry(2, { state: 'paused' }))).toBe('ok')
+    expect(registry.report('A', telemetry(1, { state: 'paused' }))).toBe('stale')
+    expect(registry.report('A', telemetry(2, { state: 'paused' }))).toBe('stale')
     expect(registry.get('A')?.telemetry?.seq).toBe(2)
     expect(registry.get('A')?.state).toBe('serving')
     expect(registry.get('A')?.lastSeen).toBe(100)
