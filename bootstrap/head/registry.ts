@@ -59,6 +59,8 @@ export class NodeRegistry extends TypedEventEmitter<NodeRegistryEvents> {
   private readonly evictIntervalMs: number
   private readonly entries = new Map<string, RegistryEntry>()
   private timer: ReturnType<typeof setInterval> | null = null
+  /** Per node: a first report after its join held back as stale (its number). */
+  private readonly heldFirst = new Map<string, number>()
 
   constructor(init: NodeRegistryInit = {}) {
     super()
@@ -94,6 +96,7 @@ export class NodeRegistry extends TypedEventEmitter<NodeRegistryEvents> {
       state: 'starting',
     }
     this.entries.set(peerId, entry)
+    this.heldFirst.delete(peerId)
     this.safeDispatchEvent('node:joined', { detail: entry })
     return entry
   }
@@ -115,7 +118,18 @@ export class NodeRegistry extends TypedEventEmitter<NodeRegistryEvents> {
     const entry = this.entries.get(peerId)
     if (entry == null) return 'not_joined'
     if (entry.telemetry != null && telemetry.seq <= entry.telemetry.seq) return 'stale'
-    if (entry.telemetry == null && telemetry.seq > firstReportMaxSeq) return 'stale'
+    if (entry.telemetry == null && telemetry.seq > firstReportMaxSeq) {
+      const held = this.heldFirst.get(peerId)
+      // The next number of the same sequence: a node that does not number from 1 at a join (an
+      // older daemon) rather than a report that crossed the join. Taken from here on.
+      if (held == null || telemetry.seq <= held) {
+        this.heldFirst.set(peerId, telemetry.seq)
+        // It is alive all the same.
+        this.entries.set(peerId, { ...entry, lastSeen: this.now() })
+        return 'stale'
+      }
+    }
+    this.heldFirst.delete(peerId)
     // Entries are replaced, not mutated, so an event's detail stays what it was when sent.
     const next: RegistryEntry = { ...entry, telemetry, lastSeen: this.now(), state: telemetry.state }
     this.entries.set(peerId, next)
@@ -171,6 +185,7 @@ export class NodeRegistry extends TypedEventEmitter<NodeRegistryEvents> {
   }
 
   private remove(peerId: string, reason: NodeLeftReason): RegistryEntry | undefined {
+    this.heldFirst.delete(peerId)
     const entry = this.entries.get(peerId)
     if (entry == null) return undefined
     this.entries.delete(peerId)

@@ -156,7 +156,8 @@ export class NodeTelemetry {
   }
 
   #send(report: TelemetryBody): Promise<TelemetryAck> {
-    return this.#source.send({ v: 1, seq: ++this.#seq, ...report }, (tokens) =>
+    // This count, not the reporter's: it starts again from 1 at each join, as the head expects.
+    return this.#source.send({ v: 1, ...report, seq: ++this.#seq }, (tokens) =>
       this.#creditsToday.feed(tokens),
     )
   }

@@ -93,6 +93,11 @@ describe('NodeRegistry', () => {
     // Reports 1-4 lost on the way: the fifth is still this entry's first.
     registry.join('A', report('A'), assignment('garage-tiny'))
     expect(registry.report('A', telemetry(firstReportMaxSeq))).toBe('ok')
+    // A node that goes on with its old numbering (an older daemon): held once, then taken.
+    registry.join('A', report('A'), assignment('garage-tiny'))
+    expect(registry.report('A', telemetry(90))).toBe('stale')
+    expect(registry.report('A', telemetry(91, { state: 'serving' }))).toBe('ok')
+    expect(registry.get('A')?.telemetry?.seq).toBe(91)
   })
 
   it('answers not_joined to telemetry from a stranger', () => {

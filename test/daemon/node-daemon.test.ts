@@ -370,6 +370,9 @@ describe('NodeDaemon (stand-in mesh, head and engine)', () => {
     release()
     await vi.waitFor(() => expect(r.joins).toHaveLength(2))
     expect(r.daemon.state).toBe('serving')
+    // Reports are numbered from 1 again for the new entry (the head takes a high first number as
+    // one sent before the join).
+    await vi.waitFor(() => expect(r.reports.filter((x) => x.seq === 1)).toHaveLength(2))
     const finder = r.finder()
     const joinedNew = new Promise<void>((resolve) =>
       r.daemon.addEventListener('joined', (e) => e.detail.head === r.heads[1] && resolve()),
