@@ -110,7 +110,10 @@ export class FederationRouter {
     this.#random = init.random ?? Math.random
   }
 
-  /** Adds a region or takes its latest status; a new head starts a fresh record (breaker included). */
+  /**
+   * Adds a region or takes its latest status; a new head starts a fresh record (breaker included),
+   * and a region reachable again after an outage has its breaker closed.
+   */
   update(status: RoutableRegion): void {
     const record = this.#regions.get(status.region)
     if (record == null || record.head !== status.head) {
@@ -125,6 +128,9 @@ export class FederationRouter {
       })
       return
     }
+    // Its head answers again (back from a restart): the failures of its outage say nothing now, and
+    // a breaker they opened kept the region idle for its doubling backoff after it was back.
+    if (!record.reachable && status.reachable) record.breaker.success()
     record.reachable = status.reachable
     record.rttMs = status.rttMs
     record.models = status.models

@@ -302,6 +302,21 @@ describe('FederationRouter: circuit breaker', () => {
     expect(tally(router, 'm', 20)).toEqual({ near: 20 })
   })
 
+  it('closes the breaker of a region whose head answers again after an outage (a restarted head)', () => {
+    const { router } = setup()
+    router.update(status('near', { m: load() }, { rttMs: 5 }))
+    router.update(status('far', { m: load() }, { rttMs: 90 }))
+    for (let i = 0; i < 3; i++) router.failure('near')
+    expect(router.breakerState('near')).toBe('open')
+    // Still reachable as far as the directory knows: the breaker stays as it is.
+    router.update(status('near', { m: load() }, { rttMs: 5 }))
+    expect(router.breakerState('near')).toBe('open')
+    router.update(status('near', { m: load() }, { rttMs: 5, reachable: false }))
+    router.update(status('near', { m: load() }, { rttMs: 5, reachable: true }))
+    expect(router.breakerState('near')).toBe('closed')
+    expect(router.pick('m')).toBe('near')
+  })
+
   it('reports every region with its breaker, outstanding requests and loads in the snapshot', () => {
     const { router, clock } = setup()
     router.update(
