@@ -283,6 +283,15 @@ export class VerifiedThroughput {
   }
 
   /**
+   * The node (re)joined with `slots` parallel sequences: streams its last head had sent it (a head
+   * that died, a head it lost) may still be finishing, their tails unseen by this head. Allowed for
+   * as cut streams, one per slot; nothing is credited.
+   */
+  joined(peer: string, slots: number): void {
+    this.#entry(peer).unseen += Math.max(1, slots) * abandonedStreamAllowanceTokens
+  }
+
+  /**
    * Records the node's self-reported total and re-checks it; returns the change when the flag
    * flips (log it once), null otherwise. `pendingTokens`: tokens of its requests still streaming.
    */

@@ -96,6 +96,7 @@ export class HeadAdmission {
           )
         }
         verified.remove(peer.toString())
+        verified.joined(peer.toString(), assignment.engineArgs.parallel ?? 1)
         registry.join(peer.toString(), report, assignment)
         router.upsert(peer.toString(), {
           model: assignment.model,

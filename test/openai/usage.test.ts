@@ -283,6 +283,23 @@ describe('countNonStreamed', () => {
 })
 
 describe('VerifiedThroughput', () => {
+  it('allows, never credits, the tails of cut streams: 64 per cut stream, one per slot at a join', () => {
+    const throughput = new VerifiedThroughput()
+    throughput.joined('a', 2)
+    // Streams its dead head had sent it finish after the join: up to 2 × 64 tokens unseen.
+    expect(throughput.compare('a', 128)).toBeNull()
+    expect(throughput.verified('a')).toBe(0)
+    expect(throughput.compare('a', 128 * 1.1 + 21)?.flagged).toBe(true)
+    const b = new VerifiedThroughput()
+    b.add('b', 100)
+    b.abandoned('b', 500)
+    b.abandoned('b', 10)
+    expect(b.compare('b', 100 + 64 + 10)).toBeNull()
+    expect(b.verified('b')).toBe(100)
+    // A liar is still caught: 200 tokens nobody saw.
+    expect(b.compare('b', 100 + 64 + 10 + 200)?.flagged).toBe(true)
+  })
+
   it('flags a node claiming over 10% and over 20 tokens more than verified, once per change', () => {
     let t = 1000
     const throughput = new VerifiedThroughput({ now: () => t })
