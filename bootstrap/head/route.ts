@@ -207,7 +207,7 @@ export class HeadRoute implements ProxyRoute<HeadCall, HeadTarget> {
     return { 'x-request-id': call.requestId, 'x-garage-node': target, 'x-garage-region': this.#init.region }
   }
 
-  answering(call: HeadCall, target: string): void {
+  answering(call: HeadCall, _target: string): void {
     this.#c.metrics.ttft.observe({ model: call.model }, (performance.now() - call.started) / 1000)
   }
 
