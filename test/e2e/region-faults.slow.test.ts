@@ -11,6 +11,7 @@ import { requestJoin } from '../../mesh/join-protocol.ts'
 import { createMeshNode } from '../../mesh/node.ts'
 import { INFER_PROTOCOL } from '../../mesh/protocols.ts'
 import { sendTelemetry, type TelemetryAck } from '../../mesh/telemetry-protocol.ts'
+import { abandonedStreamAllowanceTokens } from '../../openai/usage.ts'
 import { garageBin } from '../helpers/cli.ts'
 import { dialAddr, TestMesh, waitForEvent } from '../helpers/mesh.ts'
 import { startTestRegion, type TestRegion, tinyModel } from '../helpers/region.ts'
@@ -237,7 +238,13 @@ describe('a region under faults and hostile peers', () => {
     claimed = verified
     expect(await claim(claimed)).toBe('ok')
     expect(region.head.verified.flagged(liar.peerId.toString())).toBe(false)
-    claimed = verified * 2 + 50
+    // Within what the head allows for unseen tails (one cut stream per slot at its join): not flagged.
+    const joinAllowance = (assignment.engineArgs.parallel ?? 1) * abandonedStreamAllowanceTokens
+    claimed = verified + joinAllowance
+    expect(await claim(claimed)).toBe('ok')
+    expect(region.head.verified.flagged(liar.peerId.toString())).toBe(false)
+    // Past it (and past 10% and 20 tokens): flagged.
+    claimed = Math.ceil((verified + joinAllowance) * 1.1) + 50
     expect(await claim(claimed)).toBe('ok')
     expect(region.head.verified.flagged(liar.peerId.toString())).toBe(true)
     const health = (await (await fetch(`${region.head.url}/health`)).json()) as { flagged: string[] }
