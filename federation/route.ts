@@ -26,7 +26,7 @@ export interface FederationCall extends ProxyCall {
   /** Labels of the request's metrics, filled in as it goes. */
   labels: { model: string; region: string }
   /** What the ledger has of this answer so far (a stream is billed as it streams). */
-  billed?: { requests: number; completionTokens: number }
+  billed?: { requests: number; completionTokens: number; servedBy: ReturnType<typeof servedByOf> }
 }
 
 export interface RegionRouteInit {
@@ -135,22 +135,36 @@ export class RegionRoute implements ProxyRoute<FederationCall> {
    * its client received but for the last event-loop turn's writes (the ledger writes once a turn).
    */
   streamed(call: FederationCall, region: string, response: InferResponse, completionTokens: number): void {
-    if (response.status !== 200) return
-    call.billed ??= { requests: 0, completionTokens: 0 }
+    if (response.status === 200) this.#bill(call, region, response, 0, completionTokens)
+  }
+
+  /**
+   * Records what the ledger does not have yet of this answer: the request (once), the completion
+   * tokens past those billed so far, and `promptTokens`. The key is billed, the node credited.
+   */
+  #bill(
+    call: FederationCall,
+    region: string,
+    response: InferResponse,
+    promptTokens: number,
+    completionTokens: number,
+  ): void {
+    // Who served it is read from the answer's head once, not at every write.
+    call.billed ??= { requests: 0, completionTokens: 0, servedBy: servedByOf(response) }
     const billed = call.billed
-    const more = completionTokens - billed.completionTokens
-    if (more <= 0 && billed.requests > 0) return
+    const more = Math.max(0, completionTokens - billed.completionTokens)
+    if (billed.requests > 0 && more === 0 && promptTokens === 0) return
     this.#c.ledger.record({
       keyId: call.key.id,
       model: call.model,
       region,
-      ...servedByOf(response),
+      ...billed.servedBy,
       requests: billed.requests > 0 ? 0 : 1,
-      promptTokens: 0,
-      completionTokens: Math.max(0, more),
+      promptTokens,
+      completionTokens: more,
     })
     billed.requests = 1
-    billed.completionTokens += Math.max(0, more)
+    billed.completionTokens += more
   }
 
   answered(
@@ -162,18 +176,9 @@ export class RegionRoute implements ProxyRoute<FederationCall> {
     const { metrics } = this.#c
     if (outcome != null) {
       if (response.status === 200) {
-        // The client received these tokens: bill the key, credit the node that generated them
-        // (what streamed was billed as it went: the rest, and the prompt, now).
-        const billed = call.billed ?? { requests: 0, completionTokens: 0 }
-        this.#c.ledger.record({
-          keyId: call.key.id,
-          model: call.model,
-          region,
-          ...servedByOf(response),
-          requests: billed.requests > 0 ? 0 : 1,
-          promptTokens: outcome.promptTokens,
-          completionTokens: Math.max(0, outcome.completionTokens - billed.completionTokens),
-        })
+        // The client received these tokens (what streamed was billed as it went: the rest, and the
+        // prompt, now).
+        this.#bill(call, region, response, outcome.promptTokens, outcome.completionTokens)
         this.#c.limiter.record(call.key.id, outcome.promptTokens + outcome.completionTokens)
         metrics.tokens.inc({ model: call.model, kind: 'prompt' }, outcome.promptTokens)
         metrics.tokens.inc({ model: call.model, kind: 'completion' }, outcome.completionTokens)

@@ -3,6 +3,7 @@ import { mkdtemp, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import { SseSplitter } from '../../core/sse.ts'
 import { UsageLedger } from '../../federation/ledger.ts'
 import { openFederationStore } from '../../federation/store.ts'
 import { ProcessCluster, tinyModel } from '../helpers/process-cluster.ts'
@@ -73,22 +74,15 @@ describe('the gateway SIGKILLed mid-stream', () => {
     // Count the content chunks the client received (the tiny model's chunks carry a token each; the
     // gateway bills an unfinished stream by its content-bearing chunks, as it verifies any stream).
     const reader = res.body!.getReader()
-    const decoder = new TextDecoder()
-    let buffered = ''
+    const splitter = new SseSplitter()
     let received = 0
     let killed = false
     for (;;) {
       const { done, value } = await reader.read().catch(() => ({ done: true, value: undefined }))
-      if (done) break
-      buffered += decoder.decode(value, { stream: true })
-      let end = buffered.indexOf('\n\n')
-      while (end >= 0) {
-        const event = buffered.slice(0, end)
-        buffered = buffered.slice(end + 2)
-        end = buffered.indexOf('\n\n')
-        const data = event.startsWith('data: ') ? event.slice(6) : ''
-        if (data === '' || data === '[DONE]') continue
-        const chunk = JSON.parse(data) as { choices?: Array<{ delta?: { content?: string } }> }
+      if (done || value == null) break
+      for (const event of splitter.push(value)) {
+        if (event.data == null || event.data === '[DONE]') continue
+        const chunk = JSON.parse(event.data) as { choices?: Array<{ delta?: { content?: string } }> }
         if ((chunk.choices ?? []).some((c) => (c.delta?.content ?? '') !== '')) received++
       }
       if (!killed && received >= 20) {
