@@ -22,6 +22,25 @@ export async function refuseReadableByOthers(
 }
 
 /**
+ * The secret in a file the user provides (a Hugging Face token): trimmed; undefined when the file is
+ * missing or empty; `make(message)` thrown when other users can read it.
+ */
+export async function readSecretIfPresent(
+  path: string,
+  what: string,
+  make: (message: string) => GarageError,
+): Promise<string | undefined> {
+  try {
+    await refuseReadableByOthers(path, what, make)
+    const text = (await readFile(path, 'utf8')).trim()
+    return text === '' ? undefined : text
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined
+    throw err
+  }
+}
+
+/**
  * A bearer token in a 0600 file, made on first use and kept across restarts (the control API token,
  * the head's API token). A file other users can read is refused, as identity keys are.
  */

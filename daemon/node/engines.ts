@@ -1,11 +1,10 @@
-import { readFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import { CliContainerRuntime } from '../../containers/cli.ts'
 import { vllmImageForDriver } from '../../containers/images.ts'
 import type { ContainerRuntimeName, GpuRequest, PullProgress } from '../../containers/types.ts'
 import { GarageError } from '../../core/errors.ts'
 import type { Logger } from '../../core/logger.ts'
-import { refuseReadableByOthers } from '../../core/secret-file.ts'
+import { readSecretIfPresent } from '../../core/secret-file.ts'
 import type { Assignment } from '../../mesh/region-messages.ts'
 import { LlamaCppEngine } from '../engines/llamacpp/engine.ts'
 import type { Engine } from '../engines/types.ts'
@@ -37,20 +36,12 @@ export interface NodeEnginesInit {
 export const huggingFaceTokenFile = 'huggingface.token'
 
 /** The Hugging Face token in the data dir, or undefined when there is none; refused when others can read it. */
-export async function readHuggingFaceToken(dataDir: string): Promise<string | undefined> {
-  const path = join(dataDir, huggingFaceTokenFile)
-  try {
-    await refuseReadableByOthers(
-      path,
-      'the Hugging Face token file',
-      (message) => new GarageError(message, 'HF_TOKEN_PERMISSIONS'),
-    )
-    const token = (await readFile(path, 'utf8')).trim()
-    return token === '' ? undefined : token
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined
-    throw err
-  }
+export function readHuggingFaceToken(dataDir: string): Promise<string | undefined> {
+  return readSecretIfPresent(
+    join(dataDir, huggingFaceTokenFile),
+    'the Hugging Face token file',
+    (message) => new GarageError(message, 'HF_TOKEN_PERMISSIONS'),
+  )
 }
 
 /**
