@@ -1,3 +1,4 @@
+import { setTimeout as sleep } from 'node:timers/promises'
 import type { PrivateKey } from '@libp2p/interface'
 import { TypedEventEmitter } from 'main-event'
 import { GarageError } from '../core/errors.ts'
@@ -447,13 +448,10 @@ export class NodeDaemon extends TypedEventEmitter<NodeDaemonEvents> implements C
             'region not reachable yet',
           )
           this.setState('starting', reason)
-          const waited = await new Promise<boolean>((resolve) => {
-            const timer = setTimeout(() => resolve(true), delayMs)
-            stopped.signal.addEventListener('abort', () => {
-              clearTimeout(timer)
-              resolve(false)
-            })
-          })
+          const waited = await sleep(delayMs, undefined, { signal: stopped.signal }).then(
+            () => true,
+            () => false,
+          )
           if (!waited) throw new GarageError('stopped before the node could join a region', 'NODE_STOPPED')
           delayMs = Math.min(delayMs * 2, firstJoinRetryMs.max)
         }
