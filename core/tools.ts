@@ -141,7 +141,8 @@ async function spawnTool(
       done = true
     })
     // Give a killable tool a moment to be reaped, so the guard does not count it as alive.
-    await Promise.race([exited, new Promise((resolve) => setTimeout(resolve, 50).unref())])
+    // A timer that holds the event loop: with the child unref'd, nothing else may (a CLI would exit 13).
+    await Promise.race([exited, new Promise((resolve) => setTimeout(resolve, 50))])
     return {
       result: { status: 'timeout', stdout: '', stderr: '', exitCode: null },
       abandoned: done ? null : exited,
