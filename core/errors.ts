@@ -184,6 +184,8 @@ export const wireErrorCodes = {
   protocol_error: 'a frame broke the grammar',
   cancelled: 'the asker cancelled',
   stopped: 'the server stopped',
+  ticket_invalid: "a direct-path request's ticket is missing, forged, expired, or for another node or holder",
+  lease_full: "a direct-path lease's slots are all in use at the node",
 } as const
 
 export type WireErrorCode = keyof typeof wireErrorCodes

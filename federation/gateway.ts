@@ -11,6 +11,7 @@ import { OutputItemStore } from '../openai/responses.ts'
 import { FederationRouter } from '../routing/region-router.ts'
 import { adminTokenFile, FederationApi } from './api.ts'
 import { ApiKeyStore } from './keys.ts'
+import { DirectPath } from './direct.ts'
 import { UsageLedger } from './ledger.ts'
 import { federationMetrics } from './metrics.ts'
 import { RateLimiter } from './rate-limit.ts'
@@ -36,6 +37,11 @@ export interface FederationOptions {
   refreshIntervalMs?: number
   /** From the request reaching the gateway to the first byte of its answer. */
   firstByteTimeoutMs?: number
+  /**
+   * Send requests straight to the nodes heads lease this gateway (default true); off, every
+   * request goes through its region's head.
+   */
+  directPath?: boolean
 }
 
 export interface Federation {
@@ -48,6 +54,8 @@ export interface Federation {
   directory: RegionDirectory
   router: FederationRouter
   metrics: Registry
+  /** The direct path; null when it is off. */
+  direct: DirectPath | null
   stop(): Promise<void>
 }
 
@@ -94,16 +102,23 @@ export async function startFederation(options: FederationOptions): Promise<Feder
   }
 
   const metrics = federationMetrics(directory)
+  const firstByteTimeoutMs = options.firstByteTimeoutMs ?? defaultFirstByteTimeoutMs
+  const headOf = (region: string): string | null => directory.region(region)?.head ?? null
+  const direct =
+    options.directPath === false
+      ? null
+      : new DirectPath({ logger: log, firstByteTimeoutMs }, { node, headOf })
   const route = new RegionRoute(
     {
       maxAttempts: options.maxAttempts ?? 2,
-      firstByteTimeoutMs: options.firstByteTimeoutMs ?? defaultFirstByteTimeoutMs,
+      firstByteTimeoutMs,
       logger: log,
     },
     {
       node,
       router,
-      headOf: (region) => directory.region(region)?.head ?? null,
+      headOf,
+      direct,
       ledger,
       limiter,
       metrics,
@@ -118,6 +133,7 @@ export async function startFederation(options: FederationOptions): Promise<Feder
   const host = options.httpHost ?? '127.0.0.1'
   const port = options.httpPort ?? defaultFederationPort
   const stopAll = async (): Promise<void> => {
+    await direct?.stop()
     await directory.stop()
     ledger.close()
     db.close()
@@ -131,6 +147,7 @@ export async function startFederation(options: FederationOptions): Promise<Feder
     throw err
   }
   directory.start()
+  direct?.start()
   log.info({ url, peerId: node.peerId.toString() }, 'federation gateway started')
 
   let stopped = false
@@ -144,6 +161,7 @@ export async function startFederation(options: FederationOptions): Promise<Feder
     directory,
     router,
     metrics: metrics.registry,
+    direct,
     async stop() {
       if (stopped) return
       stopped = true

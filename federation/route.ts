@@ -6,7 +6,9 @@ import type { MeshNode } from '../mesh/node.ts'
 import { PeerIdCache } from '../mesh/peer-ids.ts'
 import { type ProxyCall, type ProxyRoute, type ProxyTicket, proxyRequest, readText } from '../openai/proxy.ts'
 import type { RelayOutcome } from '../openai/relay.ts'
+import { tokenBudget } from '../openai/usage.ts'
 import type { FederationRouter } from '../routing/region-router.ts'
+import type { DirectAttempt, DirectPath } from './direct.ts'
 import type { KeyInfo } from './keys.ts'
 import type { UsageLedger } from './ledger.ts'
 import type { FederationMetrics } from './metrics.ts'
@@ -25,6 +27,10 @@ export interface FederationCall extends ProxyCall {
   prefer: string | undefined
   /** Labels of the request's metrics, filled in as it goes. */
   labels: { model: string; region: string }
+  /** The region of the attempt under way. */
+  attemptRegion?: string
+  /** The attempt's answer comes straight from a node (the direct path), not through its head. */
+  direct?: DirectAttempt | null
   /** What the ledger has of this answer so far (a stream is billed as it streams). */
   billed?: { requests: number; completionTokens: number; servedBy: ReturnType<typeof servedByOf> }
 }
@@ -41,6 +47,8 @@ export interface RegionRouteComponents {
   router: FederationRouter
   /** The head of a region now (the directory's view). */
   headOf(region: string): string | null
+  /** The direct path: requests straight to leased nodes; null sends everything through heads. */
+  direct?: DirectPath | null
   ledger: Pick<UsageLedger, 'record'>
   limiter: Pick<RateLimiter, 'record'>
   metrics: FederationMetrics
@@ -77,9 +85,21 @@ export class RegionRoute implements ProxyRoute<FederationCall> {
     return head == null ? null : this.#headIds.get(head)
   }
 
-  begin(region: string, _call: FederationCall): ProxyTicket {
+  begin(region: string, call: FederationCall): ProxyTicket {
     const ticket = this.#c.router.begin(region)
-    return { firstByte: () => {}, end: (ok) => ticket.end(ok) }
+    call.attemptRegion = region
+    call.direct = null
+    const direct = this.#c.direct
+    return {
+      firstByte: () => {
+        if (call.direct != null) direct?.firstByte(call.direct)
+      },
+      end: (ok, completionTokens) => {
+        ticket.end(ok)
+        if (call.direct != null) direct?.ended(call.direct, ok, completionTokens)
+        call.direct = null
+      },
+    }
   }
 
   success(region: string): void {
@@ -90,10 +110,19 @@ export class RegionRoute implements ProxyRoute<FederationCall> {
     this.#c.router.failure(region)
   }
 
-  send(peer: PeerId, call: FederationCall, signal: AbortSignal): Promise<InferResponse> {
-    const { node } = this.#c
+  async send(peer: PeerId, call: FederationCall, signal: AbortSignal): Promise<InferResponse> {
+    const { node, direct } = this.#c
     if (node == null) throw new Error('the region route has no mesh node to send with')
-    return sendInferRequest(node, peer, proxyRequest(call), {
+    const request = proxyRequest(call)
+    if (direct != null && call.attemptRegion != null) {
+      // Straight to a node the head leased us; through the head when that cannot be.
+      const got = await direct.send(call.attemptRegion, call.model, request, tokenBudget(call.prepared), signal)
+      if (got != null) {
+        call.direct = got.attempt
+        return got.response
+      }
+    }
+    return sendInferRequest(node, peer, request, {
       signal,
       firstByteTimeoutMs: this.#init.firstByteTimeoutMs,
     })
@@ -119,6 +148,8 @@ export class RegionRoute implements ProxyRoute<FederationCall> {
     return {
       'x-request-id': call.requestId,
       'x-garage-region': region,
+      // Straight from the node the head leased (`direct`), or through the region's head (`head`).
+      'x-garage-path': call.direct != null ? 'direct' : 'head',
       ...(servedBy !== '' ? { 'x-garage-node': servedBy } : {}),
       ...(shares !== '' ? { 'x-garage-node-shares': shares } : {}),
     }

@@ -12,7 +12,7 @@ import { type Multiaddr, multiaddr } from '@multiformats/multiaddr'
 import { createLibp2p, type ServiceFactoryMap } from 'libp2p'
 import { GarageError } from '../core/errors.ts'
 import { meshConnectionGater } from './gater.ts'
-import { backOffEmptyWalks, coalescingTcp, yamuxHalfWindowUpdates } from './libp2p-patches.ts'
+import { backOffEmptyWalks, coalescingTcp, quietDecoderEnds, yamuxHalfWindowUpdates } from './libp2p-patches.ts'
 import { inferReceiveWindowMaxBytes, KAD_PROTOCOL } from './protocols.ts'
 
 export type MeshRole = 'node' | 'bootstrap'
@@ -165,6 +165,7 @@ export async function createMeshNode(options: MeshNodeOptions): Promise<MeshNode
     })
   }
 
+  quietDecoderEnds()
   const node = await createLibp2p<MeshServices>({
     privateKey: options.privateKey,
     addresses: {

@@ -8,6 +8,7 @@ import type { VerifiedThroughput } from '../../openai/usage.ts'
 import type { RegionalRouter } from '../../routing/node-router.ts'
 import { chooseAssignment } from './assign.ts'
 import type { RayGroups } from './groups.ts'
+import type { LeaseDesk } from './leases.ts'
 import type { RegionPolicy } from './policy.ts'
 import type { NodeRegistry } from './registry.ts'
 
@@ -45,6 +46,8 @@ export interface HeadAdmissionComponents {
   pending: PendingTokens
   /** The region's pipeline groups: a node may be given a stage instead of a model of its own. */
   groups?: RayGroups | null
+  /** The direct path: ticket keys at join, and telemetry checks that wait for its reports. */
+  leases?: LeaseDesk | null
 }
 
 /**
@@ -63,10 +66,17 @@ export class HeadAdmission {
 
   async start(): Promise<void> {
     const { region, policy, logger: log } = this.#init
-    const { node, registry, router, verified, pending, groups } = this.#c
+    const { node, registry, router, verified, pending, groups, leases } = this.#c
     const self = node.peerId.toString()
+    // Nodes that serve a model of their own, between onJoin and the answer: they get a ticket key.
+    const serving = new Set<string>()
     await handleJoinProtocol(node, {
       region,
+      directKey: (peer) => {
+        const id = peer.toString()
+        if (!serving.delete(id) || leases == null) return null
+        return leases.keyFor(id)
+      },
       onJoin: async (report, peer) => {
         const stage = groups?.assign(peer.toString(), report, self) ?? null
         if (stage != null) {
@@ -104,6 +114,7 @@ export class HeadAdmission {
           state: 'starting',
         })
         router.joined(peer.toString())
+        serving.add(peer.toString())
         log.info({ node: peer.toString(), model: assignment.model, engine: assignment.engine }, 'node joined')
         for (const f of report.engineFailures ?? [])
           log.warn(
@@ -132,13 +143,22 @@ export class HeadAdmission {
           kvCacheUsage: report.kvCacheUsage,
           state: report.state,
         })
-        const change = verified.compare(id, report.tokensTotal, pending.get(id))
-        if (change?.flagged === true) {
-          log.warn(
-            { node: id, reported: report.tokensTotal, verified: verified.verified(id) },
-            'node claims more tokens than the head proxied for it (over 10%): flagged',
+        const check = (): void => {
+          const change = verified.compare(
+            id,
+            report.tokensTotal,
+            pending.get(id) + (leases?.pending(id) ?? 0),
           )
-        } else if (change != null) log.info({ node: id }, 'node claims are within bounds again')
+          if (change?.flagged === true) {
+            log.warn(
+              { node: id, reported: report.tokensTotal, verified: verified.verified(id) },
+              'node claims more tokens than the head verified for it (over 10%): flagged',
+            )
+          } else if (change != null) log.info({ node: id }, 'node claims are within bounds again')
+        }
+        // Tokens it made for the direct path count once the gateways' reports are in.
+        if (leases != null) leases.whenCovered(id, check)
+        else check()
         // A spare a pipeline group wants (or a member whose stage changed) joins again.
         if (groups?.telemetry(id, report, registry.get(id)?.report ?? null) === 'reassign') return 'reassign'
         // The node shows what the head verified as its credits.
