@@ -62,8 +62,9 @@ interface RegionLeases {
   wanted: Map<string, number>
   done: LeaseDone[]
   inflight: Map<string, { requests: number; budget: number }>
-  /** A report is on its way. */
+  /** A report is on its way; `settled` resolves when it is done. */
   busy: boolean
+  settled: Promise<void>
   /** Ask now, not at the next tick (a model with no leases, a refused ticket). */
   urgent: boolean
   /** Failed reports in a row (the head unreachable): the next waits longer. */
@@ -96,7 +97,17 @@ export class DirectPath {
   async stop(): Promise<void> {
     if (this.#timer != null) clearInterval(this.#timer)
     this.#timer = null
-    await Promise.all([...this.#regions.keys()].map((r) => this.#report(r).catch(() => {})))
+    await this.flush()
+  }
+
+  /** Reports to every region's head now, not at the next tick (waits for one under way first). */
+  async flush(): Promise<void> {
+    await Promise.all(
+      [...this.#regions].map(async ([region, r]) => {
+        while (r.busy) await r.settled
+        await this.#report(region).catch(() => {})
+      }),
+    )
   }
 
   /**
@@ -222,6 +233,7 @@ export class DirectPath {
         done: [],
         inflight: new Map(),
         busy: false,
+        settled: Promise.resolve(),
         urgent: true,
         failures: 0,
         nextAt: 0,
@@ -286,7 +298,9 @@ export class DirectPath {
       if (r.busy || now < r.nextAt) continue
       for (const [model, at] of r.wanted) if (now - at > modelIdleMs) r.wanted.delete(model)
       const renew = [...r.leases.values()].some((l) => l.exp - now < l.ttlHalf)
-      if (r.done.length === 0 && r.inflight.size === 0 && !r.urgent && !renew) continue
+      // While it holds leases the gateway reports at every tick, empty or not: the head checks its
+      // nodes' claims once two reports after them are in.
+      if (r.leases.size === 0 && r.done.length === 0 && r.inflight.size === 0 && !r.urgent && !renew) continue
       void this.#report(region).catch(() => {})
     }
   }
@@ -296,6 +310,10 @@ export class DirectPath {
     const r = this.#regions.get(region)
     if (r == null || r.busy) return
     r.busy = true
+    let settle = (): void => {}
+    r.settled = new Promise((resolve) => {
+      settle = resolve
+    })
     const done = r.done
     r.done = []
     const inflight: LeaseInflight[] = [...r.inflight].map(([node, i]) => ({ node, ...i }))
@@ -320,6 +338,7 @@ export class DirectPath {
       this.#init.logger.debug({ region, err: (err as Error).message }, 'lease report failed')
     } finally {
       r.busy = false
+      settle()
     }
   }
 

@@ -33,7 +33,11 @@ interface PendingCheck {
   run: () => void
   /** holder → the report count at which its reports cover the telemetry. */
   waits: Map<string, number>
+  since: number
 }
+
+/** A check waits at most this long for reports (a holder that reports slowly, or not at all). */
+const maxCheckWaitMs = 3_000
 
 export interface LeaseDeskInit {
   logger: Logger
@@ -156,7 +160,14 @@ export class LeaseDesk {
       check()
       return
     }
-    this.#checks.set(peer, { run: check, waits })
+    // A check that waited too long runs now, with what the head has, before the newer one waits.
+    const now = this.#now()
+    let waiting = this.#checks.get(peer)
+    if (waiting != null && now - waiting.since >= maxCheckWaitMs) {
+      waiting.run()
+      waiting = undefined
+    }
+    this.#checks.set(peer, { run: check, waits, since: waiting?.since ?? now })
   }
 
   /** One holder's report in, its leases out. */
@@ -213,7 +224,8 @@ export class LeaseDesk {
         holder.leases.delete(n.peerId)
         continue
       }
-      const slots = Math.max(1, Math.ceil(n.slots / holders))
+      // The node's parallel sequences and as many waiting, shared between the gateways.
+      const slots = 2 * Math.max(1, Math.ceil(n.slots / holders))
       let lease = holder.leases.get(n.peerId)
       // A ticket is renewed once half its life is gone (or its slots changed), not at every report.
       if (lease == null || lease.exp - now < this.#ttlMs / 2 || lease.slots !== slots) {
@@ -253,11 +265,15 @@ export class LeaseDesk {
   }
 
   #runCoveredChecks(): void {
+    const now = this.#now()
     for (const [peer, check] of this.#checks) {
-      let covered = true
-      for (const [id, at] of check.waits) {
-        const h = this.#holders.get(id)
-        if (h != null && h.reports < at) covered = false
+      let covered = now - check.since >= maxCheckWaitMs
+      if (!covered) {
+        covered = true
+        for (const [id, at] of check.waits) {
+          const h = this.#holders.get(id)
+          if (h != null && h.reports < at) covered = false
+        }
       }
       if (!covered) continue
       this.#checks.delete(peer)

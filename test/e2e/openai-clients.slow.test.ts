@@ -672,6 +672,8 @@ describe('OpenAI client libraries against the federation', () => {
       for (let wait = 0; wait < 100; wait++) {
         const metrics = await (await fetch(`${node.engineUrl}/metrics`)).text()
         reported = Number(/^vllm:generation_tokens_total\{[^}]*\} (\S+)$/m.exec(metrics)?.[1] ?? 0)
+        // The gateway's direct requests reach the head's count with its next report: sent now.
+        await devnet.federation.direct?.flush()
         verified = head.verified.verified(node.peerId)
         if (Number(/^vllm:num_requests_running\{[^}]*\} (\S+)$/m.exec(metrics)?.[1] ?? 1) === 0) break
         await new Promise((r) => setTimeout(r, 50))
