@@ -6,7 +6,13 @@ import { type ApiError, apiError } from '../core/errors.ts'
 import { type Logger, silentLogger } from '../core/logger.ts'
 import { handleInferProtocol, type InferReply, type InferServerRequest } from '../mesh/infer-protocol.ts'
 import type { MeshNode } from '../mesh/node.ts'
-import { LeaseSlots, type TicketClaims, TicketError, ticketHeader, type TicketVerifier } from '../mesh/ticket.ts'
+import {
+  LeaseSlots,
+  type TicketClaims,
+  TicketError,
+  type TicketVerifier,
+  ticketHeader,
+} from '../mesh/ticket.ts'
 
 /**
  * The node's end of /garage/infer/1.0.0: each request from the head this node joined is passed to the

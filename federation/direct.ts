@@ -130,7 +130,9 @@ export class DirectPath {
     let full: Set<string> | undefined
     for (const [node, i] of r.inflight) {
       const slots = r.leases.get(node)?.slots ?? 0
-      if (i.requests >= slots) (full ??= new Set()).add(node)
+      if (i.requests < slots) continue
+      full ??= new Set()
+      full.add(node)
     }
     const nodeId = r.router.pick(model, full != null ? { exclude: full } : {})
     if (nodeId == null) {
@@ -363,7 +365,9 @@ export class DirectPath {
         })
         await this.#c.node.peerStore
           .merge(this.#peerIds.get(l.node), { multiaddrs: addrs })
-          .catch((err: Error) => this.#init.logger.debug({ node: l.node, err: err.message }, 'bad lease addrs'))
+          .catch((err: Error) =>
+            this.#init.logger.debug({ node: l.node, err: err.message }, 'bad lease addrs'),
+          )
       }
     }
     for (const node of [...r.leases.keys()]) {

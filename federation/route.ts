@@ -116,7 +116,13 @@ export class RegionRoute implements ProxyRoute<FederationCall> {
     const request = proxyRequest(call)
     if (direct != null && call.attemptRegion != null) {
       // Straight to a node the head leased us; through the head when that cannot be.
-      const got = await direct.send(call.attemptRegion, call.model, request, tokenBudget(call.prepared), signal)
+      const got = await direct.send(
+        call.attemptRegion,
+        call.model,
+        request,
+        tokenBudget(call.prepared),
+        signal,
+      )
       if (got != null) {
         call.direct = got.attempt
         return got.response

@@ -11,7 +11,6 @@ import {
 } from './capability-report.ts'
 import { regionNamePattern } from './certificate.ts'
 import type { MeshNode } from './node.ts'
-import { ticketKeyBytes } from './ticket.ts'
 import {
   JOIN_PROTOCOL,
   joinExchangeTimeoutMs,
@@ -21,6 +20,7 @@ import {
   joinResponseMaxBytes,
 } from './protocols.ts'
 import type { Assignment, CapabilityReport, ModelSource } from './region-messages.ts'
+import { ticketKeyBytes } from './ticket.ts'
 
 /**
  * `/garage/join/1.0.0`: the node sends one length-prefixed CBOR map, `{ v: 1, join: signedReport }`
@@ -336,7 +336,9 @@ function parseResponse(value: unknown, kind: JoinRequest['kind']): JoinResponse 
       !Number.isSafeInteger(d.now) ||
       d.now < 0
     )
-      throw new JoinProtocolError(`join response's direct must be { key: ${ticketKeyBytes} bytes, now: uint }`)
+      throw new JoinProtocolError(
+        `join response's direct must be { key: ${ticketKeyBytes} bytes, now: uint }`,
+      )
     return {
       v: 1,
       ok: true,

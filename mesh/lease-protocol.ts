@@ -7,8 +7,8 @@ import {
   LEASE_PROTOCOL,
   leaseExchangeTimeoutMs,
   leaseMaxInboundStreams,
-  leaseMaxOutboundStreams,
   leaseMaxModels,
+  leaseMaxOutboundStreams,
   leaseMaxRecords,
   leaseRequestMaxBytes,
   leaseResponseMaxBytes,
@@ -95,7 +95,11 @@ function list(v: unknown, what: string, max: number): unknown[] {
 }
 
 export function parseLeaseRequest(value: unknown): LeaseRequest {
-  if (!isPlainObject(value) || value.v !== 1 || Object.keys(value).sort().join(',') !== 'done,inflight,models,v')
+  if (
+    !isPlainObject(value) ||
+    value.v !== 1 ||
+    Object.keys(value).sort().join(',') !== 'done,inflight,models,v'
+  )
     bad('a lease request is { v: 1, models, done, inflight }')
   return {
     models: list(value.models, 'models', leaseMaxModels).map((m) => text(m, 'a model', maxIdChars)),
@@ -170,7 +174,10 @@ export interface LeaseHandlerInit {
 }
 
 /** Serves lease exchanges; a peer not allowed, or a malformed request, gets its stream reset. */
-export async function handleLeaseProtocol(node: MeshNode, init: LeaseHandlerInit): Promise<() => Promise<void>> {
+export async function handleLeaseProtocol(
+  node: MeshNode,
+  init: LeaseHandlerInit,
+): Promise<() => Promise<void>> {
   await node.handle(
     LEASE_PROTOCOL,
     async (stream: Stream, connection: Connection) => {
@@ -201,7 +208,9 @@ export async function requestLeases(
 ): Promise<LeaseGrant> {
   const bytes = encodeLeaseRequest(request)
   if (bytes.byteLength > leaseRequestMaxBytes)
-    throw new LeaseProtocolError(`a lease request of ${bytes.byteLength} bytes is over ${leaseRequestMaxBytes}`)
+    throw new LeaseProtocolError(
+      `a lease request of ${bytes.byteLength} bytes is over ${leaseRequestMaxBytes}`,
+    )
   const signal = AbortSignal.any([
     AbortSignal.timeout(leaseExchangeTimeoutMs),
     ...(options.signal != null ? [options.signal] : []),

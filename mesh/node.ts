@@ -12,7 +12,12 @@ import { type Multiaddr, multiaddr } from '@multiformats/multiaddr'
 import { createLibp2p, type ServiceFactoryMap } from 'libp2p'
 import { GarageError } from '../core/errors.ts'
 import { meshConnectionGater } from './gater.ts'
-import { backOffEmptyWalks, coalescingTcp, quietDecoderEnds, yamuxHalfWindowUpdates } from './libp2p-patches.ts'
+import {
+  backOffEmptyWalks,
+  coalescingTcp,
+  quietDecoderEnds,
+  yamuxHalfWindowUpdates,
+} from './libp2p-patches.ts'
 import { inferReceiveWindowMaxBytes, KAD_PROTOCOL } from './protocols.ts'
 
 export type MeshRole = 'node' | 'bootstrap'

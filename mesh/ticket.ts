@@ -71,7 +71,10 @@ export function readTicket(ticket: string): TicketClaims {
   try {
     value = decodeCanonical(Buffer.from(ticket.slice(0, dot), 'base64url'))
   } catch (err) {
-    throw new TicketError('malformed', `the ticket's payload is not canonical CBOR: ${(err as Error).message}`)
+    throw new TicketError(
+      'malformed',
+      `the ticket's payload is not canonical CBOR: ${(err as Error).message}`,
+    )
   }
   if (!isPlainObject(value) || value.v !== 1 || Object.keys(value).length !== 6)
     throw new TicketError('malformed', "the ticket's payload is not { v: 1, n, h, l, x, s }")

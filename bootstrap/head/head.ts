@@ -34,10 +34,10 @@ import { VerifiedThroughput } from '../../openai/usage.ts'
 import { RegionalRouter } from '../../routing/node-router.ts'
 import { HeadAdmission, PendingTokens } from './admission.ts'
 import { type GroupEngine, type GroupEngineInit, RayGroups } from './groups.ts'
+import { LeaseDesk } from './leases.ts'
 import { type HeadMetrics, headMetrics } from './metrics.ts'
 import type { RegionPolicy } from './policy.ts'
 import { NodeRegistry } from './registry.ts'
-import { LeaseDesk } from './leases.ts'
 import { HeadRoute } from './route.ts'
 
 export interface RegionalHeadOptions {

@@ -115,7 +115,10 @@ export class LeaseDesk {
         .get(typeof peer === 'string' ? peerIdFromString(peer) : peer)
         .then((p) => {
           if (this.#keys.get(id) === key && this.#addrs.get(id)?.length === 0)
-            this.#addrs.set(id, p.addresses.slice(0, 8).map((a) => a.multiaddr.toString()))
+            this.#addrs.set(
+              id,
+              p.addresses.slice(0, 8).map((a) => a.multiaddr.toString()),
+            )
         })
         .catch(() => {})
     }
@@ -126,7 +129,10 @@ export class LeaseDesk {
   readonly #onIdentify = (evt: CustomEvent<IdentifyResult>): void => {
     const id = evt.detail.peerId.toString()
     if (this.#keys.has(id) || this.#addrs.has(id))
-      this.#addrs.set(id, evt.detail.listenAddrs.slice(0, 8).map((a) => a.toString()))
+      this.#addrs.set(
+        id,
+        evt.detail.listenAddrs.slice(0, 8).map((a) => a.toString()),
+      )
   }
 
   /** The node left: its key and leases go (its old tickets no longer verify after a rejoin). */
@@ -201,7 +207,10 @@ export class LeaseDesk {
     for (const node of touched) this.#countOutside(node)
     holder.reports++
     this.#runCoveredChecks()
-    return { ttlMs: this.#ttlMs, leases: request.models.length > 0 ? this.#grant(holderId, holder, request.models, now) : [] }
+    return {
+      ttlMs: this.#ttlMs,
+      leases: request.models.length > 0 ? this.#grant(holderId, holder, request.models, now) : [],
+    }
   }
 
   /** Holders that reported within a lease's lifetime. */
@@ -239,7 +248,13 @@ export class LeaseDesk {
         }
         holder.leases.set(n.peerId, lease)
       }
-      out.push({ node: n.peerId, model: n.model, slots, ticket: lease.ticket, addrs: this.#addrsOf(n.peerId) })
+      out.push({
+        node: n.peerId,
+        model: n.model,
+        slots,
+        ticket: lease.ticket,
+        addrs: this.#addrsOf(n.peerId),
+      })
     }
     return out
   }

@@ -38,7 +38,8 @@ describe('the direct path: federation → node with the head as control plane', 
       completion: usage.reduce((n, u) => n + u.completionTokens, 0),
     }
   }
-  const keyId = () => devnet.federation.keys.list().find((k) => k.name === 'devnet' && k.revokedAt == null)!.id
+  const keyId = () =>
+    devnet.federation.keys.list().find((k) => k.name === 'devnet' && k.revokedAt == null)!.id
   const credits = (node: string) =>
     devnet.federation.ledger
       .creditsByNode()
@@ -122,7 +123,9 @@ describe('the direct path: federation → node with the head as control plane', 
     }
     // And the nodes' own counts, checked by the head once the reports covering them are in: no flag.
     await until('a telemetry check after the load', () =>
-      devnet.info.nodes.every((n) => (head.verified.snapshot().find((s) => s.peer === n.peerId)?.reported ?? 0) > 0),
+      devnet.info.nodes.every(
+        (n) => (head.verified.snapshot().find((s) => s.peer === n.peerId)?.reported ?? 0) > 0,
+      ),
     )
     for (const n of devnet.info.nodes) expect(head.verified.flagged(n.peerId), n.peerId).toBe(false)
   })
@@ -156,7 +159,9 @@ describe('the direct path: federation → node with the head as control plane', 
     await devnet.federation.direct!.flush()
     const head = devnet.heads[0]!
     // What the node made past what the client got is within the cut stream's allowance.
-    expect(generated - head.verified.verified(node.peerId)).toBeLessThanOrEqual(abandonedStreamAllowanceTokens)
+    expect(generated - head.verified.verified(node.peerId)).toBeLessThanOrEqual(
+      abandonedStreamAllowanceTokens,
+    )
     head.verified.compare(node.peerId, generated)
     expect(head.verified.flagged(node.peerId)).toBe(false)
   })
@@ -176,7 +181,9 @@ describe('the direct path: federation → node with the head as control plane', 
     const stranger = await start()
     try {
       // A peer the head does not trust gets no leases.
-      await expect(requestLeases(stranger, headPeer, { models: [model], done: [], inflight: [] })).rejects.toThrow()
+      await expect(
+        requestLeases(stranger, headPeer, { models: [model], done: [], inflight: [] }),
+      ).rejects.toThrow()
       head.allowFederation(holder.peerId.toString())
       const { leases } = await requestLeases(holder, headPeer, { models: [model], done: [], inflight: [] })
       expect(leases).toHaveLength(2)

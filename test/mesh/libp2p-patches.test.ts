@@ -185,9 +185,9 @@ describe('quietDecoderEnds', () => {
     // A partial length prefix waits for its next byte.
     const partial = new LengthPrefixedDecoder()
     expect([...partial.decode(Uint8Array.of(0x80))]).toEqual([])
-    expect([...partial.decode(Uint8Array.of(0x01, ...new Uint8Array(128)))].map((f) => f.byteLength)).toEqual([
-      128,
-    ])
+    expect([...partial.decode(Uint8Array.of(0x01, ...new Uint8Array(128)))].map((f) => f.byteLength)).toEqual(
+      [128],
+    )
   })
 })
 
