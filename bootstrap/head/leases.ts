@@ -93,7 +93,7 @@ export class LeaseDesk {
     })
     this.#c.node.addEventListener('peer:identify', this.#onIdentify)
     // A holder that stopped reporting is gone: what it had running is allowed for, its checks run.
-    this.#timer = setInterval(() => this.#expireHolders(), Math.max(250, this.#ttlMs / 4))
+    this.#timer = setInterval(() => this.expireHolders(), Math.max(250, this.#ttlMs / 4))
     this.#timer.unref()
   }
 
@@ -296,7 +296,8 @@ export class LeaseDesk {
     }
   }
 
-  #expireHolders(): void {
+  /** Drops holders silent past a lease's life (the desk's timer calls it). */
+  expireHolders(): void {
     const cutoff = this.#now() - Math.max(this.#ttlMs, 8 * leaseReportIntervalMs)
     for (const [id, h] of this.#holders) {
       if (h.lastAt >= cutoff) continue

@@ -47,6 +47,7 @@ Options:
                          rayproject/ray build)
   --vllm-image IMAGE     the image of the pipeline groups' vLLM (default the pinned vllm/vllm-openai)
   --federation PEER_ID   a federation gateway allowed to send requests to this head, repeatable
+  --no-direct            lease no nodes to the federation: every request comes through this head
   --allow-private        dial private and loopback addresses (LAN, devnet, tests)
   --data-dir DIR         where the identity key lives (default: $GARAGE_DATA_DIR or the OS's data folder)`
 
@@ -69,6 +70,7 @@ export async function run(argv: string[], ctx: CommandContext): Promise<number> 
     'head-http': { type: 'string' },
     'ray-address': { type: 'string' },
     federation: { type: 'string', multiple: true },
+    'no-direct': { type: 'boolean', default: false },
   })
   if (values.region == null) throw new UsageError('--region is required')
   if (values.cert == null) throw new UsageError('--cert is required')
@@ -146,6 +148,7 @@ export async function run(argv: string[], ctx: CommandContext): Promise<number> 
             logger,
           }),
         federationPeers: splitList(values.federation),
+        directPath: !values['no-direct'],
         node: node.node,
         region: node.region,
         policy,

@@ -26,6 +26,8 @@ Options:
   --http HOST:PORT       the API (default: 127.0.0.1:${defaultFederationPort}; put TLS in front for the public)
   --listen MULTIADDR     libp2p listen address, repeatable (default: TCP on a random port)
   --allow-private        dial private and loopback addresses (LAN, devnet, tests)
+  --no-direct            send every request through its region's head (default: straight to the
+                         nodes each head leases this gateway, the head path as the fallback)
   --data-dir DIR         keys, ledger, admin token, identity (default: <Garage data dir>/federation)`
 
 export async function run(argv: string[], ctx: CommandContext): Promise<number> {
@@ -35,6 +37,7 @@ export async function run(argv: string[], ctx: CommandContext): Promise<number> 
     http: { type: 'string' },
     listen: { type: 'string', multiple: true },
     'allow-private': { type: 'boolean', default: false },
+    'no-direct': { type: 'boolean', default: false },
     'data-dir': { type: 'string' },
   })
   const authority = authorityOption(values.authority, ctx.env)
@@ -48,6 +51,7 @@ export async function run(argv: string[], ctx: CommandContext): Promise<number> 
     bootstrap,
     ...(listen.length > 0 ? { listen } : {}),
     allowPrivateAddresses: values['allow-private'],
+    directPath: !values['no-direct'],
     httpHost: http.host,
     httpPort: http.port,
     logger: createLogger(),
