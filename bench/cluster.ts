@@ -14,7 +14,7 @@ import { openFederationStore } from '../federation/store.ts'
 import { initAuthority } from '../mesh/authority.ts'
 import { issueRegionCertificate } from '../mesh/certificate.ts'
 import { loadOrCreateIdentity } from '../mesh/identity.ts'
-import { progress } from './report.ts'
+import { percentile, progress } from './report.ts'
 
 /**
  * The system as deployed, for benchmarks: `garage bootstrap --policy` (head), `garage node` and,
@@ -34,7 +34,10 @@ export interface BenchCluster {
   /** An engine like the node's (same model, slots, context, threads), called without any hop. */
   direct: Target
   head: Target
+  /** The federation gateway (the direct path on: straight to the node its head leased it). */
   federation: Target | null
+  /** A second gateway with --no-direct: every request through the head (the fallback path). */
+  federationViaHead: Target | null
   /** The `garage node` process: its pid, and its data dir (control.json, control.token). */
   node: { pid: number; dataDir: string }
   stop(): Promise<void>
@@ -80,6 +83,8 @@ export async function startBenchCluster(options: {
   parallel: number
   contextLength: number
   federation: boolean
+  /** Also a gateway with the direct path off, beside the first. */
+  federationViaHead?: boolean
 }): Promise<BenchCluster> {
   const dir = await mkdtemp(join(tmpdir(), 'garage-bench-cluster-'))
   const children: ChildProcess[] = []
@@ -118,6 +123,8 @@ export async function startBenchCluster(options: {
     )
     const fedDir = join(dir, 'federation')
     const fedId = peerIdFromPrivateKey(await loadOrCreateIdentity(fedDir)).toString()
+    const viaHeadDir = join(dir, 'federation-via-head')
+    const viaHeadId = peerIdFromPrivateKey(await loadOrCreateIdentity(viaHeadDir)).toString()
     const policy = {
       region: 'bench',
       models: [
@@ -155,6 +162,8 @@ export async function startBenchCluster(options: {
         '127.0.0.1:0',
         '--federation',
         fedId,
+        '--federation',
+        viaHeadId,
         '--data-dir',
         headDir,
       ],
@@ -188,9 +197,8 @@ export async function startBenchCluster(options: {
       /engine/,
       children,
     )
-    let federation: Target | null = null
-    if (options.federation) {
-      const db = openFederationStore(fedDir)
+    const startGateway = async (dataDir: string, extra: string[]): Promise<Target> => {
+      const db = openFederationStore(dataDir)
       const key = new ApiKeyStore(db).create({ name: 'bench' }).key
       db.close()
       const lines = await spawnGarage(
@@ -206,16 +214,17 @@ export async function startBenchCluster(options: {
           '--http',
           '127.0.0.1:0',
           '--data-dir',
-          fedDir,
+          dataDir,
+          ...extra,
         ],
         /admin/,
         children,
       )
-      federation = { url: field(lines, 'api').replace(/\/v1$/, ''), key }
+      const target = { url: field(lines, 'api').replace(/\/v1$/, ''), key }
       // Ready once the gateway sees the region's model.
       const deadline = Date.now() + 30_000
       for (;;) {
-        const res = await fetch(`${federation.url}/v1/models`, {
+        const res = await fetch(`${target.url}/v1/models`, {
           headers: { authorization: `Bearer ${key}` },
         })
         const body = (await res.json()) as { data?: Array<{ id: string }> }
@@ -223,7 +232,12 @@ export async function startBenchCluster(options: {
         if (Date.now() > deadline) throw new Error('the federation never saw the region')
         await new Promise((r) => setTimeout(r, 250))
       }
+      return target
     }
+    const federation = options.federation ? await startGateway(fedDir, []) : null
+    const federationViaHead = options.federationViaHead
+      ? await startGateway(viaHeadDir, ['--no-direct'])
+      : null
     const handle = await direct.start({
       model: modelPath,
       servedModelName: tinyModel,
@@ -237,6 +251,7 @@ export async function startBenchCluster(options: {
       direct: { url: handle.baseUrl, key: handle.apiKey },
       head: headTarget,
       federation,
+      federationViaHead,
       node: { pid: nodePid, dataDir: nodeDir },
       stop,
     }
@@ -310,4 +325,75 @@ export async function latencyBatch(
 
 export function closeClient(): void {
   agent.destroy()
+}
+
+/**
+ * How long every latency and throughput bench drives load before it measures: V8 compiles the
+ * request path's hot functions during the first ~12k requests, and figures taken before that
+ * measure the compiler (a restarted head is that cold: the benches report those figures apart).
+ * `GARAGE_BENCH_WARMUP_MS` overrides it.
+ */
+export function warmupMs(env: NodeJS.ProcessEnv = process.env): number {
+  const v = Number(env.GARAGE_BENCH_WARMUP_MS ?? 10_000)
+  return Number.isFinite(v) && v >= 0 ? v : 10_000
+}
+
+/** Drives one-token requests through every target in turn, `concurrency` at once, for `ms`. */
+export async function warmUp(targets: Target[], concurrency: number, ms: number): Promise<number> {
+  const until = performance.now() + ms
+  let requests = 0
+  for (let round = 0; performance.now() < until; round++) {
+    for (const t of targets) requests += (await latencyBatch(t, concurrency, 4, 1_000 + round)).length
+  }
+  return requests
+}
+
+/** p50 and p99 of a side's latencies, and what they add over the baseline's. */
+export function addedOver(
+  side: number[],
+  baseline: number[],
+): { p50: number; p99: number; added_p50: number; added_p99: number } {
+  const round = (x: number) => Number(x.toFixed(2))
+  const p50 = percentile(side, 50)
+  const p99 = percentile(side, 99)
+  return {
+    p50: round(p50),
+    p99: round(p99),
+    added_p50: round(p50 - percentile(baseline, 50)),
+    added_p99: round(p99 - percentile(baseline, 99)),
+  }
+}
+
+/**
+ * Issue 18's yardstick: Garage's added latency against twice a plain nginx chain's of as many hops,
+ * plus 0.5 ms (p50) or 2 ms (p99). A ratio ≤ 1 meets it.
+ */
+export function nginxBudgetRatios(
+  garage: { added_p50: number; added_p99: number },
+  nginx: { added_p50: number; added_p99: number },
+): { p50_budget_ratio: number; p99_budget_ratio: number } {
+  const ratio = (added: number, allowed: number) => Number((added / Math.max(0.01, allowed)).toFixed(3))
+  return {
+    p50_budget_ratio: ratio(garage.added_p50, 2 * Math.max(0, nginx.added_p50) + 0.5),
+    p99_budget_ratio: ratio(garage.added_p99, 2 * Math.max(0, nginx.added_p99) + 2),
+  }
+}
+
+/** One long streamed completion; completion tokens per second. */
+export async function streamOnce(target: Target, round: number, streamTokens = 256): Promise<number> {
+  const r = await post(target, '/v1/completions', {
+    model: tinyModel,
+    prompt: `stream ${round}`,
+    max_tokens: streamTokens,
+    temperature: 0,
+    stream: true,
+    stream_options: { include_usage: true },
+  })
+  const usage = r.text
+    .split('\n')
+    .filter((l) => l.startsWith('data: {'))
+    .map((l) => JSON.parse(l.slice(6)) as { usage?: { completion_tokens: number } })
+    .find((e) => e.usage != null)?.usage
+  if (usage?.completion_tokens !== streamTokens) throw new Error('the stream did not carry every token')
+  return usage.completion_tokens / (r.ms / 1000)
 }

@@ -160,6 +160,10 @@ export async function createMeshNode(options: MeshNodeOptions): Promise<MeshNode
   }
   if (role === 'bootstrap') {
     services.relay = circuitRelayServer({
+      // A federation gateway reaches every NAT'd node of the region through this relay on the direct
+      // path: one hop stream per node on its one connection here (libp2p's default allows 32).
+      maxInboundHopStreams: Math.max(64, relayLimits.maxReservations),
+      maxOutboundStopStreams: Math.max(300, relayLimits.maxReservations * 2),
       reservations: {
         maxReservations: relayLimits.maxReservations,
         reservationTtl: relayLimits.reservationTtlMs,
