@@ -111,6 +111,22 @@ export const goals: readonly Goal[] = [
     says: '`federation_rps` ≥ 0.8 × `nginx_chain_rps` (concurrency 32, warm), all processes sharing this 2-core machine',
   },
   {
+    bench: 'scale',
+    metric: 'head.direct.streams_per_core',
+    op: '>=',
+    threshold: 5_000,
+    issue: 18,
+    says: 'one head core carries ≥ 5,000 concurrent 30 tokens/s streams on the direct path',
+  },
+  {
+    bench: 'scale',
+    metric: 'head.direct.telemetry_nodes_per_core',
+    op: '>=',
+    threshold: 20_000,
+    issue: 18,
+    says: "one head core carries ≥ 20,000 nodes' telemetry",
+  },
+  {
     bench: 'footprint',
     metric: 'idle_rss_mb',
     op: '<=',
@@ -278,6 +294,7 @@ export const headlineMetrics: Record<string, string[]> = {
       ),
     ),
     'head.nodes_per_head_limits',
+    'head.direct',
     'federation.pick[regions=1000].pick_us_p50',
   ],
 }
