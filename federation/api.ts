@@ -21,6 +21,7 @@ import { LedgerDateError, type UsageLedger } from './ledger.ts'
 import type { FederationMetrics } from './metrics.ts'
 import type { RateLimiter } from './rate-limit.ts'
 import type { RegionDirectory } from './regions.ts'
+import type { DirectPath } from './direct.ts'
 import type { FederationCall, RegionRoute } from './route.ts'
 
 export const adminTokenFile = 'admin.token'
@@ -41,6 +42,8 @@ export interface FederationApiComponents {
   metrics: FederationMetrics
   /** Output items of answers given, for Responses item_reference. */
   items: OutputItemStore
+  /** The direct path (null when off): its leases show in /health. */
+  direct?: DirectPath | null
 }
 
 /**
@@ -172,6 +175,10 @@ export class FederationApi {
           rttMs: r.rttMs,
           models: [...r.models.keys()],
         })),
+        direct:
+          this.c.direct == null
+            ? null
+            : { regions: this.c.direct.view(), requests: { ...this.c.direct.counts } },
       }),
     )
   }

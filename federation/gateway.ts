@@ -127,7 +127,7 @@ export async function startFederation(options: FederationOptions): Promise<Feder
 
   const api = new FederationApi(
     { adminToken, logger: log, peerId: node.peerId.toString() },
-    { keys, ledger, limiter, directory, route, metrics, items: new OutputItemStore() },
+    { keys, ledger, limiter, directory, route, metrics, items: new OutputItemStore(), direct },
   )
   const server: Server = createServer((req, res) => void api.serve(req, res))
   const host = options.httpHost ?? '127.0.0.1'
