@@ -1,7 +1,7 @@
 import type { AbortOptions, Connection, PeerId, Stream } from '@libp2p/interface'
-import { lpStream } from '@libp2p/utils'
 import { decodeCanonical, encodeCanonical } from '../core/cbor.ts'
 import { isPlainObject } from '../core/guards.ts'
+import { keptExchange, serveKept } from './kept-stream.ts'
 import type { MeshNode } from './node.ts'
 import {
   LEASE_PROTOCOL,
@@ -182,13 +182,16 @@ export async function handleLeaseProtocol(
     LEASE_PROTOCOL,
     async (stream: Stream, connection: Connection) => {
       const peer = connection.remotePeer
-      const signal = AbortSignal.timeout(leaseExchangeTimeoutMs)
       try {
         if (!init.allow(peer)) bad(`${peer.toString()} may not hold leases`)
-        const lp = lpStream(stream, { maxDataLength: leaseRequestMaxBytes })
-        const request = parseLeaseRequest(decodeCanonical((await lp.read({ signal })).subarray()))
-        await lp.write(encodeLeaseGrant(init.exchange(request, peer)), { signal })
-        await stream.close({ signal })
+        // Report after report on one stream (a gateway reports every 250 ms while it holds leases).
+        await serveKept(stream, {
+          maxRequestBytes: leaseRequestMaxBytes,
+          firstMs: leaseExchangeTimeoutMs,
+          idleMs: leaseKeptStreamIdleMs,
+          writeMs: leaseExchangeTimeoutMs,
+          answer: (bytes) => encodeLeaseGrant(init.exchange(parseLeaseRequest(decodeCanonical(bytes)), peer)),
+        })
       } catch (err) {
         init.onBadRequest?.(err as Error, peer)
         stream.abort(err as Error)
@@ -199,7 +202,7 @@ export async function handleLeaseProtocol(
   return () => node.unhandle(LEASE_PROTOCOL)
 }
 
-/** One exchange with `head`: the report goes, leases come back. */
+/** One exchange with `head` (on the stream kept from the last one): the report goes, leases come back. */
 export async function requestLeases(
   node: MeshNode,
   head: PeerId,
@@ -215,18 +218,14 @@ export async function requestLeases(
     AbortSignal.timeout(leaseExchangeTimeoutMs),
     ...(options.signal != null ? [options.signal] : []),
   ])
-  const stream = await node.dialProtocol(head, LEASE_PROTOCOL, {
+  const answer = await keptExchange(node, head, bytes, {
     signal,
+    protocol: LEASE_PROTOCOL,
+    maxAnswerBytes: leaseResponseMaxBytes,
     maxOutboundStreams: leaseMaxOutboundStreams,
   })
-  try {
-    const lp = lpStream(stream, { maxDataLength: leaseResponseMaxBytes })
-    await lp.write(bytes, { signal })
-    const grant = parseLeaseGrant(decodeCanonical((await lp.read({ signal })).subarray()))
-    await stream.close({ signal })
-    return grant
-  } catch (err) {
-    stream.abort(err as Error)
-    throw err
-  }
+  return parseLeaseGrant(decodeCanonical(answer))
 }
+
+/** A gateway's kept lease stream waits this long for its next report (it reports every 250 ms). */
+const leaseKeptStreamIdleMs = 60_000

@@ -1,9 +1,9 @@
 import type { AbortOptions, Connection, PeerId, Stream } from '@libp2p/interface'
-import { lpStream } from '@libp2p/utils'
 import { decodeCanonical, encodeCanonical, printable } from '../core/cbor.ts'
 import { isPlainObject } from '../core/guards.ts'
 import { type Logger, silentLogger } from '../core/logger.ts'
 import { assignmentTelemetryIntervalRangeMs } from './join-protocol.ts'
+import { keptExchange, serveKept } from './kept-stream.ts'
 import type { MeshNode } from './node.ts'
 import {
   TELEMETRY_PROTOCOL,
@@ -131,44 +131,24 @@ function ackMessage(ack: TelemetryAck | VerifiedAck): Record<string, unknown> {
   return ack === 'ok' ? { v: 1, ok: true } : { v: 1, ok: false, code: ack }
 }
 
-async function serve(
-  stream: Stream,
-  connection: Connection,
-  init: TelemetryHandlerInit,
-  timeoutMs: number,
-): Promise<void> {
-  const lp = lpStream(stream, { maxDataLength: telemetryReportMaxBytes })
-  // One report after another on the same stream (a node keeps it open): the first within the
-  // exchange timeout, each next one within the longest report interval. A node that closes its
-  // side after one report (older nodes), goes quiet or goes away ends the loop quietly.
-  for (let first = true; ; first = false) {
-    let bytes: Uint8Array
-    try {
-      bytes = (
-        await lp.read({ signal: AbortSignal.timeout(first ? timeoutMs : keptStreamIdleMs) })
-      ).subarray()
-    } catch (err) {
-      if (first) throw err
-      // The node closed its side, went quiet past any report interval, or its connection went.
-      if (stream.remoteWriteStatus !== 'writable')
-        await stream.close({ signal: AbortSignal.timeout(timeoutMs) }).catch(() => stream.abort(err as Error))
-      else stream.abort(err as Error)
-      return
-    }
-    const signal = AbortSignal.timeout(timeoutMs)
-    const report = parseTelemetryReport(decodeCanonical(bytes))
-    const ack = await init.onReport(report, connection.remotePeer)
-    await lp.write(encodeCanonical(ackMessage(ack)), { signal })
-  }
-}
-
 /** Receives telemetry. Malformed input resets only that stream; the head keeps serving. */
 export async function handleTelemetryProtocol(node: MeshNode, init: TelemetryHandlerInit): Promise<void> {
   await node.handle(
     TELEMETRY_PROTOCOL,
     async (stream: Stream, connection: Connection) => {
+      const timeoutMs = init.timeoutMs ?? telemetryExchangeTimeoutMs
       try {
-        await serve(stream, connection, init, init.timeoutMs ?? telemetryExchangeTimeoutMs)
+        // Report after report on one stream, each within the longest interval an assignment may set.
+        await serveKept(stream, {
+          maxRequestBytes: telemetryReportMaxBytes,
+          firstMs: timeoutMs,
+          idleMs: keptStreamIdleMs,
+          writeMs: timeoutMs,
+          answer: async (bytes) => {
+            const report = parseTelemetryReport(decodeCanonical(bytes))
+            return encodeCanonical(ackMessage(await init.onReport(report, connection.remotePeer)))
+          },
+        })
       } catch (err) {
         init.onBadRequest?.(err as Error, connection.remotePeer)
         stream.abort(err as Error)
@@ -211,24 +191,6 @@ function parseAck(value: unknown): { ack: TelemetryAck; verified: number | null 
 /** A kept stream waits this long for the next report: the longest interval an assignment may set, and more. */
 const keptStreamIdleMs = assignmentTelemetryIntervalRangeMs[1] + telemetryExchangeTimeoutMs
 
-/** An open telemetry stream to a head, kept for the next report. */
-interface TelemetryChannel {
-  stream: Stream
-  lp: ReturnType<typeof lpStream>
-}
-
-/** Per mesh node, the stream each head keeps open for its reports. */
-const channels = new WeakMap<MeshNode, Map<string, TelemetryChannel>>()
-
-async function exchangeOn(
-  channel: TelemetryChannel,
-  bytes: Uint8Array,
-  signal: AbortSignal,
-): Promise<{ ack: TelemetryAck; verified: number | null }> {
-  await channel.lp.write(bytes, { signal })
-  return parseAck(decodeCanonical((await channel.lp.read({ signal })).subarray()))
-}
-
 /**
  * Sends one report to `head`; resolves with its answer. Reports go one after another on one stream
  * that stays open between them (a stream per report cost the head most of a report's CPU); a head
@@ -250,47 +212,19 @@ export async function sendTelemetry(
     AbortSignal.timeout(telemetryExchangeTimeoutMs),
     ...(options.signal != null ? [options.signal] : []),
   ])
-  let open = channels.get(node)
-  if (open == null) {
-    open = new Map()
-    channels.set(node, open)
-  }
-  const key = head.toString()
-  const done = (answer: { ack: TelemetryAck; verified: number | null }): TelemetryAck => {
-    if (answer.verified != null) options.onVerified?.(answer.verified)
-    return answer.ack
-  }
-  const kept = open.get(key)
-  // Taken off the map while in use: a second report at once (never from the reporter) opens its own.
-  open.delete(key)
-  if (kept != null && kept.stream.status === 'open' && kept.stream.remoteWriteStatus === 'writable') {
-    try {
-      const answer = await exchangeOn(kept, bytes, signal)
-      open.set(key, kept)
-      return done(answer)
-    } catch (err) {
-      kept.stream.abort(err as Error)
-      // The head closed or reset the kept stream: the report goes again on a new one.
-      if (signal.aborted) throw err
-    }
-  } else if (kept != null)
-    kept.stream.abort(new TelemetryProtocolError('the head closed the telemetry stream'))
-  const stream = await node.dialProtocol(head, TELEMETRY_PROTOCOL, {
-    signal,
-    runOnLimitedConnection: true,
-    maxOutboundStreams: telemetryMaxOutboundStreams,
-  })
-  const channel = { stream, lp: lpStream(stream, { maxDataLength: telemetryAckMaxBytes }) }
-  try {
-    const answer = await exchangeOn(channel, bytes, signal)
-    // Kept for the next report unless the head is done with it.
-    if (stream.remoteWriteStatus === 'writable') open.set(key, channel)
-    else await stream.close({ signal })
-    return done(answer)
-  } catch (err) {
-    stream.abort(err as Error)
-    throw err
-  }
+  const answer = parseAck(
+    decodeCanonical(
+      await keptExchange(node, head, bytes, {
+        signal,
+        protocol: TELEMETRY_PROTOCOL,
+        maxAnswerBytes: telemetryAckMaxBytes,
+        maxOutboundStreams: telemetryMaxOutboundStreams,
+        runOnLimitedConnection: true,
+      }),
+    ),
+  )
+  if (answer.verified != null) options.onVerified?.(answer.verified)
+  return answer.ack
 }
 
 export type TelemetrySample = Omit<TelemetryReport, 'v' | 'seq'>
