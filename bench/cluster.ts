@@ -10,7 +10,7 @@ import { LlamaCppEngine } from '../daemon/engines/llamacpp/engine.ts'
 import { writeTinyModel } from '../daemon/engines/llamacpp/tiny-model.ts'
 import { daemonEnv } from '../daemon/launch.ts'
 import { ApiKeyStore } from '../federation/keys.ts'
-import { openFederationStore } from '../federation/store.ts'
+import { openFederationStore } from '../federation/store-sqlite.ts'
 import { initAuthority } from '../mesh/authority.ts'
 import { issueRegionCertificate } from '../mesh/certificate.ts'
 import { loadOrCreateIdentity } from '../mesh/identity.ts'
@@ -190,9 +190,9 @@ export async function startBenchCluster(options: {
     )
     let federation: Target | null = null
     if (options.federation) {
-      const db = openFederationStore(fedDir)
-      const key = new ApiKeyStore(db).create({ name: 'bench' }).key
-      db.close()
+      const store = openFederationStore(fedDir)
+      const key = (await new ApiKeyStore(store).create({ name: 'bench' })).key
+      await store.close()
       const lines = await spawnGarage(
         [
           'federation',

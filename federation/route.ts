@@ -10,7 +10,7 @@ import type { FederationRouter } from '../routing/region-router.ts'
 import type { KeyInfo } from './keys.ts'
 import type { UsageLedger } from './ledger.ts'
 import type { FederationMetrics } from './metrics.ts'
-import type { RateLimiter } from './rate-limit.ts'
+import type { KeyLimiter } from './rate-limit.ts'
 
 /**
  * Head answers that mean "try another region" while nothing has reached the client (404: the
@@ -42,7 +42,7 @@ export interface RegionRouteComponents {
   /** The head of a region now (the directory's view). */
   headOf(region: string): string | null
   ledger: Pick<UsageLedger, 'record'>
-  limiter: Pick<RateLimiter, 'record'>
+  limiter: Pick<KeyLimiter, 'record'>
   metrics: FederationMetrics
 }
 
@@ -132,7 +132,7 @@ export class RegionRoute implements ProxyRoute<FederationCall> {
 
   /**
    * Bills a stream as it is relayed, write by write, so a gateway killed mid-stream has billed what
-   * its client received but for the last event-loop turn's writes (the ledger writes once a turn).
+   * its client received but for the writes not yet in the store (the ledger writes once a turn).
    */
   streamed(call: FederationCall, region: string, response: InferResponse, completionTokens: number): void {
     if (response.status === 200) this.#bill(call, region, response, 0, completionTokens)

@@ -7,7 +7,7 @@ import { fileURLToPath } from 'node:url'
 import { peerIdFromPrivateKey } from '@libp2p/peer-id'
 import { daemonEnv } from '../../daemon/launch.ts'
 import { ApiKeyStore } from '../../federation/keys.ts'
-import { openFederationStore } from '../../federation/store.ts'
+import { openFederationStore } from '../../federation/store-sqlite.ts'
 import { initAuthority } from '../../mesh/authority.ts'
 import { issueRegionCertificate } from '../../mesh/certificate.ts'
 import { loadOrCreateIdentity } from '../../mesh/identity.ts'
@@ -329,15 +329,15 @@ export class ProcessCluster {
     const fedDir = join(o.root, 'federation')
     await mkdir(fedDir, { recursive: true, mode: 0o700 })
     const fedPeerId = peerIdFromPrivateKey(await loadOrCreateIdentity(fedDir)).toString()
-    const db = openFederationStore(fedDir)
+    const store = openFederationStore(fedDir)
     try {
-      const store = new ApiKeyStore(db)
+      const keys = new ApiKeyStore(store)
       for (const name of o.keyNames) {
-        const made = store.create({ name })
+        const made = await keys.create({ name })
         this.keys.push({ id: made.id, name, key: made.key })
       }
     } finally {
-      db.close()
+      await store.close()
     }
     this.federation = { dir: fedDir, peerId: fedPeerId, port: 0, url: '', adminToken: '', proc: null }
 
