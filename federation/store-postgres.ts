@@ -19,6 +19,7 @@ import {
   type LedgerBatch,
   type LedgerFilter,
   type LedgerTotals,
+  type LimiterOptions,
   type NodeCredit,
   redactUrl,
   type StoreContents,
@@ -622,8 +623,13 @@ export class PostgresStore implements FederationStore {
     }
   }
 
-  createLimiter(): KeyLimiter {
-    return new PostgresLimiter(this, `${hostname()}:${process.pid}`, this.log)
+  createLimiter(options: LimiterOptions = {}): KeyLimiter {
+    return new PostgresLimiter(
+      this,
+      `${hostname()}:${process.pid}`,
+      this.log,
+      options.leaseTtlMs ?? leaseTtlMs,
+    )
   }
 
   async contents(): Promise<StoreContents> {
@@ -736,14 +742,16 @@ export class PostgresLimiter implements KeyLimiter {
   private tokens = new Map<string, number>()
   private settleScheduled: NodeJS.Immediate | NodeJS.Timeout | null = null
   private settling = false
+  private readonly leaseTtlMs: number
   private readonly renewTimer: NodeJS.Timeout
   private readonly sweepTimer: NodeJS.Timeout
 
-  constructor(store: PostgresStore, gateway: string, log: Logger) {
+  constructor(store: PostgresStore, gateway: string, log: Logger, ttlMs: number) {
     this.store = store
     this.gateway = gateway
     this.log = log
-    this.renewTimer = setInterval(() => void this.renew(), leaseRenewIntervalMs).unref()
+    this.leaseTtlMs = ttlMs
+    this.renewTimer = setInterval(() => void this.renew(), Math.min(leaseRenewIntervalMs, ttlMs / 3)).unref()
     this.sweepTimer = setInterval(() => void this.sweep(), sweepIntervalMs).unref()
   }
 
@@ -753,7 +761,7 @@ export class PostgresLimiter implements KeyLimiter {
     const lease = concurrency != null ? randomUUID() : null
     const { rows } = await this.store.query<AdmitRow>(
       'SELECT * FROM garage_admit($1, $2, $3, $4, $5, $6, $7)',
-      [key.id, rpm, tpm, concurrency, lease, this.gateway, leaseTtlMs],
+      [key.id, rpm, tpm, concurrency, lease, this.gateway, this.leaseTtlMs],
       'garage_admit',
     )
     const row = rows[0] as AdmitRow
@@ -838,7 +846,7 @@ export class PostgresLimiter implements KeyLimiter {
     try {
       await this.store.query(
         'UPDATE rate_leases SET expires_at = floor(extract(epoch FROM clock_timestamp()) * 1000)::BIGINT + $2 WHERE id = ANY ($1)',
-        [[...this.live], leaseTtlMs],
+        [[...this.live], this.leaseTtlMs],
       )
     } catch (err) {
       this.log.warn({ err: (err as Error).message }, 'renewing concurrency slots failed')

@@ -136,6 +136,8 @@ export interface StoreContents {
 export interface LimiterOptions {
   /** Test clock for the in-memory limiter (PostgreSQL uses the server's clock, one for every gateway). */
   now?: () => number
+  /** PostgreSQL: how long an unrenewed concurrency slot lives (default leaseTtlMs, 30 s). */
+  leaseTtlMs?: number
 }
 
 /** The storage the federation's logic runs on. Every method may throw FederationStoreUnavailableError. */
