@@ -10,6 +10,7 @@ import { LlamaCppEngine } from '../daemon/engines/llamacpp/engine.ts'
 import { writeTinyModel } from '../daemon/engines/llamacpp/tiny-model.ts'
 import { daemonEnv } from '../daemon/launch.ts'
 import { ApiKeyStore } from '../federation/keys.ts'
+import { openStore } from '../federation/store.ts'
 import { openFederationStore } from '../federation/store-sqlite.ts'
 import { initAuthority } from '../mesh/authority.ts'
 import { issueRegionCertificate } from '../mesh/certificate.ts'
@@ -35,6 +36,11 @@ export interface BenchCluster {
   direct: Target
   head: Target
   federation: Target | null
+  /**
+   * With `postgres`: the SQLite gateway and a second gateway on PostgreSQL, each with a key that has
+   * (unreachable) limits, so both limiters and both ledgers are on the path.
+   */
+  stores: { sqlite: Target; postgres: Target } | null
   /** The `garage node` process: its pid, and its data dir (control.json, control.token). */
   node: { pid: number; dataDir: string }
   stop(): Promise<void>
@@ -80,6 +86,8 @@ export async function startBenchCluster(options: {
   parallel: number
   contextLength: number
   federation: boolean
+  /** postgres://...: also start a gateway on this database (see BenchCluster.stores). */
+  postgres?: string
 }): Promise<BenchCluster> {
   const dir = await mkdtemp(join(tmpdir(), 'garage-bench-cluster-'))
   const children: ChildProcess[] = []
@@ -118,6 +126,8 @@ export async function startBenchCluster(options: {
     )
     const fedDir = join(dir, 'federation')
     const fedId = peerIdFromPrivateKey(await loadOrCreateIdentity(fedDir)).toString()
+    const pgDir = join(dir, 'federation-postgres')
+    const pgId = peerIdFromPrivateKey(await loadOrCreateIdentity(pgDir)).toString()
     const policy = {
       region: 'bench',
       models: [
@@ -155,6 +165,8 @@ export async function startBenchCluster(options: {
         '127.0.0.1:0',
         '--federation',
         fedId,
+        '--federation',
+        pgId,
         '--data-dir',
         headDir,
       ],
@@ -189,10 +201,9 @@ export async function startBenchCluster(options: {
       children,
     )
     let federation: Target | null = null
-    if (options.federation) {
-      const store = openFederationStore(fedDir)
-      const key = (await new ApiKeyStore(store).create({ name: 'bench' })).key
-      await store.close()
+    let stores: BenchCluster['stores'] = null
+    /** Starts a gateway on that data dir (and database) and waits until it sees the region's model. */
+    const startGateway = async (dataDir: string, key: string, database?: string): Promise<string> => {
       const lines = await spawnGarage(
         [
           'federation',
@@ -206,22 +217,39 @@ export async function startBenchCluster(options: {
           '--http',
           '127.0.0.1:0',
           '--data-dir',
-          fedDir,
+          dataDir,
+          ...(database != null ? ['--database', database] : []),
         ],
         /admin/,
         children,
       )
-      federation = { url: field(lines, 'api').replace(/\/v1$/, ''), key }
-      // Ready once the gateway sees the region's model.
+      const url = field(lines, 'api').replace(/\/v1$/, '')
       const deadline = Date.now() + 30_000
       for (;;) {
-        const res = await fetch(`${federation.url}/v1/models`, {
-          headers: { authorization: `Bearer ${key}` },
-        })
+        const res = await fetch(`${url}/v1/models`, { headers: { authorization: `Bearer ${key}` } })
         const body = (await res.json()) as { data?: Array<{ id: string }> }
-        if (body.data?.some((m) => m.id === tinyModel)) break
+        if (body.data?.some((m) => m.id === tinyModel)) return url
         if (Date.now() > deadline) throw new Error('the federation never saw the region')
         await new Promise((r) => setTimeout(r, 250))
+      }
+    }
+    // Limits no benchmark reaches: the limiter runs on every request, it never refuses one.
+    const limited = { name: 'bench-limited', rpm: 100_000_000, tpm: 1_000_000_000_000, concurrency: 100_000 }
+    if (options.federation) {
+      const store = openFederationStore(fedDir)
+      const key = (await new ApiKeyStore(store).create({ name: 'bench' })).key
+      const sqliteLimited = options.postgres != null ? (await new ApiKeyStore(store).create(limited)).key : ''
+      await store.close()
+      federation = { url: await startGateway(fedDir, key), key }
+      if (options.postgres != null) {
+        const pgStore = await openStore({ dataDir: pgDir, database: options.postgres })
+        const pgKey = (await new ApiKeyStore(pgStore).create(limited)).key
+        await pgStore.close()
+        progress('starting a second gateway, on PostgreSQL')
+        stores = {
+          sqlite: { url: federation.url, key: sqliteLimited },
+          postgres: { url: await startGateway(pgDir, pgKey, options.postgres), key: pgKey },
+        }
       }
     }
     const handle = await direct.start({
@@ -237,6 +265,7 @@ export async function startBenchCluster(options: {
       direct: { url: handle.baseUrl, key: handle.apiKey },
       head: headTarget,
       federation,
+      stores,
       node: { pid: nodePid, dataDir: nodeDir },
       stop,
     }

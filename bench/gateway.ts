@@ -1,4 +1,6 @@
+import type { TestPostgres } from '../test/helpers/postgres.ts'
 import { type BenchCluster, closeClient, latencyBatch, startBenchCluster, type Target } from './cluster.ts'
+import { compareStores, type StoreComparison, startBenchPostgres } from './gateway-store.ts'
 import { type Nginx, startNginx, startNginxChain } from './nginx.ts'
 import { percentile, progress, table, writeResult } from './report.ts'
 
@@ -25,8 +27,15 @@ export async function run(): Promise<Record<string, unknown>> {
   let cluster: BenchCluster | undefined
   let nginx: Nginx | null = null
   let chain: Nginx | null = null
+  let postgres: TestPostgres | null = null
   try {
-    cluster = await startBenchCluster({ parallel: 32, contextLength: 256, federation: true })
+    postgres = await startBenchPostgres()
+    cluster = await startBenchCluster({
+      parallel: 32,
+      contextLength: 256,
+      federation: true,
+      ...(postgres != null ? { postgres: postgres.url } : {}),
+    })
     nginx = await startNginx(cluster.direct.url)
     chain = nginx != null ? await startNginxChain(cluster.direct.url, chainHops) : null
     progress(
@@ -102,6 +111,9 @@ export async function run(): Promise<Record<string, unknown>> {
       }
       return row
     })
+    // The same path with the gateway's store in PostgreSQL beside SQLite (issue 20).
+    const store: StoreComparison | null =
+      cluster.stores != null && postgres != null ? await compareStores(cluster.stores, postgres) : null
     const top = rows.find((r) => r.concurrency === 32)!
     const goalMet = top.added_p50_ms! <= 3 && top.added_p99_ms! <= 15 && top.rps_ratio! >= 0.5
     const result = {
@@ -115,43 +127,46 @@ export async function run(): Promise<Record<string, unknown>> {
         federation_rps: '>= 0.5 x direct_rps',
       },
       goal_met: goalMet,
+      ...store?.result,
     }
     const path = await writeResult('gateway', result)
     process.stdout.write(
       `\ngateway: one-token completions straight to the engine vs federation → head → node → engine\n${table(
-        rows.flatMap(
-          (r) =>
-            [
-              [`c=${r.concurrency} direct p50 / p99 ms`, `${r.direct_p50_ms} / ${r.direct_p99_ms}`, ''],
+        rows
+          .flatMap(
+            (r) =>
               [
-                `c=${r.concurrency} federation p50 / p99 ms`,
-                `${r.federation_p50_ms} / ${r.federation_p99_ms}`,
-                '',
-              ],
-              [
-                `c=${r.concurrency} added p50 / p99 ms`,
-                `${r.added_p50_ms} / ${r.added_p99_ms}`,
-                r.concurrency === 32 ? '<= 3 / <= 15' : '',
-              ],
-              [
-                `c=${r.concurrency} federation / direct rps`,
-                `${r.federation_rps} / ${r.direct_rps} (${r.rps_ratio})`,
-                r.concurrency === 32 ? '>= 0.5' : '',
-              ],
-              ...(r.nginx_added_p50_ms != null
-                ? [[`c=${r.concurrency} nginx added p50 ms (one hop)`, String(r.nginx_added_p50_ms), '']]
-                : []),
-              ...(r.nginx_chain_added_p50_ms != null
-                ? [
-                    [
-                      `c=${r.concurrency} nginx added p50 / p99 ms (${chainHops} hops)`,
-                      `${r.nginx_chain_added_p50_ms} / ${r.nginx_chain_added_p99_ms}`,
-                      '',
-                    ],
-                  ]
-                : []),
-            ] as Array<[string, string, string]>,
-        ),
+                [`c=${r.concurrency} direct p50 / p99 ms`, `${r.direct_p50_ms} / ${r.direct_p99_ms}`, ''],
+                [
+                  `c=${r.concurrency} federation p50 / p99 ms`,
+                  `${r.federation_p50_ms} / ${r.federation_p99_ms}`,
+                  '',
+                ],
+                [
+                  `c=${r.concurrency} added p50 / p99 ms`,
+                  `${r.added_p50_ms} / ${r.added_p99_ms}`,
+                  r.concurrency === 32 ? '<= 3 / <= 15' : '',
+                ],
+                [
+                  `c=${r.concurrency} federation / direct rps`,
+                  `${r.federation_rps} / ${r.direct_rps} (${r.rps_ratio})`,
+                  r.concurrency === 32 ? '>= 0.5' : '',
+                ],
+                ...(r.nginx_added_p50_ms != null
+                  ? [[`c=${r.concurrency} nginx added p50 ms (one hop)`, String(r.nginx_added_p50_ms), '']]
+                  : []),
+                ...(r.nginx_chain_added_p50_ms != null
+                  ? [
+                      [
+                        `c=${r.concurrency} nginx added p50 / p99 ms (${chainHops} hops)`,
+                        `${r.nginx_chain_added_p50_ms} / ${r.nginx_chain_added_p99_ms}`,
+                        '',
+                      ],
+                    ]
+                  : []),
+              ] as Array<[string, string, string]>,
+          )
+          .concat(store?.rows ?? []),
       )}\n${goalMet ? 'goal met' : 'GOAL MISSED'}; written to ${path}\n`,
     )
     return result
@@ -160,5 +175,6 @@ export async function run(): Promise<Record<string, unknown>> {
     await nginx?.stop()
     await chain?.stop()
     await cluster?.stop()
+    await postgres?.destroy()
   }
 }

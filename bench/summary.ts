@@ -15,7 +15,7 @@ const descriptions: Record<string, string> = {
   'mesh-proxy':
     'One-token completions straight to an engine against client → head → libp2p → node → engine, beside two nginx hops in a row; then streamed tokens/s.',
   gateway:
-    'One-token completions straight to an engine against federation → head → node → engine (each a process), beside one nginx hop and three in a row.',
+    'One-token completions straight to an engine against federation → head → node → engine (each a process), beside one nginx hop and three in a row; then the gateway with its store in PostgreSQL beside SQLite.',
   footprint:
     'An idle joined `garage node` (engine excluded), and the time from a game starting to the model released.',
   scale:
@@ -116,6 +116,22 @@ export const goals: readonly Goal[] = [
     threshold: 0.5,
     issue: 6,
     says: '`federation_rps` ≥ 0.5 × `direct_rps` (concurrency 32), all processes sharing this 2-core machine',
+  },
+  {
+    bench: 'gateway',
+    metric: 'postgres_rps_ratio',
+    op: '>=',
+    threshold: 0.9,
+    issue: 20,
+    says: '`postgres_rps_ratio` (the gateway on PostgreSQL over the gateway on SQLite, same path, concurrency 32) ≥ 0.9',
+  },
+  {
+    bench: 'gateway',
+    metric: 'postgres_added_p50_ms',
+    op: '<=',
+    threshold: 1,
+    issue: 20,
+    says: 'the PostgreSQL store adds ≤ 1 ms p50 (concurrency 1, against the same gateway on SQLite)',
   },
   {
     bench: 'footprint',

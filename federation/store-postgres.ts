@@ -172,12 +172,13 @@ export const postgresMigrations: readonly string[] = [
       ON CONFLICT (key_id, second) DO UPDATE SET tokens = b.tokens + excluded.tokens;
   END $$;
 
-  -- One ledger batch, once: a batch id already written means its commit was lost in transit.
+  -- One ledger batch, once: a batch id already written means its commit was lost in transit. The
+  -- rate-limit settlement of the same event-loop turn rides along (one round trip for both).
   CREATE FUNCTION garage_write_ledger(
     p_batch UUID,
     u_day TEXT[], u_key TEXT[], u_model TEXT[], u_requests BIGINT[], u_prompt BIGINT[], u_completion BIGINT[],
     c_day TEXT[], c_node TEXT[], c_model TEXT[], c_region TEXT[], c_requests BIGINT[], c_prompt BIGINT[],
-    c_completion BIGINT[]
+    c_completion BIGINT[], p_token_keys TEXT[], p_tokens BIGINT[], p_released UUID[]
   ) RETURNS BOOLEAN LANGUAGE plpgsql AS $$
   BEGIN
     INSERT INTO ledger_batches (id) VALUES (p_batch) ON CONFLICT (id) DO NOTHING;
@@ -196,6 +197,9 @@ export const postgresMigrations: readonly string[] = [
         requests = c.requests + excluded.requests,
         prompt_tokens = c.prompt_tokens + excluded.prompt_tokens,
         completion_tokens = c.completion_tokens + excluded.completion_tokens;
+    IF cardinality(p_token_keys) > 0 OR cardinality(p_released) > 0 THEN
+      PERFORM garage_settle(p_token_keys, p_tokens, p_released);
+    END IF;
     RETURN TRUE;
   END $$;
 
@@ -325,8 +329,8 @@ function where(filter: LedgerFilter, alias = ''): { sql: string; params: string[
   return { sql: clauses.length > 0 ? `WHERE ${clauses.join(' AND ')}` : '', params }
 }
 
-/** The arguments of garage_write_ledger: the batch id, then one array per column. */
-function ledgerArgs(batch: LedgerBatch): unknown[] {
+/** The arguments of garage_write_ledger: the batch id, one array per column, then the settlement. */
+function ledgerArgs(batch: LedgerBatch, settlement: Settlement = noSettlement): unknown[] {
   const u = batch.usage
   const c = batch.credits
   return [
@@ -344,10 +348,29 @@ function ledgerArgs(batch: LedgerBatch): unknown[] {
     c.map((x) => x.requests),
     c.map((x) => x.promptTokens),
     c.map((x) => x.completionTokens),
+    settlement.keys,
+    settlement.tokens,
+    settlement.released,
   ]
 }
 
-const writeLedgerSql = `SELECT garage_write_ledger(${Array.from({ length: 14 }, (_, i) => `$${i + 1}`).join(', ')}) AS written`
+const writeLedgerSql = `SELECT garage_write_ledger(${Array.from({ length: 17 }, (_, i) => `$${i + 1}`).join(', ')}) AS written`
+
+/** What the limiter has to write after answers: tokens charged per key, slots given back. */
+export interface Settlement {
+  keys: string[]
+  tokens: number[]
+  released: string[]
+}
+
+const noSettlement: Settlement = { keys: [], tokens: [], released: [] }
+
+/** The limiter's side of a ledger write that carries its settlement along. */
+interface SettlementSource {
+  take(): Settlement
+  /** The write failed: the settlement goes back to be written later. */
+  restore(settlement: Settlement): void
+}
 
 export class PostgresStore implements FederationStore {
   readonly kind = 'postgres' as const
@@ -355,6 +378,7 @@ export class PostgresStore implements FederationStore {
   private readonly pool: pg.Pool
   private readonly log: Logger
   private down: Error | null = null
+  private settlement: SettlementSource | null = null
   private probe: NodeJS.Timeout | null = null
   private closed = false
 
@@ -534,12 +558,24 @@ export class PostgresStore implements FederationStore {
     await this.query('UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL', [at, id])
   }
 
+  /** The limiter whose settlement rides along with each ledger write. */
+  attachSettlement(source: SettlementSource | null): void {
+    this.settlement = source
+  }
+
   async writeLedger(batch: LedgerBatch): Promise<void> {
-    const { rows } = await this.query<{ written: boolean }>(
-      writeLedgerSql,
-      ledgerArgs(batch),
-      'garage_write_ledger',
-    )
+    const settlement = this.settlement?.take() ?? noSettlement
+    let rows: Array<{ written: boolean }>
+    try {
+      ;({ rows } = await this.query<{ written: boolean }>(
+        writeLedgerSql,
+        ledgerArgs(batch, settlement),
+        'garage_write_ledger',
+      ))
+    } catch (err) {
+      if (settlement !== noSettlement) this.settlement?.restore(settlement)
+      throw err
+    }
     if (rows[0]?.written === false)
       this.log.info(
         { batch: batch.id },
@@ -732,7 +768,7 @@ const unlimited: RateLimitDecision = { ok: true, release: () => {}, headers: {} 
  * while the request runs: a gateway that dies stops renewing, and its slots free themselves within
  * leaseTtlMs. Time is the database's clock, one for all gateways.
  */
-export class PostgresLimiter implements KeyLimiter {
+export class PostgresLimiter implements KeyLimiter, SettlementSource {
   private readonly store: PostgresStore
   private readonly gateway: string
   private readonly log: Logger
@@ -814,24 +850,36 @@ export class PostgresLimiter implements KeyLimiter {
     this.settleScheduled = delayMs <= 0 ? setImmediate(run) : setTimeout(run, delayMs).unref()
   }
 
-  /** Writes charged tokens and released slots; on failure keeps them for a retry a second later. */
-  private async settle(): Promise<void> {
-    if (this.tokens.size === 0 && this.released.length === 0) return
-    const tokens = this.tokens
-    const released = this.released
+  /** What is pending, taken (a ledger write carries it, or settle() writes it alone). */
+  take(): Settlement {
+    if (this.tokens.size === 0 && this.released.length === 0) return noSettlement
+    const keys = [...this.tokens.keys()].sort()
+    const settlement = { keys, tokens: keys.map((k) => this.tokens.get(k) ?? 0), released: this.released }
     this.tokens = new Map()
     this.released = []
-    const keys = [...tokens.keys()].sort()
+    return settlement
+  }
+
+  restore(settlement: Settlement): void {
+    settlement.keys.forEach((k, i) => {
+      this.tokens.set(k, (this.tokens.get(k) ?? 0) + (settlement.tokens[i] ?? 0))
+    })
+    this.released.push(...settlement.released)
+  }
+
+  /** Writes charged tokens and released slots that no ledger write took; on failure keeps them for a retry a second later. */
+  private async settle(): Promise<void> {
+    const settlement = this.take()
+    if (settlement === noSettlement) return
     this.settling = true
     try {
       await this.store.query(
         'SELECT garage_settle($1, $2, $3)',
-        [keys, keys.map((k) => tokens.get(k)), released],
+        [settlement.keys, settlement.tokens, settlement.released],
         'garage_settle',
       )
     } catch (err) {
-      for (const [k, t] of tokens) this.tokens.set(k, (this.tokens.get(k) ?? 0) + t)
-      this.released.push(...released)
+      this.restore(settlement)
       this.log.warn({ err: (err as Error).message }, 'rate-limit settle failed; retrying')
       this.settling = false
       this.scheduleSettle(probeIntervalMs)
@@ -863,6 +911,7 @@ export class PostgresLimiter implements KeyLimiter {
 
   /** Gives back the slots still held and writes what is pending (best effort: leases expire anyway). */
   async close(): Promise<void> {
+    this.store.attachSettlement(null)
     clearInterval(this.renewTimer)
     clearInterval(this.sweepTimer)
     if (this.settleScheduled != null) {
