@@ -40,7 +40,7 @@ export interface BenchCluster {
    * With `postgres`: the SQLite gateway and a second gateway on PostgreSQL, each with a key that has
    * (unreachable) limits, so both limiters and both ledgers are on the path.
    */
-  stores: { sqlite: Target; postgres: Target } | null
+  stores: { sqlite: Target & { pid: number }; postgres: Target & { pid: number } } | null
   /** The `garage node` process: its pid, and its data dir (control.json, control.token). */
   node: { pid: number; dataDir: string }
   stop(): Promise<void>
@@ -241,14 +241,16 @@ export async function startBenchCluster(options: {
       const sqliteLimited = options.postgres != null ? (await new ApiKeyStore(store).create(limited)).key : ''
       await store.close()
       federation = { url: await startGateway(fedDir, key), key }
+      const sqlitePid = children.at(-1)?.pid ?? 0
       if (options.postgres != null) {
         const pgStore = await openStore({ dataDir: pgDir, database: options.postgres })
         const pgKey = (await new ApiKeyStore(pgStore).create(limited)).key
         await pgStore.close()
         progress('starting a second gateway, on PostgreSQL')
+        const pgUrl = await startGateway(pgDir, pgKey, options.postgres)
         stores = {
-          sqlite: { url: federation.url, key: sqliteLimited },
-          postgres: { url: await startGateway(pgDir, pgKey, options.postgres), key: pgKey },
+          sqlite: { url: federation.url, key: sqliteLimited, pid: sqlitePid },
+          postgres: { url: pgUrl, key: pgKey, pid: children.at(-1)?.pid ?? 0 },
         }
       }
     }

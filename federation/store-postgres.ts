@@ -122,7 +122,8 @@ export const postgresMigrations: readonly string[] = [
 
   -- Admits one request of a key, or not, atomically across gateways: the advisory lock serialises
   -- the key's admissions, and each statement after it sees what the previous ones committed.
-  -- Returns the window as it was before this request, for the caller's headers.
+  -- Returns the window as it was before this request, for the caller's headers: every bucket on a
+  -- refusal, each window's total in one bucket at its newest second on an admission.
   CREATE FUNCTION garage_admit(
     p_key TEXT, p_rpm BIGINT, p_tpm BIGINT, p_concurrency BIGINT,
     p_lease UUID, p_gateway TEXT, p_lease_ttl_ms BIGINT,
@@ -133,15 +134,15 @@ export const postgresMigrations: readonly string[] = [
     v_second BIGINT;
     v_requests BIGINT;
     v_tokens BIGINT;
+    v_newest_request BIGINT;
+    v_newest_token BIGINT;
   BEGIN
     PERFORM pg_advisory_xact_lock(hashtextextended(p_key, 0));
     now_ms := floor(extract(epoch FROM clock_timestamp()) * 1000)::BIGINT;
     v_second := now_ms / 1000;
-    SELECT coalesce(array_agg(b.second ORDER BY b.second), '{}'),
-           coalesce(array_agg(b.requests ORDER BY b.second), '{}'),
-           coalesce(array_agg(b.tokens ORDER BY b.second), '{}'),
-           coalesce(sum(b.requests), 0), coalesce(sum(b.tokens), 0)
-      INTO bucket_seconds, bucket_requests, bucket_tokens, v_requests, v_tokens
+    SELECT coalesce(sum(b.requests), 0), coalesce(sum(b.tokens), 0),
+           max(b.second) FILTER (WHERE b.requests > 0), max(b.second) FILTER (WHERE b.tokens > 0)
+      INTO v_requests, v_tokens, v_newest_request, v_newest_token
       FROM rate_buckets b
       WHERE b.key_id = p_key AND b.second > v_second - 60 AND b.second <= v_second;
     SELECT count(*) INTO in_flight FROM rate_leases l WHERE l.key_id = p_key AND l.expires_at > now_ms;
@@ -155,6 +156,18 @@ export const postgresMigrations: readonly string[] = [
         INSERT INTO rate_leases (id, key_id, gateway, expires_at)
           VALUES (p_lease, p_key, p_gateway, now_ms + p_lease_ttl_ms);
       END IF;
+      -- Headers need only each window's total and newest second: one bucket each says as much.
+      bucket_seconds := ARRAY[coalesce(v_newest_request, v_second), coalesce(v_newest_token, v_second)];
+      bucket_requests := ARRAY[v_requests, 0];
+      bucket_tokens := ARRAY[0, v_tokens];
+    ELSE
+      -- A refusal's Retry-After needs the buckets: when enough of the window will have aged out.
+      SELECT coalesce(array_agg(b.second ORDER BY b.second), '{}'),
+             coalesce(array_agg(b.requests ORDER BY b.second), '{}'),
+             coalesce(array_agg(b.tokens ORDER BY b.second), '{}')
+        INTO bucket_seconds, bucket_requests, bucket_tokens
+        FROM rate_buckets b
+        WHERE b.key_id = p_key AND b.second > v_second - 60 AND b.second <= v_second;
     END IF;
   END $$;
 

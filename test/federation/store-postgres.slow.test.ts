@@ -135,6 +135,13 @@ describe('the PostgreSQL store', () => {
         Array.from({ length: 30 }, (_, i) => (i % 2 === 0 ? limiterA : limiterB).check(rpmKey)),
       )
       expect(decisions.filter((d) => d.ok)).toHaveLength(10)
+      // Admitted one after another across both: each saw the ones before it, whichever gateway.
+      expect(
+        decisions
+          .filter((d) => d.ok)
+          .map((d) => Number(d.headers['x-ratelimit-remaining-requests']))
+          .sort((x, y) => x - y),
+      ).toEqual([0, 1, 2, 3, 4, 5, 6, 7, 8, 9])
       const refused = decisions.find((d) => !d.ok)
       expect(refused).toMatchObject({ ok: false, reason: 'rpm' })
       expect(refused?.headers['x-ratelimit-remaining-requests']).toBe('0')
