@@ -30,7 +30,7 @@ import {
 /**
  * The federation's state in PostgreSQL, shared by every gateway process that points at the same
  * database: keys, the ledger, and the rate-limit state (requests and tokens per key per second,
- * and a lease per request in flight), so a key's rpm, tpm and concurrency hold for all of them
+ * and each gateway's count of requests in flight per key), so a key's rpm, tpm and concurrency hold for all of them
  * together. One round trip admits a request (garage_admit, under a per-key advisory lock); ledger
  * sums, charged tokens and released slots are written once per event-loop turn. When the server
  * cannot be reached the store says so (FederationStoreUnavailableError, `available` false) and
@@ -45,11 +45,11 @@ export const connectTimeoutMs = 3_000
 export const queryTimeoutMs = 10_000
 /** While the server cannot be reached, it is asked this often whether it is back. */
 export const probeIntervalMs = 1_000
-/** A request's concurrency slot lives this long unless its gateway renews it: a killed gateway's slots come back within it. */
-export const leaseTtlMs = 30_000
-/** How often a gateway renews the slots of its requests in flight. */
-export const leaseRenewIntervalMs = 10_000
-/** How often a gateway drops rate-limit seconds that left the window, expired slots and old batch ids. */
+/** A gateway's count of a key's requests in flight counts this long unless it renews it: a killed gateway's slots come back within it. */
+export const slotTtlMs = 30_000
+/** How often a gateway renews its counts of requests in flight. */
+export const slotRenewIntervalMs = 10_000
+/** How often a gateway drops rate-limit seconds that left the window, expired slot counts and old batch ids. */
 export const sweepIntervalMs = 30_000
 /** Held (transaction-scoped) while migrating: two gateways starting at once migrate once. */
 const migrationLockId = 0x6761726167650001n
@@ -112,13 +112,14 @@ export const postgresMigrations: readonly string[] = [
     PRIMARY KEY (key_id, second)
   );
 
-  CREATE UNLOGGED TABLE rate_leases (
-    id          UUID PRIMARY KEY,
+  -- Requests in flight per key and gateway; a row stops counting at expires_at unless its gateway renews it.
+  CREATE UNLOGGED TABLE rate_slots (
     key_id      TEXT NOT NULL,
     gateway     TEXT NOT NULL,
-    expires_at  BIGINT NOT NULL
+    in_flight   BIGINT NOT NULL,
+    expires_at  BIGINT NOT NULL,
+    PRIMARY KEY (key_id, gateway)
   );
-  CREATE INDEX rate_leases_key ON rate_leases (key_id, expires_at);
 
   -- Admits one request of a key, or not, atomically across gateways: the advisory lock serialises
   -- the key's admissions, and each statement after it sees what the previous ones committed.
@@ -126,7 +127,7 @@ export const postgresMigrations: readonly string[] = [
   -- refusal, each window's total in one bucket at its newest second on an admission.
   CREATE FUNCTION garage_admit(
     p_key TEXT, p_rpm BIGINT, p_tpm BIGINT, p_concurrency BIGINT,
-    p_lease UUID, p_gateway TEXT, p_lease_ttl_ms BIGINT,
+    p_gateway TEXT, p_slot_ttl_ms BIGINT,
     OUT admitted BOOLEAN, OUT now_ms BIGINT, OUT bucket_seconds BIGINT[],
     OUT bucket_requests BIGINT[], OUT bucket_tokens BIGINT[], OUT in_flight BIGINT
   ) LANGUAGE plpgsql AS $$
@@ -145,16 +146,21 @@ export const postgresMigrations: readonly string[] = [
       INTO v_requests, v_tokens, v_newest_request, v_newest_token
       FROM rate_buckets b
       WHERE b.key_id = p_key AND b.second > v_second - 60 AND b.second <= v_second;
-    SELECT count(*) INTO in_flight FROM rate_leases l WHERE l.key_id = p_key AND l.expires_at > now_ms;
+    SELECT coalesce(sum(s.in_flight), 0) INTO in_flight
+      FROM rate_slots s WHERE s.key_id = p_key AND s.expires_at > now_ms;
     admitted := (p_rpm IS NULL OR v_requests < p_rpm)
             AND (p_tpm IS NULL OR v_tokens < p_tpm)
             AND (p_concurrency IS NULL OR in_flight < p_concurrency);
     IF admitted THEN
       INSERT INTO rate_buckets AS b (key_id, second, requests) VALUES (p_key, v_second, 1)
         ON CONFLICT (key_id, second) DO UPDATE SET requests = b.requests + 1;
-      IF p_lease IS NOT NULL THEN
-        INSERT INTO rate_leases (id, key_id, gateway, expires_at)
-          VALUES (p_lease, p_key, p_gateway, now_ms + p_lease_ttl_ms);
+      IF p_concurrency IS NOT NULL THEN
+        -- A row that had expired held a count nobody renewed: it starts over.
+        INSERT INTO rate_slots AS s (key_id, gateway, in_flight, expires_at)
+          VALUES (p_key, p_gateway, 1, now_ms + p_slot_ttl_ms)
+          ON CONFLICT (key_id, gateway) DO UPDATE SET
+            in_flight = CASE WHEN s.expires_at > now_ms THEN s.in_flight + 1 ELSE 1 END,
+            expires_at = now_ms + p_slot_ttl_ms;
       END IF;
       -- Headers need only each window's total and newest second: one bucket each says as much.
       bucket_seconds := ARRAY[coalesce(v_newest_request, v_second), coalesce(v_newest_token, v_second)];
@@ -172,14 +178,15 @@ export const postgresMigrations: readonly string[] = [
   END $$;
 
   -- After answers: their tokens charged to this second, the slots they held given back.
-  CREATE FUNCTION garage_settle(p_keys TEXT[], p_tokens BIGINT[], p_released UUID[])
-  RETURNS VOID LANGUAGE plpgsql AS $$
+  CREATE FUNCTION garage_settle(
+    p_gateway TEXT, p_keys TEXT[], p_tokens BIGINT[], p_released_keys TEXT[], p_released BIGINT[]
+  ) RETURNS VOID LANGUAGE plpgsql AS $$
   DECLARE
     v_second BIGINT := floor(extract(epoch FROM clock_timestamp()))::BIGINT;
   BEGIN
-    IF cardinality(p_released) > 0 THEN
-      DELETE FROM rate_leases WHERE id = ANY (p_released);
-    END IF;
+    UPDATE rate_slots s SET in_flight = greatest(s.in_flight - x.n, 0)
+      FROM unnest(p_released_keys, p_released) AS x (k, n)
+      WHERE s.key_id = x.k AND s.gateway = p_gateway;
     INSERT INTO rate_buckets AS b (key_id, second, tokens)
       SELECT k, v_second, t FROM unnest(p_keys, p_tokens) AS x (k, t) ORDER BY k
       ON CONFLICT (key_id, second) DO UPDATE SET tokens = b.tokens + excluded.tokens;
@@ -191,7 +198,8 @@ export const postgresMigrations: readonly string[] = [
     p_batch UUID,
     u_day TEXT[], u_key TEXT[], u_model TEXT[], u_requests BIGINT[], u_prompt BIGINT[], u_completion BIGINT[],
     c_day TEXT[], c_node TEXT[], c_model TEXT[], c_region TEXT[], c_requests BIGINT[], c_prompt BIGINT[],
-    c_completion BIGINT[], p_token_keys TEXT[], p_tokens BIGINT[], p_released UUID[]
+    c_completion BIGINT[], p_gateway TEXT, p_token_keys TEXT[], p_tokens BIGINT[], p_released_keys TEXT[],
+    p_released BIGINT[]
   ) RETURNS BOOLEAN LANGUAGE plpgsql AS $$
   BEGIN
     INSERT INTO ledger_batches (id) VALUES (p_batch) ON CONFLICT (id) DO NOTHING;
@@ -210,8 +218,8 @@ export const postgresMigrations: readonly string[] = [
         requests = c.requests + excluded.requests,
         prompt_tokens = c.prompt_tokens + excluded.prompt_tokens,
         completion_tokens = c.completion_tokens + excluded.completion_tokens;
-    IF cardinality(p_token_keys) > 0 OR cardinality(p_released) > 0 THEN
-      PERFORM garage_settle(p_token_keys, p_tokens, p_released);
+    IF cardinality(p_token_keys) > 0 OR cardinality(p_released_keys) > 0 THEN
+      PERFORM garage_settle(p_gateway, p_token_keys, p_tokens, p_released_keys, p_released);
     END IF;
     RETURN TRUE;
   END $$;
@@ -221,7 +229,7 @@ export const postgresMigrations: readonly string[] = [
     v_now_ms BIGINT := floor(extract(epoch FROM clock_timestamp()) * 1000)::BIGINT;
   BEGIN
     DELETE FROM rate_buckets WHERE second <= v_now_ms / 1000 - 60;
-    DELETE FROM rate_leases WHERE expires_at <= v_now_ms;
+    DELETE FROM rate_slots WHERE expires_at <= v_now_ms;
     DELETE FROM ledger_batches WHERE written_at < now() - interval '24 hours';
   END $$;
   `,
@@ -361,22 +369,27 @@ function ledgerArgs(batch: LedgerBatch, settlement: Settlement = noSettlement): 
     c.map((x) => x.requests),
     c.map((x) => x.promptTokens),
     c.map((x) => x.completionTokens),
+    settlement.gateway,
     settlement.keys,
     settlement.tokens,
+    settlement.releasedKeys,
     settlement.released,
   ]
 }
 
-const writeLedgerSql = `SELECT garage_write_ledger(${Array.from({ length: 17 }, (_, i) => `$${i + 1}`).join(', ')}) AS written`
+const writeLedgerSql = `SELECT garage_write_ledger(${Array.from({ length: 19 }, (_, i) => `$${i + 1}`).join(', ')}) AS written`
 
 /** What the limiter has to write after answers: tokens charged per key, slots given back. */
 export interface Settlement {
+  gateway: string
   keys: string[]
   tokens: number[]
-  released: string[]
+  /** Slots given back, per key. */
+  releasedKeys: string[]
+  released: number[]
 }
 
-const noSettlement: Settlement = { keys: [], tokens: [], released: [] }
+const noSettlement: Settlement = { gateway: '', keys: [], tokens: [], releasedKeys: [], released: [] }
 
 /** The limiter's side of a ledger write that carries its settlement along. */
 interface SettlementSource {
@@ -675,9 +688,9 @@ export class PostgresStore implements FederationStore {
   createLimiter(options: LimiterOptions = {}): KeyLimiter {
     return new PostgresLimiter(
       this,
-      `${hostname()}:${process.pid}`,
+      `${hostname()}:${process.pid}:${randomUUID().slice(0, 8)}`,
       this.log,
-      options.leaseTtlMs ?? leaseTtlMs,
+      options.slotTtlMs ?? slotTtlMs,
     )
   }
 
@@ -777,21 +790,22 @@ const unlimited: RateLimitDecision = { ok: true, release: () => {}, headers: {} 
 /**
  * Per-key limits shared by every gateway on the database. check() is one round trip (garage_admit);
  * tokens charged and slots released are written together once per event-loop turn (garage_settle).
- * Each admitted request of a key with a concurrency limit holds a lease that this gateway renews
- * while the request runs: a gateway that dies stops renewing, and its slots free themselves within
- * leaseTtlMs. Time is the database's clock, one for all gateways.
+ * Each gateway counts a key's requests in flight in a row of its own that it renews while they run:
+ * a gateway that dies stops renewing, and its slots free themselves within
+ * slotTtlMs. Time is the database's clock, one for all gateways.
  */
 export class PostgresLimiter implements KeyLimiter, SettlementSource {
   private readonly store: PostgresStore
   private readonly gateway: string
   private readonly log: Logger
-  /** Leases of this gateway's requests in flight. */
-  private readonly live = new Set<string>()
-  private released: string[] = []
+  /** This gateway's requests in flight, per key with a concurrency limit. */
+  private readonly live = new Map<string, number>()
+  /** Slots given back since the last settlement, per key. */
+  private released = new Map<string, number>()
   private tokens = new Map<string, number>()
   private settleScheduled: NodeJS.Immediate | NodeJS.Timeout | null = null
   private settling = false
-  private readonly leaseTtlMs: number
+  private readonly slotTtlMs: number
   private readonly renewTimer: NodeJS.Timeout
   private readonly sweepTimer: NodeJS.Timeout
 
@@ -799,18 +813,17 @@ export class PostgresLimiter implements KeyLimiter, SettlementSource {
     this.store = store
     this.gateway = gateway
     this.log = log
-    this.leaseTtlMs = ttlMs
-    this.renewTimer = setInterval(() => void this.renew(), Math.min(leaseRenewIntervalMs, ttlMs / 3)).unref()
+    this.slotTtlMs = ttlMs
+    this.renewTimer = setInterval(() => void this.renew(), Math.min(slotRenewIntervalMs, ttlMs / 3)).unref()
     this.sweepTimer = setInterval(() => void this.sweep(), sweepIntervalMs).unref()
   }
 
   async check(key: RateLimitedKey): Promise<RateLimitDecision> {
     const { rpm, tpm, concurrency } = key.limits
     if (rpm == null && tpm == null && concurrency == null) return unlimited
-    const lease = concurrency != null ? randomUUID() : null
     const { rows } = await this.store.query<AdmitRow>(
-      'SELECT * FROM garage_admit($1, $2, $3, $4, $5, $6, $7)',
-      [key.id, rpm, tpm, concurrency, lease, this.gateway, this.leaseTtlMs],
+      'SELECT * FROM garage_admit($1, $2, $3, $4, $5, $6)',
+      [key.id, rpm, tpm, concurrency, this.gateway, this.slotTtlMs],
       'garage_admit',
     )
     const row = rows[0] as AdmitRow
@@ -833,16 +846,19 @@ export class PostgresLimiter implements KeyLimiter, SettlementSource {
         headers: { ...verdict.headers, 'retry-after': '1' },
       }
     }
-    if (lease != null) this.live.add(lease)
+    if (concurrency == null) return { ok: true, headers: verdict.headers, release: () => {} }
+    this.live.set(key.id, (this.live.get(key.id) ?? 0) + 1)
     let released = false
     return {
       ok: true,
       headers: verdict.headers,
       release: () => {
-        if (released || lease == null) return
+        if (released) return
         released = true
-        this.live.delete(lease)
-        this.released.push(lease)
+        const left = (this.live.get(key.id) ?? 1) - 1
+        if (left > 0) this.live.set(key.id, left)
+        else this.live.delete(key.id)
+        this.released.set(key.id, (this.released.get(key.id) ?? 0) + 1)
         this.scheduleSettle(0)
       },
     }
@@ -865,11 +881,18 @@ export class PostgresLimiter implements KeyLimiter, SettlementSource {
 
   /** What is pending, taken (a ledger write carries it, or settle() writes it alone). */
   take(): Settlement {
-    if (this.tokens.size === 0 && this.released.length === 0) return noSettlement
+    if (this.tokens.size === 0 && this.released.size === 0) return noSettlement
     const keys = [...this.tokens.keys()].sort()
-    const settlement = { keys, tokens: keys.map((k) => this.tokens.get(k) ?? 0), released: this.released }
+    const releasedKeys = [...this.released.keys()].sort()
+    const settlement = {
+      gateway: this.gateway,
+      keys,
+      tokens: keys.map((k) => this.tokens.get(k) ?? 0),
+      releasedKeys,
+      released: releasedKeys.map((k) => this.released.get(k) ?? 0),
+    }
     this.tokens = new Map()
-    this.released = []
+    this.released = new Map()
     return settlement
   }
 
@@ -877,7 +900,9 @@ export class PostgresLimiter implements KeyLimiter, SettlementSource {
     settlement.keys.forEach((k, i) => {
       this.tokens.set(k, (this.tokens.get(k) ?? 0) + (settlement.tokens[i] ?? 0))
     })
-    this.released.push(...settlement.released)
+    settlement.releasedKeys.forEach((k, i) => {
+      this.released.set(k, (this.released.get(k) ?? 0) + (settlement.released[i] ?? 0))
+    })
   }
 
   /** Writes charged tokens and released slots that no ledger write took; on failure keeps them for a retry a second later. */
@@ -887,8 +912,14 @@ export class PostgresLimiter implements KeyLimiter, SettlementSource {
     this.settling = true
     try {
       await this.store.query(
-        'SELECT garage_settle($1, $2, $3)',
-        [settlement.keys, settlement.tokens, settlement.released],
+        'SELECT garage_settle($1, $2, $3, $4, $5)',
+        [
+          settlement.gateway,
+          settlement.keys,
+          settlement.tokens,
+          settlement.releasedKeys,
+          settlement.released,
+        ],
         'garage_settle',
       )
     } catch (err) {
@@ -899,15 +930,15 @@ export class PostgresLimiter implements KeyLimiter, SettlementSource {
       return
     }
     this.settling = false
-    if (this.tokens.size > 0 || this.released.length > 0) this.scheduleSettle(0)
+    if (this.tokens.size > 0 || this.released.size > 0) this.scheduleSettle(0)
   }
 
   private async renew(): Promise<void> {
     if (this.live.size === 0) return
     try {
       await this.store.query(
-        'UPDATE rate_leases SET expires_at = floor(extract(epoch FROM clock_timestamp()) * 1000)::BIGINT + $2 WHERE id = ANY ($1)',
-        [[...this.live], this.leaseTtlMs],
+        'UPDATE rate_slots SET expires_at = floor(extract(epoch FROM clock_timestamp()) * 1000)::BIGINT + $3 WHERE gateway = $1 AND key_id = ANY ($2)',
+        [this.gateway, [...this.live.keys()], this.slotTtlMs],
       )
     } catch (err) {
       this.log.warn({ err: (err as Error).message }, 'renewing concurrency slots failed')
@@ -922,7 +953,7 @@ export class PostgresLimiter implements KeyLimiter, SettlementSource {
     }
   }
 
-  /** Gives back the slots still held and writes what is pending (best effort: leases expire anyway). */
+  /** Gives back the slots still held and writes what is pending (best effort: unrenewed slots expire anyway). */
   async close(): Promise<void> {
     this.store.attachSettlement(null)
     clearInterval(this.renewTimer)
@@ -932,7 +963,7 @@ export class PostgresLimiter implements KeyLimiter, SettlementSource {
       clearTimeout(this.settleScheduled as NodeJS.Timeout)
       this.settleScheduled = null
     }
-    this.released.push(...this.live)
+    for (const [k, n] of this.live) this.released.set(k, (this.released.get(k) ?? 0) + n)
     this.live.clear()
     this.settling = false
     await this.settle().catch(() => {})

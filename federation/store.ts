@@ -136,8 +136,8 @@ export interface StoreContents {
 export interface LimiterOptions {
   /** Test clock for the in-memory limiter (PostgreSQL uses the server's clock, one for every gateway). */
   now?: () => number
-  /** PostgreSQL: how long an unrenewed concurrency slot lives (default leaseTtlMs, 30 s). */
-  leaseTtlMs?: number
+  /** PostgreSQL: how long a gateway's unrenewed count of requests in flight counts (default slotTtlMs, 30 s). */
+  slotTtlMs?: number
 }
 
 /** The storage the federation's logic runs on. Every method may throw FederationStoreUnavailableError. */

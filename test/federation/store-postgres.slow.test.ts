@@ -165,7 +165,7 @@ describe('the PostgreSQL store', () => {
       await expect.poll(async () => (await limiterB.check(tpmKey)).ok, { timeout: 5_000 }).toBe(false)
 
       // A gateway that dies holding a slot: its lease is not renewed and expires.
-      const shortLived = c.createLimiter({ leaseTtlMs: 1_500 })
+      const shortLived = c.createLimiter({ slotTtlMs: 1_500 })
       const deadKey = { id: 'key_dead', limits: { rpm: null, tpm: null, concurrency: 1 } }
       expect((await shortLived.check(deadKey)).ok).toBe(true)
       await c.close() // no release, no renewal: as if SIGKILLed
