@@ -184,6 +184,10 @@ export const postgresMigrations: readonly string[] = [
   DECLARE
     v_second BIGINT := floor(extract(epoch FROM clock_timestamp()))::BIGINT;
   BEGIN
+    -- The keys' admission locks first, in one order: admission locks a key, then its rows; so must this.
+    PERFORM pg_advisory_xact_lock(h) FROM (
+      SELECT DISTINCT hashtextextended(k, 0) AS h FROM unnest(p_keys || p_released_keys) AS k ORDER BY 1
+    ) AS locks;
     UPDATE rate_slots s SET in_flight = greatest(s.in_flight - x.n, 0)
       FROM unnest(p_released_keys, p_released) AS x (k, n)
       WHERE s.key_id = x.k AND s.gateway = p_gateway;
