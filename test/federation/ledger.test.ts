@@ -4,11 +4,15 @@ import { join } from 'node:path'
 import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest'
 import { ApiKeyStore } from '../../federation/keys.ts'
 import {
+  type KeyUsage,
+  type LedgerTotals,
   ledgerRetryIntervalMs,
+  type NodeCredit,
   parseLedgerDay,
   UsageLedger,
   type UsageRecord,
 } from '../../federation/ledger.ts'
+import type { LedgerBatch } from '../../federation/store.ts'
 import { openFederationStore, type SqliteStore } from '../../federation/store-sqlite.ts'
 
 const nodeA = '12D3KooWAaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa'
@@ -284,5 +288,89 @@ describe('UsageLedger', () => {
     expect(parseLedgerDay('2025-01-31T23:30:00-02:00')).toBe('2025-02-01')
     for (const bad of ['2025-02-30', 'yesterday', '31/01/2025', ''])
       expect(() => parseLedgerDay(bad)).toThrow(expect.objectContaining({ name: 'LedgerDateError' }))
+  })
+})
+
+/** A store whose writes fail while `failing` is set; a lost answer applies the batch and fails anyway. */
+class FlakyStore {
+  failing: 'no' | 'refuse' | 'lose-answer' = 'no'
+  readonly attempts: LedgerBatch[] = []
+  readonly applied = new Map<string, LedgerBatch>()
+  async writeLedger(batch: LedgerBatch): Promise<void> {
+    this.attempts.push(structuredClone(batch))
+    if (this.failing === 'refuse') throw new Error('connection refused')
+    // As PostgreSQL does: a batch id already applied is not applied again.
+    if (!this.applied.has(batch.id)) this.applied.set(batch.id, structuredClone(batch))
+    if (this.failing === 'lose-answer') throw new Error('Connection terminated unexpectedly')
+  }
+  async usageByKey(): Promise<KeyUsage[]> {
+    return []
+  }
+  async creditsByNode(): Promise<NodeCredit[]> {
+    return []
+  }
+  async totals(): Promise<LedgerTotals> {
+    return { requests: 0, promptTokens: 0, completionTokens: 0, creditedRequests: 0, creditedTokens: 0 }
+  }
+  requests(): number {
+    return [...this.applied.values()].flatMap((b) => b.usage).reduce((t, u) => t + u.requests, 0)
+  }
+}
+
+describe('UsageLedger over a store that fails', () => {
+  const record = (keyId = 'key_a'): UsageRecord => ({
+    keyId,
+    model: 'm',
+    region: 'r',
+    node: nodeA,
+    promptTokens: 1,
+    completionTokens: 2,
+  })
+
+  it('retries a failed batch as it was, with its id, and writes what came meanwhile in the next', async () => {
+    const store = new FlakyStore()
+    const ledger = new UsageLedger(store, { retryIntervalMs: 60_000 })
+    ledger.record(record())
+    store.failing = 'lose-answer'
+    await expect(ledger.flush()).rejects.toThrow(/terminated/)
+    ledger.record(record('key_b'))
+    store.failing = 'no'
+    await ledger.flush()
+    expect(store.attempts.map((b) => b.usage.map((u) => u.keyId))).toEqual([['key_a'], ['key_a'], ['key_b']])
+    expect(store.attempts[1]!.id).toBe(store.attempts[0]!.id)
+    expect(store.attempts[2]!.id).not.toBe(store.attempts[0]!.id)
+    // The first write was applied though its answer was lost: counted once.
+    expect(store.requests()).toBe(2)
+    expect(ledger.pending).toBe(0)
+    await ledger.close()
+  })
+
+  it('says its backlog is full at maxPendingSums, and is not once they are written', async () => {
+    const store = new FlakyStore()
+    store.failing = 'refuse'
+    const ledger = new UsageLedger(store, { retryIntervalMs: 60_000, maxPendingSums: 4 })
+    ledger.record(record('k1'))
+    await expect(ledger.flush()).rejects.toThrow(/refused/)
+    expect(ledger.backlogFull).toBe(false)
+    ledger.record(record('k2'))
+    expect(ledger.pending).toBe(4)
+    expect(ledger.backlogFull).toBe(true)
+    store.failing = 'no'
+    await ledger.flush()
+    expect(ledger.backlogFull).toBe(false)
+    expect(store.requests()).toBe(2)
+    await ledger.close()
+  })
+
+  it('gives up at close after its timeout and names the sums it could not write', async () => {
+    const store = new FlakyStore()
+    store.failing = 'refuse'
+    const ledger = new UsageLedger(store, { retryIntervalMs: 20 })
+    ledger.record(record('key_lost'))
+    await expect(ledger.close(100)).rejects.toThrow(
+      expect.objectContaining({ name: 'LedgerUnwrittenError', message: expect.stringContaining('key_lost') }),
+    )
+    expect(store.attempts.length).toBeGreaterThan(1)
+    expect(() => ledger.record(record())).toThrow(expect.objectContaining({ name: 'LedgerClosedError' }))
   })
 })
