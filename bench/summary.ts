@@ -15,7 +15,7 @@ const descriptions: Record<string, string> = {
   'mesh-proxy':
     'One-token completions straight to an engine against client → head → libp2p → node → engine, beside two nginx hops in a row; then streamed tokens/s.',
   gateway:
-    'One-token completions straight to an engine against federation → head → node → engine (each a process), beside one nginx hop and three in a row; then the gateway with its store in PostgreSQL beside SQLite.',
+    'One-token completions straight to an engine against federation → head → node → engine (each a process), beside one nginx hop and three in a row.',
   footprint:
     'An idle joined `garage node` (engine excluded), and the time from a game starting to the model released.',
   scale:
