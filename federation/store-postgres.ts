@@ -121,14 +121,14 @@ export const postgresMigrations: readonly string[] = [
     PRIMARY KEY (key_id, gateway)
   );
 
-  -- Admits one request of a key, or not, atomically across gateways: the advisory lock serialises
-  -- the key's admissions, and each statement after it sees what the previous ones committed.
-  -- Returns the window as it was before this request, for the caller's headers: every bucket on a
-  -- refusal, each window's total in one bucket at its newest second on an admission.
+  -- Admits the first of p_count requests of a key that fit, atomically across gateways: the advisory
+  -- lock serialises the key's admissions, and each statement after it sees what the previous ones
+  -- committed. Returns how many it admitted and the window as it was before them, for the caller's
+  -- headers: every bucket when one is refused, else each window's total in one bucket at its newest second.
   CREATE FUNCTION garage_admit(
     p_key TEXT, p_rpm BIGINT, p_tpm BIGINT, p_concurrency BIGINT,
-    p_gateway TEXT, p_slot_ttl_ms BIGINT,
-    OUT admitted BOOLEAN, OUT now_ms BIGINT, OUT bucket_seconds BIGINT[],
+    p_gateway TEXT, p_slot_ttl_ms BIGINT, p_count BIGINT,
+    OUT admitted BIGINT, OUT now_ms BIGINT, OUT bucket_seconds BIGINT[],
     OUT bucket_requests BIGINT[], OUT bucket_tokens BIGINT[], OUT in_flight BIGINT
   ) LANGUAGE plpgsql AS $$
   DECLARE
@@ -148,32 +148,37 @@ export const postgresMigrations: readonly string[] = [
       WHERE b.key_id = p_key AND b.second > v_second - 60 AND b.second <= v_second;
     SELECT coalesce(sum(s.in_flight), 0) INTO in_flight
       FROM rate_slots s WHERE s.key_id = p_key AND s.expires_at > now_ms;
-    admitted := (p_rpm IS NULL OR v_requests < p_rpm)
-            AND (p_tpm IS NULL OR v_tokens < p_tpm)
-            AND (p_concurrency IS NULL OR in_flight < p_concurrency);
-    IF admitted THEN
-      INSERT INTO rate_buckets AS b (key_id, second, requests) VALUES (p_key, v_second, 1)
-        ON CONFLICT (key_id, second) DO UPDATE SET requests = b.requests + 1;
-      IF p_concurrency IS NOT NULL THEN
-        -- A row that had expired held a count nobody renewed: it starts over.
-        INSERT INTO rate_slots AS s (key_id, gateway, in_flight, expires_at)
-          VALUES (p_key, p_gateway, 1, now_ms + p_slot_ttl_ms)
-          ON CONFLICT (key_id, gateway) DO UPDATE SET
-            in_flight = CASE WHEN s.expires_at > now_ms THEN s.in_flight + 1 ELSE 1 END,
-            expires_at = now_ms + p_slot_ttl_ms;
-      END IF;
-      -- Headers need only each window's total and newest second: one bucket each says as much.
-      bucket_seconds := ARRAY[coalesce(v_newest_request, v_second), coalesce(v_newest_token, v_second)];
-      bucket_requests := ARRAY[v_requests, 0];
-      bucket_tokens := ARRAY[0, v_tokens];
-    ELSE
-      -- A refusal's Retry-After needs the buckets: when enough of the window will have aged out.
+    -- The first p_count requests that fit, in order (tokens are charged after answers, not here).
+    admitted := p_count;
+    IF p_rpm IS NOT NULL THEN admitted := least(admitted, greatest(p_rpm - v_requests, 0)); END IF;
+    IF p_tpm IS NOT NULL AND v_tokens >= p_tpm THEN admitted := 0; END IF;
+    IF p_concurrency IS NOT NULL THEN admitted := least(admitted, greatest(p_concurrency - in_flight, 0)); END IF;
+    IF admitted < p_count THEN
+      -- A refusal's Retry-After needs the buckets (before this call's requests): when enough of the
+      -- window will have aged out.
       SELECT coalesce(array_agg(b.second ORDER BY b.second), '{}'),
              coalesce(array_agg(b.requests ORDER BY b.second), '{}'),
              coalesce(array_agg(b.tokens ORDER BY b.second), '{}')
         INTO bucket_seconds, bucket_requests, bucket_tokens
         FROM rate_buckets b
         WHERE b.key_id = p_key AND b.second > v_second - 60 AND b.second <= v_second;
+    ELSE
+      -- Headers need only each window's total and newest second: one bucket each says as much.
+      bucket_seconds := ARRAY[coalesce(v_newest_request, v_second), coalesce(v_newest_token, v_second)];
+      bucket_requests := ARRAY[v_requests, 0];
+      bucket_tokens := ARRAY[0, v_tokens];
+    END IF;
+    IF admitted > 0 THEN
+      INSERT INTO rate_buckets AS b (key_id, second, requests) VALUES (p_key, v_second, admitted)
+        ON CONFLICT (key_id, second) DO UPDATE SET requests = b.requests + excluded.requests;
+      IF p_concurrency IS NOT NULL THEN
+        -- A row that had expired held a count nobody renewed: it starts over.
+        INSERT INTO rate_slots AS s (key_id, gateway, in_flight, expires_at)
+          VALUES (p_key, p_gateway, admitted, now_ms + p_slot_ttl_ms)
+          ON CONFLICT (key_id, gateway) DO UPDATE SET
+            in_flight = CASE WHEN s.expires_at > now_ms THEN s.in_flight ELSE 0 END + excluded.in_flight,
+            expires_at = now_ms + p_slot_ttl_ms;
+      END IF;
     END IF;
   END $$;
 
@@ -303,7 +308,7 @@ export async function openPostgresStore(
 }
 
 interface AdmitRow {
-  admitted: boolean
+  admitted: number
   now_ms: number
   bucket_seconds: number[]
   bucket_requests: number[]
@@ -791,6 +796,11 @@ function buckets(seconds: number[], counts: number[]): Bucket[] {
 
 const unlimited: RateLimitDecision = { ok: true, release: () => {}, headers: {} }
 
+interface Waiter {
+  resolve(decision: RateLimitDecision): void
+  reject(err: unknown): void
+}
+
 /**
  * Per-key limits shared by every gateway on the database. check() is one round trip (garage_admit);
  * tokens charged and slots released are written together once per event-loop turn (garage_settle).
@@ -802,6 +812,8 @@ export class PostgresLimiter implements KeyLimiter, SettlementSource {
   private readonly store: PostgresStore
   private readonly gateway: string
   private readonly log: Logger
+  /** Per key with a call in flight: the requests waiting for the next one. */
+  private readonly waiting = new Map<string, Waiter[]>()
   /** This gateway's requests in flight, per key with a concurrency limit. */
   private readonly live = new Map<string, number>()
   /** Slots given back since the last settlement, per key. */
@@ -822,49 +834,92 @@ export class PostgresLimiter implements KeyLimiter, SettlementSource {
     this.sweepTimer = setInterval(() => void this.sweep(), sweepIntervalMs).unref()
   }
 
-  async check(key: RateLimitedKey): Promise<RateLimitDecision> {
+  /**
+   * One call per key in flight at a time: requests of a key that arrive meanwhile wait and go
+   * together in the next call (one round trip and one lock for all of them, under load).
+   */
+  check(key: RateLimitedKey): Promise<RateLimitDecision> | RateLimitDecision {
     const { rpm, tpm, concurrency } = key.limits
     if (rpm == null && tpm == null && concurrency == null) return unlimited
+    return new Promise((resolve, reject) => {
+      const waiting = this.waiting.get(key.id)
+      if (waiting != null) waiting.push({ resolve, reject })
+      else {
+        this.waiting.set(key.id, [])
+        void this.admitInTurn(key, [{ resolve, reject }])
+      }
+    })
+  }
+
+  private async admitInTurn(key: RateLimitedKey, batch: Waiter[]): Promise<void> {
+    try {
+      const decisions = await this.admit(key, batch.length)
+      for (const [i, w] of batch.entries()) w.resolve(decisions[i] as RateLimitDecision)
+    } catch (err) {
+      for (const w of batch) w.reject(err)
+    }
+    const next = this.waiting.get(key.id) ?? []
+    if (next.length === 0) {
+      this.waiting.delete(key.id)
+      return
+    }
+    this.waiting.set(key.id, [])
+    void this.admitInTurn(key, next)
+  }
+
+  /** Admits the first of COUNT requests of KEY that fit; a decision for each, in order. */
+  private async admit(key: RateLimitedKey, count: number): Promise<RateLimitDecision[]> {
+    const { rpm, tpm, concurrency } = key.limits
     const { rows } = await this.store.query<AdmitRow>(
-      'SELECT * FROM garage_admit($1, $2, $3, $4, $5, $6)',
-      [key.id, rpm, tpm, concurrency, this.gateway, this.slotTtlMs],
+      'SELECT * FROM garage_admit($1, $2, $3, $4, $5, $6, $7)',
+      [key.id, rpm, tpm, concurrency, this.gateway, this.slotTtlMs, count],
       'garage_admit',
     )
     const row = rows[0] as AdmitRow
-    const verdict = decide(
-      key.limits,
-      {
-        requests: buckets(row.bucket_seconds, row.bucket_requests),
-        tokens: buckets(row.bucket_seconds, row.bucket_tokens),
-        inFlight: row.in_flight,
-      },
-      row.now_ms,
-    )
-    if (!row.admitted) {
-      if (!verdict.ok) return verdict
-      // The same comparisons on the same numbers: only a bug gets here. Refuse, as the database did.
-      return {
-        ok: false,
-        reason: 'concurrency',
-        retryAfterSeconds: 1,
-        headers: { ...verdict.headers, 'retry-after': '1' },
+    const now = row.now_ms
+    const requests = buckets(row.bucket_seconds, row.bucket_requests)
+    const tokens = buckets(row.bucket_seconds, row.bucket_tokens)
+    const current = Math.floor(now / 1000)
+    if (concurrency != null && row.admitted > 0)
+      this.live.set(key.id, (this.live.get(key.id) ?? 0) + row.admitted)
+    return Array.from({ length: count }, (_, i): RateLimitDecision => {
+      // The window as the i-th request finds it: the ones admitted before it in this call added.
+      const before = Math.min(i, row.admitted)
+      const verdict = decide(
+        key.limits,
+        {
+          requests: before > 0 ? [...requests, { second: current, count: before }] : requests,
+          tokens,
+          inFlight: row.in_flight + before,
+        },
+        now,
+      )
+      if (i >= row.admitted) {
+        if (!verdict.ok) return verdict
+        // The same comparisons on the same numbers: only a bug gets here. Refuse, as the database did.
+        return {
+          ok: false,
+          reason: 'concurrency',
+          retryAfterSeconds: 1,
+          headers: { ...verdict.headers, 'retry-after': '1' },
+        }
       }
-    }
-    if (concurrency == null) return { ok: true, headers: verdict.headers, release: () => {} }
-    this.live.set(key.id, (this.live.get(key.id) ?? 0) + 1)
+      const { 'retry-after': _refusalOnly, ...headers } = verdict.headers
+      return { ok: true, headers, release: concurrency != null ? this.releaser(key.id) : () => {} }
+    })
+  }
+
+  /** Gives back one slot of KEY_ID, once. */
+  private releaser(keyId: string): () => void {
     let released = false
-    return {
-      ok: true,
-      headers: verdict.headers,
-      release: () => {
-        if (released) return
-        released = true
-        const left = (this.live.get(key.id) ?? 1) - 1
-        if (left > 0) this.live.set(key.id, left)
-        else this.live.delete(key.id)
-        this.released.set(key.id, (this.released.get(key.id) ?? 0) + 1)
-        this.scheduleSettle(0)
-      },
+    return () => {
+      if (released) return
+      released = true
+      const left = (this.live.get(keyId) ?? 1) - 1
+      if (left > 0) this.live.set(keyId, left)
+      else this.live.delete(keyId)
+      this.released.set(keyId, (this.released.get(keyId) ?? 0) + 1)
+      this.scheduleSettle(0)
     }
   }
 
