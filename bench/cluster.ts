@@ -10,7 +10,8 @@ import { LlamaCppEngine } from '../daemon/engines/llamacpp/engine.ts'
 import { writeTinyModel } from '../daemon/engines/llamacpp/tiny-model.ts'
 import { daemonEnv } from '../daemon/launch.ts'
 import { ApiKeyStore } from '../federation/keys.ts'
-import { openFederationStore } from '../federation/store.ts'
+import { openStore } from '../federation/store.ts'
+import { openFederationStore } from '../federation/store-sqlite.ts'
 import { initAuthority } from '../mesh/authority.ts'
 import { issueRegionCertificate } from '../mesh/certificate.ts'
 import { loadOrCreateIdentity } from '../mesh/identity.ts'
@@ -38,6 +39,11 @@ export interface BenchCluster {
   federation: Target | null
   /** A second gateway with --no-direct: every request through the head (the fallback path). */
   federationViaHead: Target | null
+  /**
+   * With `postgres`: the SQLite gateway and a second gateway on PostgreSQL, each with a key that has
+   * (unreachable) limits, so both limiters and both ledgers are on the path.
+   */
+  stores: { sqlite: Target & { pid: number }; postgres: Target & { pid: number } } | null
   /** The `garage node` process: its pid, and its data dir (control.json, control.token). */
   node: { pid: number; dataDir: string }
   stop(): Promise<void>
@@ -85,6 +91,8 @@ export async function startBenchCluster(options: {
   federation: boolean
   /** Also a gateway with the direct path off, beside the first. */
   federationViaHead?: boolean
+  /** postgres://...: also start a gateway on this database (see BenchCluster.stores). */
+  postgres?: string
 }): Promise<BenchCluster> {
   const dir = await mkdtemp(join(tmpdir(), 'garage-bench-cluster-'))
   const children: ChildProcess[] = []
@@ -125,6 +133,8 @@ export async function startBenchCluster(options: {
     const fedId = peerIdFromPrivateKey(await loadOrCreateIdentity(fedDir)).toString()
     const viaHeadDir = join(dir, 'federation-via-head')
     const viaHeadId = peerIdFromPrivateKey(await loadOrCreateIdentity(viaHeadDir)).toString()
+    const pgDir = join(dir, 'federation-postgres')
+    const pgId = peerIdFromPrivateKey(await loadOrCreateIdentity(pgDir)).toString()
     const policy = {
       region: 'bench',
       models: [
@@ -164,6 +174,8 @@ export async function startBenchCluster(options: {
         fedId,
         '--federation',
         viaHeadId,
+        '--federation',
+        pgId,
         '--data-dir',
         headDir,
       ],
@@ -197,10 +209,10 @@ export async function startBenchCluster(options: {
       /engine/,
       children,
     )
-    const startGateway = async (dataDir: string, extra: string[]): Promise<Target> => {
-      const db = openFederationStore(dataDir)
-      const key = new ApiKeyStore(db).create({ name: 'bench' }).key
-      db.close()
+    let federation: Target | null = null
+    let stores: BenchCluster['stores'] = null
+    /** Starts a gateway on that data dir (and database) and waits until it sees the region's model. */
+    const startGateway = async (dataDir: string, key: string, extra: string[] = []): Promise<string> => {
       const lines = await spawnGarage(
         [
           'federation',
@@ -220,24 +232,44 @@ export async function startBenchCluster(options: {
         /admin/,
         children,
       )
-      const target = { url: field(lines, 'api').replace(/\/v1$/, ''), key }
-      // Ready once the gateway sees the region's model.
+      const url = field(lines, 'api').replace(/\/v1$/, '')
       const deadline = Date.now() + 30_000
       for (;;) {
-        const res = await fetch(`${target.url}/v1/models`, {
-          headers: { authorization: `Bearer ${key}` },
-        })
+        const res = await fetch(`${url}/v1/models`, { headers: { authorization: `Bearer ${key}` } })
         const body = (await res.json()) as { data?: Array<{ id: string }> }
-        if (body.data?.some((m) => m.id === tinyModel)) break
+        if (body.data?.some((m) => m.id === tinyModel)) return url
         if (Date.now() > deadline) throw new Error('the federation never saw the region')
         await new Promise((r) => setTimeout(r, 250))
       }
-      return target
     }
-    const federation = options.federation ? await startGateway(fedDir, []) : null
-    const federationViaHead = options.federationViaHead
-      ? await startGateway(viaHeadDir, ['--no-direct'])
-      : null
+    // Limits no benchmark reaches: the limiter runs on every request, it never refuses one.
+    const limited = { name: 'bench-limited', rpm: 100_000_000, tpm: 1_000_000_000_000, concurrency: 100_000 }
+    if (options.federation) {
+      const store = openFederationStore(fedDir)
+      const key = (await new ApiKeyStore(store).create({ name: 'bench' })).key
+      const sqliteLimited = options.postgres != null ? (await new ApiKeyStore(store).create(limited)).key : ''
+      await store.close()
+      federation = { url: await startGateway(fedDir, key), key }
+      const sqlitePid = children.at(-1)?.pid ?? 0
+      if (options.postgres != null) {
+        const pgStore = await openStore({ dataDir: pgDir, database: options.postgres })
+        const pgKey = (await new ApiKeyStore(pgStore).create(limited)).key
+        await pgStore.close()
+        progress('starting a second gateway, on PostgreSQL')
+        const pgUrl = await startGateway(pgDir, pgKey, ['--database', options.postgres])
+        stores = {
+          sqlite: { url: federation.url, key: sqliteLimited, pid: sqlitePid },
+          postgres: { url: pgUrl, key: pgKey, pid: children.at(-1)?.pid ?? 0 },
+        }
+      }
+    }
+    let federationViaHead: Target | null = null
+    if (options.federationViaHead) {
+      const store = openFederationStore(viaHeadDir)
+      const key = (await new ApiKeyStore(store).create({ name: 'bench' })).key
+      await store.close()
+      federationViaHead = { url: await startGateway(viaHeadDir, key, ['--no-direct']), key }
+    }
     const handle = await direct.start({
       model: modelPath,
       servedModelName: tinyModel,
@@ -252,6 +284,7 @@ export async function startBenchCluster(options: {
       head: headTarget,
       federation,
       federationViaHead,
+      stores,
       node: { pid: nodePid, dataDir: nodeDir },
       stop,
     }

@@ -1,3 +1,4 @@
+import type { TestPostgres } from '../test/helpers/postgres.ts'
 import {
   addedOver,
   type BenchCluster,
@@ -11,6 +12,7 @@ import {
   warmUp,
   warmupMs,
 } from './cluster.ts'
+import { compareStores, type StoreComparison, startBenchPostgres } from './gateway-store.ts'
 import { type Nginx, startNginx, startNginxChain } from './nginx.ts'
 import { percentile, progress, table, writeResult } from './report.ts'
 
@@ -143,12 +145,15 @@ async function untilDirect(target: Target): Promise<void> {
 export async function run(): Promise<Record<string, unknown>> {
   let cluster: BenchCluster | undefined
   const proxies: Array<Nginx | null> = []
+  let postgres: TestPostgres | null = null
   try {
+    postgres = await startBenchPostgres()
     cluster = await startBenchCluster({
       parallel: 32,
       contextLength: 256,
       federation: true,
       federationViaHead: true,
+      ...(postgres != null ? { postgres: postgres.url } : {}),
     })
     const nginx = await startNginx(cluster.direct.url)
     const chain2 = nginx != null ? await startNginxChain(cluster.direct.url, 2) : null
@@ -204,6 +209,9 @@ export async function run(): Promise<Record<string, unknown>> {
       progress(`stream round ${r + 1}/${streamRounds}: ratio ${ratios.at(-1)!.toFixed(3)}`)
     }
     const streamRatio = Number(percentile(ratios, 50).toFixed(3))
+    // The same path with the gateway's store in PostgreSQL beside SQLite (issue 20).
+    const store: StoreComparison | null =
+      cluster.stores != null && postgres != null ? await compareStores(cluster.stores, postgres) : null
     const t = rows.find((r) => r.concurrency === top)!
     const goalMet =
       t.p50_budget_ratio != null &&
@@ -227,6 +235,7 @@ export async function run(): Promise<Record<string, unknown>> {
         stream_tokens_per_s_ratio: '>= 0.95',
       },
       goal_met: goalMet,
+      ...store?.result,
     }
     const path = await writeResult('gateway', result)
     const lines: Array<[string, string, string]> = []
@@ -273,6 +282,7 @@ export async function run(): Promise<Record<string, unknown>> {
         ])
     }
     lines.push(['stream_tokens_per_s_ratio (federation / direct)', String(streamRatio), '>= 0.95'])
+    lines.push(...(store?.rows ?? []))
     process.stdout.write(
       `\ngateway: one-token completions straight to the engine vs through the federation (warm unless marked cold)\n${table(lines)}\n${goalMet ? 'goal met' : 'GOAL MISSED'}; written to ${path}\n`,
     )
@@ -281,5 +291,6 @@ export async function run(): Promise<Record<string, unknown>> {
     closeClient()
     for (const p of proxies) await p?.stop()
     await cluster?.stop()
+    await postgres?.destroy()
   }
 }

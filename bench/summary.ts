@@ -127,6 +127,22 @@ export const goals: readonly Goal[] = [
     says: "one head core carries ≥ 20,000 nodes' telemetry",
   },
   {
+    bench: 'gateway',
+    metric: 'postgres_rps_ratio',
+    op: '>=',
+    threshold: 0.9,
+    issue: 20,
+    says: '`postgres_rps_ratio` (the gateway on PostgreSQL over the gateway on SQLite, same path, concurrency 32) ≥ 0.9',
+  },
+  {
+    bench: 'gateway',
+    metric: 'postgres_added_p50_ms',
+    op: '<=',
+    threshold: 1,
+    issue: 20,
+    says: 'the PostgreSQL store adds ≤ 1 ms p50 (concurrency 1, against the same gateway on SQLite)',
+  },
+  {
     bench: 'footprint',
     metric: 'idle_rss_mb',
     op: '<=',

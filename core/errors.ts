@@ -145,6 +145,12 @@ export const httpErrorCodes = {
     meaning: 'the model is known but nothing can serve it right now; see Retry-After',
     surfaces: openai,
   },
+  store_unavailable: {
+    status: 503,
+    meaning:
+      "the federation's database (PostgreSQL) cannot be reached; see Retry-After (usage of answers under way is kept and written when it is back)",
+    surfaces: openai,
+  },
   engine_draining: {
     status: 503,
     meaning: 'the engine is draining (passed through from a node)',

@@ -12,16 +12,17 @@ import { FederationRouter } from '../routing/region-router.ts'
 import { adminTokenFile, FederationApi } from './api.ts'
 import { DirectPath } from './direct.ts'
 import { ApiKeyStore } from './keys.ts'
-import { UsageLedger } from './ledger.ts'
+import { ledgerCloseTimeoutMs, UsageLedger } from './ledger.ts'
 import { federationMetrics } from './metrics.ts'
-import { RateLimiter } from './rate-limit.ts'
 import { RegionDirectory } from './regions.ts'
 import { RegionRoute } from './route.ts'
-import { openFederationStore } from './store.ts'
+import { type FederationStore, openStore } from './store.ts'
 
 export interface FederationOptions {
-  /** federation.db (keys, ledger), admin.token and the gateway's libp2p identity. */
+  /** federation.db (keys, ledger; unless `database` is given), admin.token and the gateway's libp2p identity. */
   dataDir: string
+  /** postgres://...: keys, ledger and rate limits in PostgreSQL, shared with every gateway pointed at it. */
+  database?: string
   /** The pinned federation authority: only heads it certified are used. */
   authority: string
   bootstrap: string[]
@@ -49,6 +50,7 @@ export interface Federation {
   peerId: PeerId
   node: MeshNode
   adminToken: string
+  store: FederationStore
   keys: ApiKeyStore
   ledger: UsageLedger
   directory: RegionDirectory
@@ -71,10 +73,10 @@ const defaultFirstByteTimeoutMs = 60_000
 export async function startFederation(options: FederationOptions): Promise<Federation> {
   const log = (options.logger ?? silentLogger).child({ component: 'federation' })
   const adminToken = await loadOrCreateSecret(join(options.dataDir, adminTokenFile))
-  const db = await openFederationStore(options.dataDir)
-  const keys = new ApiKeyStore(db)
-  const ledger = new UsageLedger(db)
-  const limiter = new RateLimiter()
+  const store = await openStore({ dataDir: options.dataDir, database: options.database, logger: log })
+  const keys = new ApiKeyStore(store)
+  const ledger = new UsageLedger(store, { logger: log })
+  const limiter = store.createLimiter()
 
   const privateKey = await loadOrCreateIdentity(options.dataDir)
   const node = await createMeshNode({
@@ -127,7 +129,7 @@ export async function startFederation(options: FederationOptions): Promise<Feder
 
   const api = new FederationApi(
     { adminToken, logger: log, peerId: node.peerId.toString() },
-    { keys, ledger, limiter, directory, route, metrics, items: new OutputItemStore(), direct },
+    { store, keys, ledger, limiter, directory, route, metrics, items: new OutputItemStore(), direct },
   )
   const server: Server = createServer((req, res) => void api.serve(req, res))
   const host = options.httpHost ?? '127.0.0.1'
@@ -135,8 +137,14 @@ export async function startFederation(options: FederationOptions): Promise<Feder
   const stopAll = async (): Promise<void> => {
     await direct?.stop()
     await directory.stop()
-    ledger.close()
-    db.close()
+    await limiter.close()
+    try {
+      await ledger.close(ledgerCloseTimeoutMs)
+    } catch (err) {
+      // The sums are in the message: an operator can add them by hand.
+      log.error({ err }, 'usage ledger not written before stopping')
+    }
+    await store.close()
     await node.stop()
   }
   let url: string
@@ -148,7 +156,7 @@ export async function startFederation(options: FederationOptions): Promise<Feder
   }
   directory.start()
   direct?.start()
-  log.info({ url, peerId: node.peerId.toString() }, 'federation gateway started')
+  log.info({ url, peerId: node.peerId.toString(), store: store.location }, 'federation gateway started')
 
   let stopped = false
   return {
@@ -156,6 +164,7 @@ export async function startFederation(options: FederationOptions): Promise<Feder
     peerId: node.peerId,
     node,
     adminToken,
+    store,
     keys,
     ledger,
     directory,

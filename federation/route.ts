@@ -12,7 +12,7 @@ import type { DirectAttempt, DirectPath } from './direct.ts'
 import type { KeyInfo } from './keys.ts'
 import type { UsageLedger } from './ledger.ts'
 import type { FederationMetrics } from './metrics.ts'
-import type { RateLimiter } from './rate-limit.ts'
+import type { KeyLimiter } from './rate-limit.ts'
 
 /**
  * Head answers that mean "try another region" while nothing has reached the client (404: the
@@ -50,7 +50,7 @@ export interface RegionRouteComponents {
   /** The direct path: requests straight to leased nodes; null sends everything through heads. */
   direct?: DirectPath | null
   ledger: Pick<UsageLedger, 'record'>
-  limiter: Pick<RateLimiter, 'record'>
+  limiter: Pick<KeyLimiter, 'record'>
   metrics: FederationMetrics
 }
 
@@ -169,7 +169,7 @@ export class RegionRoute implements ProxyRoute<FederationCall> {
 
   /**
    * Bills a stream as it is relayed, write by write, so a gateway killed mid-stream has billed what
-   * its client received but for the last event-loop turn's writes (the ledger writes once a turn).
+   * its client received but for the writes not yet in the store (the ledger writes once a turn).
    */
   streamed(call: FederationCall, region: string, response: InferResponse, completionTokens: number): void {
     if (response.status === 200) this.#bill(call, region, response, 0, completionTokens)

@@ -108,7 +108,7 @@ describe('the direct path to a node behind NAT', () => {
     })
     undo.push({ what: 'stop the federation', fn: () => federation.stop() })
     head.allowFederation(federation.peerId.toString())
-    const key = federation.keys.create({ name: 'nat' }).key
+    const key = (await federation.keys.create({ name: 'nat' })).key
 
     // The gamer's side: `garage node` in the home namespace, behind the NAT, as a user runs it.
     const nodeDir = join(dir, 'node')

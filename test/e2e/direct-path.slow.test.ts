@@ -31,18 +31,17 @@ describe('the direct path: federation → node with the head as control plane', 
   let dir: string
   let devnet: Devnet
   let openai: OpenAI
-  const totals = () => {
-    const usage = devnet.federation.ledger.usageByKey({ keyId: keyId() })
+  const totals = async () => {
+    const usage = await devnet.federation.ledger.usageByKey({ keyId: await keyId() })
     return {
       requests: usage.reduce((n, u) => n + u.requests, 0),
       completion: usage.reduce((n, u) => n + u.completionTokens, 0),
     }
   }
-  const keyId = () =>
-    devnet.federation.keys.list().find((k) => k.name === 'devnet' && k.revokedAt == null)!.id
-  const credits = (node: string) =>
-    devnet.federation.ledger
-      .creditsByNode()
+  const keyId = async () =>
+    (await devnet.federation.keys.list()).find((k) => k.name === 'devnet' && k.revokedAt == null)!.id
+  const credits = async (node: string) =>
+    (await devnet.federation.ledger.creditsByNode())
       .filter((c) => c.node === node)
       .reduce((n, c) => n + c.completionTokens, 0)
 
@@ -64,8 +63,9 @@ describe('the direct path: federation → node with the head as control plane', 
   })
 
   it('serves streamed and whole answers straight from the nodes; ledger, credits and the head agree', async () => {
-    const before = totals()
-    const creditsBefore = new Map(devnet.info.nodes.map((n) => [n.peerId, credits(n.peerId)]))
+    const before = await totals()
+    const creditsBefore = new Map<string, number>()
+    for (const n of devnet.info.nodes) creditsBefore.set(n.peerId, await credits(n.peerId))
     const verifiedBefore = new Map(
       devnet.info.nodes.map((n) => [n.peerId, devnet.heads[0]!.verified.verified(n.peerId)]),
     )
@@ -111,14 +111,14 @@ describe('the direct path: federation → node with the head as control plane', 
     )
     expect(paths, `paths: ${paths.join(',')}`).toEqual(Array(8).fill('direct'))
     expect(received.size).toBe(2)
-    const after = totals()
+    const after = await totals()
     expect(after.requests - before.requests).toBe(8)
     expect(after.completion - before.completion).toBe(tokens)
     // The head learns what its nodes served from the gateway's reports: exactly what was billed.
     await devnet.federation.direct!.flush()
     const head = devnet.heads[0]!
     for (const [node, got] of received) {
-      expect(credits(node) - creditsBefore.get(node)!).toBe(got)
+      expect((await credits(node)) - creditsBefore.get(node)!).toBe(got)
       expect(head.verified.verified(node) - verifiedBefore.get(node)!).toBe(got)
     }
     // And the nodes' own counts, checked by the head once the reports covering them are in: no flag.
@@ -131,7 +131,7 @@ describe('the direct path: federation → node with the head as control plane', 
   })
 
   it('a cancelled stream stops its node, is billed for what arrived, and flags nobody', async () => {
-    const before = totals()
+    const before = await totals()
     const abort = new AbortController()
     const { data: stream, response } = await openai.chat.completions
       .create(
@@ -152,8 +152,9 @@ describe('the direct path: federation → node with the head as control plane', 
     })
     const metrics = await (await fetch(`${node.engineUrl}/metrics`)).text()
     const generated = Number(/^vllm:generation_tokens_total\{[^}]*\} (\S+)$/m.exec(metrics)?.[1] ?? 0)
-    expect(totals().requests - before.requests).toBe(1)
-    const billed = totals().completion - before.completion
+    const after = await totals()
+    expect(after.requests - before.requests).toBe(1)
+    const billed = after.completion - before.completion
     expect(billed).toBeGreaterThan(0)
     expect(billed).toBeLessThan(2000)
     await devnet.federation.direct!.flush()
