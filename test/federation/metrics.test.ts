@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest'
-import { federationMetrics } from '../../federation/metrics.ts'
+import { federationMetrics, maxKeyLabels, otherKeyLabel } from '../../federation/metrics.ts'
 import type { RegionDirectory } from '../../federation/regions.ts'
 
 describe('federation metrics', () => {
@@ -13,5 +13,21 @@ describe('federation metrics', () => {
     // Every metric is the federation's own.
     const names = [...text.matchAll(/^# TYPE (\S+)/gm)].map((m) => m[1]!)
     expect(names.filter((n) => !n.startsWith('garage_federation_'))).toEqual([])
+  })
+
+  it('labels per-key usage by key name for the first maxKeyLabels names, and "other" after: /metrics stays bounded', async () => {
+    const metrics = federationMetrics({ regions: () => [] } as unknown as RegionDirectory)
+    for (let i = 0; i < maxKeyLabels; i++) expect(metrics.keyLabel(`key-${i}`)).toBe(`key-${i}`)
+    expect(metrics.keyLabel('one-too-many')).toBe(otherKeyLabel)
+    // A name seen before keeps its own series.
+    expect(metrics.keyLabel('key-0')).toBe('key-0')
+    for (let i = 0; i < 3 * maxKeyLabels; i++)
+      metrics.keyTokens.inc({ key: metrics.keyLabel(`more-${i}`), kind: 'completion' }, 1)
+    metrics.keyTokens.inc({ key: metrics.keyLabel('key-1'), kind: 'completion' }, 2)
+    const values = (await metrics.keyTokens.get()).values
+    expect(values.map((v) => [v.labels.key, v.value])).toEqual([
+      [otherKeyLabel, 3 * maxKeyLabels],
+      ['key-1', 2],
+    ])
   })
 })
