@@ -1,4 +1,5 @@
 import { readFileSync } from 'node:fs'
+import { PrometheusRule } from '@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/PrometheusRule'
 import { ServiceMonitor } from '@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/ServiceMonitor'
 import { Ajv } from 'ajv'
 import { Deployment } from 'kubernetes-models/apps/v1/Deployment'
@@ -34,6 +35,7 @@ const runtimeModels: Record<string, Validating> = {
   'apps/v1/Deployment': Deployment as unknown as Validating,
   'policy/v1/PodDisruptionBudget': PodDisruptionBudget as unknown as Validating,
   'monitoring.coreos.com/v1/ServiceMonitor': ServiceMonitor as unknown as Validating,
+  'monitoring.coreos.com/v1/PrometheusRule': PrometheusRule as unknown as Validating,
 }
 
 /** The TypeScript interface of each kind, and the module that declares it. */
@@ -50,6 +52,10 @@ const typeModels: Record<string, { module: string; type: string }> = {
   'monitoring.coreos.com/v1/ServiceMonitor': {
     module: '@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/ServiceMonitor',
     type: 'IServiceMonitor',
+  },
+  'monitoring.coreos.com/v1/PrometheusRule': {
+    module: '@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/PrometheusRule',
+    type: 'IPrometheusRule',
   },
   podTemplate: { module: 'kubernetes-models/v1/PodTemplateSpec', type: 'IPodTemplateSpec' },
 }
@@ -130,7 +136,7 @@ function typeErrors(objects: KubeObject[]): string[] {
   })
 }
 
-describe('deploy/kubernetes against the Kubernetes API schemas (offline)', () => {
+describe('deploy/kubernetes and deploy/monitoring against the Kubernetes API schemas (offline)', () => {
   let rendered: Map<string, KubeObject[]>
   beforeAll(async () => {
     rendered = await renderAll()
@@ -157,6 +163,12 @@ describe('deploy/kubernetes against the Kubernetes API schemas (offline)', () =>
       'ServiceMonitor/garage-federation',
     ])
     expect(kinds('overlays/ray-example')).toEqual(['Namespace/garage-eu-north-ray', 'RayCluster/garage-ray'])
+    expect(kinds('monitoring')).toEqual([
+      'ConfigMap/garage-dashboard-federation',
+      'ConfigMap/garage-dashboard-node',
+      'ConfigMap/garage-dashboard-region',
+      'PrometheusRule/garage',
+    ])
   })
 
   it('every object passes the API validators (kubernetes-models, prometheus-operator models, KubeRay fields)', () => {

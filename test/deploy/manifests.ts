@@ -86,5 +86,6 @@ export async function renderAll(): Promise<Map<string, KubeObject[]>> {
   const out = new Map<string, KubeObject[]>()
   for (const o of overlays) out.set(`overlays/${o}`, await kustomizeBuild(`${kubernetesDir}/overlays/${o}`))
   for (const b of bases) out.set(`base/${b}`, await kustomizeBuild(`${kubernetesDir}/base/${b}`))
+  out.set('monitoring', await kustomizeBuild(`${repoRoot}deploy/monitoring`))
   return out
 }

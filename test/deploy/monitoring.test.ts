@@ -1,10 +1,12 @@
 import { execFile } from 'node:child_process'
+import { readFileSync } from 'node:fs'
 import { mkdtemp, rm, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { promisify } from 'node:util'
 import { describe, expect, it } from 'vitest'
-import { stringify } from 'yaml'
+import { parse as parseYaml, stringify } from 'yaml'
+import { kustomizeBuild } from '../helpers/kustomize.ts'
 import {
   asPrometheusSees,
   dashboard,
@@ -118,5 +120,17 @@ describe('deploy/monitoring', () => {
       ]),
     )
     expect([...names('garage-node.json')].every((n) => n.startsWith('vllm:'))).toBe(true)
+  })
+
+  it('deploy/monitoring as kustomize renders it: the same rules as a PrometheusRule, the dashboards as ConfigMaps for the Grafana sidecar', async () => {
+    const objects = await kustomizeBuild(monitoringDir)
+    const rule = objects.find((o) => o.kind === 'PrometheusRule')!
+    expect(rule.spec).toEqual(parseYaml(readFileSync(rulesFile, 'utf8')))
+    for (const file of dashboardFiles()) {
+      const name = `garage-dashboard-${file.replace(/^garage-|\.json$/g, '')}`
+      const cm = objects.find((o) => o.kind === 'ConfigMap' && o.metadata.name === name)!
+      expect(cm.metadata.labels).toMatchObject({ grafana_dashboard: '1' })
+      expect(cm.data).toEqual({ [file]: readFileSync(join(monitoringDir, 'dashboards', file), 'utf8') })
+    }
   })
 })

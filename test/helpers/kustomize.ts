@@ -6,7 +6,7 @@ import { parseAllDocuments, parse as parseYaml } from 'yaml'
 /**
  * `kustomize build` for the kustomize features deploy/kubernetes uses, so tests render the overlays
  * with no kustomize binary (CI has none): resources (files and folders), namespace, images, replicas,
- * configMapGenerator (literals, files) with disableNameSuffixHash, and JSON 6902 patches by kind and
+ * configMapGenerator (literals, files) with disableNameSuffixHash and labels, and JSON 6902 patches by kind and
  * name. Any other field of a kustomization is refused, so a feature added to the manifests cannot be
  * skipped here silently. Checked against kubectl kustomize (v5.5) on the overlays of this repo.
  */
@@ -41,7 +41,7 @@ interface Kustomization {
   namespace?: string
   images?: Array<{ name: string; newName?: string; newTag?: string; digest?: string }>
   replicas?: Array<{ name: string; count: number }>
-  generatorOptions?: { disableNameSuffixHash?: boolean }
+  generatorOptions?: { disableNameSuffixHash?: boolean; labels?: Record<string, string> }
   configMapGenerator?: Array<{ name: string; literals?: string[]; files?: string[] }>
   patches?: Array<{ path?: string; patch?: string; target?: { kind?: string; name?: string } }>
 }
@@ -126,7 +126,13 @@ async function generateConfigMaps(dir: string, k: Kustomization): Promise<KubeOb
       const [key, path] = eq === -1 ? [basename(entry), entry] : [entry.slice(0, eq), entry.slice(eq + 1)]
       data[key] = await readFile(join(dir, path), 'utf8')
     }
-    out.push({ apiVersion: 'v1', kind: 'ConfigMap', metadata: { name: g.name }, data })
+    const labels = k.generatorOptions.labels
+    out.push({
+      apiVersion: 'v1',
+      kind: 'ConfigMap',
+      metadata: { name: g.name, ...(labels != null ? { labels: { ...labels } } : {}) },
+      data,
+    })
   }
   return out
 }
