@@ -402,7 +402,7 @@ describe('deploy/kubernetes against the code', () => {
     }
     const head = spec.headGroupSpec.template.spec.containers[0]!
     expect(head.image).toBe(rayImage)
-    expect(`${rayImage}`).toContain(`:${spec.rayVersion}-`)
+    expect(rayImage).toContain(`:${spec.rayVersion}-`)
     expect(spec.authOptions.mode).toBe('token')
     // ray start's flags as the regional head passes them (bootstrap/head/ray-head.ts).
     const code = new Map(
@@ -415,7 +415,7 @@ describe('deploy/kubernetes against the code', () => {
         envFile: '/e',
         shmSize: '2g',
       })
-        .args.filter((a) => a.startsWith('--'))
+        .args!.filter((a) => a.startsWith('--'))
         .map((a) => {
           const [flag, value] = a.slice(2).split('=') as [string, string | undefined]
           return [flag, value ?? 'true'] as const
