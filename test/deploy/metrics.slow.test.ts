@@ -1,8 +1,10 @@
-import { mkdtemp, rm } from 'node:fs/promises'
+import { copyFile, mkdir, mkdtemp, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { type Devnet, devnetModelName, startDevnet } from '../../cli/commands/devnet.ts'
+import { startFederation } from '../../federation/gateway.ts'
+import { identityFileName } from '../../mesh/identity.ts'
 import { podTemplates, renderOverlay } from './manifests.ts'
 import { dashboardQueries, metricNames, ruleQueries } from './promql.ts'
 
@@ -14,6 +16,21 @@ import { dashboardQueries, metricNames, ruleQueries } from './promql.ts'
  */
 
 const requestTimeoutMs = 10_000
+
+async function chat(url: string, key: string): Promise<number> {
+  const res = await fetch(`${url}/v1/chat/completions`, {
+    method: 'POST',
+    headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' },
+    body: JSON.stringify({
+      model: devnetModelName,
+      messages: [{ role: 'user', content: 'Hello' }],
+      max_tokens: 4,
+    }),
+    signal: AbortSignal.timeout(requestTimeoutMs),
+  })
+  await res.arrayBuffer()
+  return res.status
+}
 
 /** Metric names one /metrics page exports: each family, with a histogram's and summary's series. */
 async function exported(url: string): Promise<Set<string>> {
@@ -36,21 +53,7 @@ describe('deploy/monitoring against a running devnet', () => {
     dir = await mkdtemp(join(tmpdir(), 'garage-monitoring-'))
     devnet = await startDevnet({ dataDir: dir, regions: 1, nodes: 1, embeddingNodes: 0, port: 0 })
     // One answered request, so the request, token and per-key series have samples too.
-    const res = await fetch(`${devnet.info.federation.url}/v1/chat/completions`, {
-      method: 'POST',
-      headers: {
-        authorization: `Bearer ${devnet.info.federation.apiKey}`,
-        'content-type': 'application/json',
-      },
-      body: JSON.stringify({
-        model: devnetModelName,
-        messages: [{ role: 'user', content: 'Hello' }],
-        max_tokens: 4,
-      }),
-      signal: AbortSignal.timeout(requestTimeoutMs),
-    })
-    expect(res.status).toBe(200)
-    await res.json()
+    expect(await chat(devnet.info.federation.url, devnet.info.federation.apiKey)).toBe(200)
   })
   afterAll(async () => {
     await devnet?.stop()
@@ -136,5 +139,33 @@ describe('deploy/monitoring against a running devnet', () => {
       }
     }
     expect(new Set(probed)).toEqual(new Set(['bootstrap-http', 'head-http', 'http']))
+  })
+
+  it("two gateways on the Deployment's one identity (one PeerId the head allows) are both served, at once", async () => {
+    // The second replica: another process' data dir with the same identity key, as the init container copies it.
+    const replicaDir = join(dir, 'federation-replica')
+    await mkdir(replicaDir, { recursive: true, mode: 0o700 })
+    await copyFile(join(dir, 'federation', identityFileName), join(replicaDir, identityFileName))
+    const replica = await startFederation({
+      dataDir: replicaDir,
+      authority: devnet.info.authority,
+      bootstrap: [devnet.info.regions[0]!.bootstrapAddr],
+      listen: ['/ip4/127.0.0.1/tcp/0'],
+      allowPrivateAddresses: true,
+      httpPort: 0,
+    })
+    try {
+      expect(replica.peerId.toString()).toBe(devnet.info.federation.peerId)
+      await replica.directory.refresh()
+      // Until the PostgreSQL store is merged, each replica keeps its own keys: one for this one.
+      const key = replica.keys.create({ name: 'replica' }).key
+      const statuses = await Promise.all([
+        ...Array.from({ length: 3 }, () => chat(devnet.info.federation.url, devnet.info.federation.apiKey)),
+        ...Array.from({ length: 3 }, () => chat(replica.url, key)),
+      ])
+      expect(statuses).toEqual([200, 200, 200, 200, 200, 200])
+    } finally {
+      await replica.stop()
+    }
   })
 })
