@@ -159,7 +159,10 @@ describe('deploy/kubernetes against the code', () => {
       }
     }
     // The image runs the CLI as the user the pods run as, with the data dir the pods mount.
-    expect(containerfile).toMatch(/^ENTRYPOINT \["node", "\/opt\/garage\/bin\/garage\.js"\]$/m)
+    // `garage` on PATH is bin/garage.js: the entrypoint, and what `kubectl exec ... -- garage` runs.
+    expect(containerfile).toMatch(/^RUN ln -s \/opt\/garage\/bin\/garage\.js \/usr\/local\/bin\/garage$/m)
+    expect(containerfile).toMatch(/^COPY bin \.\/bin$/m)
+    expect(containerfile).toMatch(/^ENTRYPOINT \["garage"\]$/m)
     expect(containerfile).toMatch(/^USER 10001:10001$/m)
     expect(containerfile).toMatch(/GARAGE_DATA_DIR=\/var\/lib\/garage$/m)
     // Every folder the CLI imports, transitively from bin/garage.js, is copied into the image.
