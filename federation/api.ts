@@ -18,7 +18,7 @@ import { prepareUpstreamRequest, upstreamBody } from '../openai/request.ts'
 import { type OutputItemStore, responsesSink, responsesToChat } from '../openai/responses.ts'
 import type { ApiKeyStore, KeyInfo } from './keys.ts'
 import { LedgerDateError, type UsageLedger } from './ledger.ts'
-import type { FederationMetrics } from './metrics.ts'
+import { errorCodeLabel, type FederationMetrics } from './metrics.ts'
 import type { RateLimiter } from './rate-limit.ts'
 import type { RegionDirectory } from './regions.ts'
 import type { FederationCall, RegionRoute } from './route.ts'
@@ -274,6 +274,7 @@ export class FederationApi {
       const e = err instanceof ApiError ? err : internalError(err)
       if (!(err instanceof ApiError)) this.init.logger.error({ err, requestId }, 'request failed')
       this.c.metrics.requests.inc({ model: labels.model, region: labels.region, status: String(e.status) })
+      this.c.metrics.errors.inc({ code: errorCodeLabel(e.code) })
       sendError(res, e)
     }
   }

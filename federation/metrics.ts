@@ -1,4 +1,5 @@
 import { Counter, collectDefaultMetrics, Gauge, Histogram, Registry } from 'prom-client'
+import { errorCodesOf } from '../core/errors.ts'
 import type { RegionDirectory } from './regions.ts'
 
 /** The federation's /metrics. */
@@ -10,6 +11,8 @@ export interface FederationMetrics {
   tokens: Counter<'model' | 'kind'>
   rateLimited: Counter<'reason'>
   failovers: Counter<'reason'>
+  /** Requests answered with an error before their first byte, by error code (see errorCodeLabel). */
+  errors: Counter<'code'>
   /** Answered requests by API key name (see keyLabel). */
   keyRequests: Counter<'key' | 'status'>
   /** Billed tokens by API key name and kind (see keyLabel). */
@@ -26,6 +29,17 @@ export interface FederationMetrics {
 /** Key names with series of their own in the per-key metrics; the rest are counted as "other". */
 export const maxKeyLabels = 200
 export const otherKeyLabel = 'other'
+
+/**
+ * The `code` label for an error's code: the API's codes Garage defines (core/errors.ts), "other" for any
+ * other (a code passed on from a head is not trusted to be one of them), "none" for no code.
+ */
+export function errorCodeLabel(code: string): string {
+  if (code === '') return 'none'
+  return apiErrorCodes.has(code) ? code : 'other'
+}
+
+const apiErrorCodes = errorCodesOf('openai')
 
 export function federationMetrics(directory: RegionDirectory): FederationMetrics {
   const metrics = new Registry()
@@ -61,6 +75,12 @@ export function federationMetrics(directory: RegionDirectory): FederationMetrics
       labelledKeys.add(name)
       return name
     },
+    errors: new Counter({
+      name: 'garage_federation_errors_total',
+      help: 'Requests answered with an error before their first byte, by error code (docs/errors.md; "other" for a code Garage does not define)',
+      labelNames: ['code'] as const,
+      registers: [metrics],
+    }),
     keyRequests: new Counter({
       name: 'garage_federation_key_requests_total',
       help: `Requests answered, by API key name (${maxKeyLabels} names at most, the rest "${otherKeyLabel}") and HTTP status`,

@@ -87,8 +87,15 @@ describe('deploy/monitoring against a running devnet', () => {
         [...used].some((n) => names.has(n)),
         `a query on the ${source}'s metrics`,
       ).toBe(true)
-    // The answered request is on the per-key series, under the devnet key's name.
+    // The answered request is on the per-key series, under the devnet key's name; refused ones on
+    // the errors by their codes.
+    const refused = await fetch(`${devnet.info.federation.url}/v1/models`, {
+      headers: { authorization: 'Bearer gk_wrong' },
+    })
+    expect(refused.status).toBe(401)
+    await refused.body?.cancel()
     const text = await (await fetch(`${devnet.info.federation.url}/metrics`)).text()
+    expect(text).toMatch(/^garage_federation_errors_total\{code="invalid_api_key"\} 1$/m)
     expect(text).toMatch(/^garage_federation_key_tokens_total\{key="devnet",kind="completion"\} [1-9]/m)
   })
 

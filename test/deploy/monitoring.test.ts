@@ -101,6 +101,7 @@ describe('deploy/monitoring', () => {
     expect([...names('garage-federation.json')]).toEqual(
       expect.arrayContaining([
         'garage_federation_requests_total',
+        'garage_federation_errors_total',
         'garage_federation_time_to_first_byte_seconds_bucket',
         'garage_federation_request_duration_seconds_bucket',
         'garage_federation_tokens_total',

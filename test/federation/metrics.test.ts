@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest'
-import { federationMetrics, maxKeyLabels, otherKeyLabel } from '../../federation/metrics.ts'
+import { errorCodeLabel, federationMetrics, maxKeyLabels, otherKeyLabel } from '../../federation/metrics.ts'
 import type { RegionDirectory } from '../../federation/regions.ts'
 
 describe('federation metrics', () => {
@@ -29,5 +29,13 @@ describe('federation metrics', () => {
       [otherKeyLabel, 3 * maxKeyLabels],
       ['key-1', 2],
     ])
+  })
+
+  it("labels errors by Garage's own error codes only: a code a head made up is counted as other", () => {
+    expect(errorCodeLabel('no_capacity')).toBe('no_capacity')
+    expect(errorCodeLabel('rate_limit_exceeded')).toBe('rate_limit_exceeded')
+    expect(errorCodeLabel('invalid_api_key')).toBe('invalid_api_key')
+    expect(errorCodeLabel('made_up_by_a_head')).toBe('other')
+    expect(errorCodeLabel('')).toBe('none')
   })
 })
