@@ -12,7 +12,6 @@ import { parseHostPort } from '../../cli/io.ts'
 import { commands } from '../../cli/main.ts'
 import { rayImage } from '../../containers/images.ts'
 import { defaultFederationPort } from '../../federation/gateway.ts'
-import { relativeImports } from '../architecture/imports.ts'
 import type { KubeObject } from '../helpers/kustomize.ts'
 import { type Container, type PodTemplate, podTemplates, renderAll, repoRoot } from './manifests.ts'
 
@@ -24,7 +23,10 @@ import { type Container, type PodTemplate, podTemplates, renderAll, repoRoot } f
  * between the objects (selectors, named ports, ConfigMaps, the Secrets the docs tell operators to make).
  */
 
-const pkg = JSON.parse(readFileSync(join(repoRoot, 'package.json'), 'utf8')) as { version: string }
+const pkg = JSON.parse(readFileSync(join(repoRoot, 'package.json'), 'utf8')) as {
+  version: string
+  dependencies: Record<string, string>
+}
 const containerfile = readFileSync(join(repoRoot, 'deploy/container/Containerfile'), 'utf8')
 const coordinatorDocs = readFileSync(join(repoRoot, 'docs/coordinator.md'), 'utf8')
 
@@ -165,14 +167,22 @@ describe('deploy/kubernetes against the code', () => {
     expect(containerfile).toMatch(/^ENTRYPOINT \["garage"\]$/m)
     expect(containerfile).toMatch(/^USER 10001:10001$/m)
     expect(containerfile).toMatch(/GARAGE_DATA_DIR=\/var\/lib\/garage$/m)
-    // Every folder the CLI imports, transitively from bin/garage.js, is copied into the image.
+    // Every folder the CLI imports, transitively from bin/garage.js, is copied into the image, and
+    // every package it imports is a dependency (the image installs no devDependency).
     const folders = new Set<string>()
+    const packages = new Set<string>()
     const seen = new Set<string>()
     const visit = (file: string): void => {
       if (seen.has(file)) return
       seen.add(file)
       folders.add(file.split('/')[0]!)
-      for (const spec of relativeImports(readFileSync(join(repoRoot, file), 'utf8'))) {
+      const source = readFileSync(join(repoRoot, file), 'utf8')
+      for (const spec of ts.preProcessFile(source, true, true).importedFiles.map((f) => f.fileName)) {
+        if (spec.startsWith('node:')) continue
+        if (!spec.startsWith('.')) {
+          packages.add(spec.startsWith('@') ? spec.split('/').slice(0, 2).join('/') : spec.split('/')[0]!)
+          continue
+        }
         visit(
           relative(repoRoot, normalize(join(repoRoot, dirname(file), spec)))
             .split('\\')
@@ -181,6 +191,9 @@ describe('deploy/kubernetes against the code', () => {
       }
     }
     visit('bin/garage.js')
+    expect(seen.size).toBeGreaterThan(100)
+    const dependencies = Object.keys(pkg.dependencies)
+    expect([...packages].filter((p) => !dependencies.includes(p))).toEqual([])
     for (const folder of folders)
       expect(containerfile, `COPY ${folder}`).toMatch(new RegExp(`^COPY ${folder} \\./${folder}$`, 'm'))
     for (const objects of overlaysOnly)
