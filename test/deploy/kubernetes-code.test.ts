@@ -194,6 +194,10 @@ describe('deploy/kubernetes against the code', () => {
     expect(seen.size).toBeGreaterThan(100)
     const dependencies = Object.keys(pkg.dependencies)
     expect([...packages].filter((p) => !dependencies.includes(p))).toEqual([])
+    // The build context is the repository less what .containerignore leaves out: every copied folder stays in.
+    const containerignore = readFileSync(join(repoRoot, '.containerignore'), 'utf8')
+    for (const folder of folders)
+      expect(containerignore, `.containerignore keeps ${folder}`).toMatch(new RegExp(`^!${folder}$`, 'm'))
     for (const folder of folders)
       expect(containerfile, `COPY ${folder}`).toMatch(new RegExp(`^COPY ${folder} \\./${folder}$`, 'm'))
     for (const objects of overlaysOnly)
