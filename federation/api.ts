@@ -19,7 +19,7 @@ import { type OutputItemStore, responsesSink, responsesToChat } from '../openai/
 import type { DirectPath } from './direct.ts'
 import type { ApiKeyStore, KeyInfo } from './keys.ts'
 import { LedgerDateError, type UsageLedger } from './ledger.ts'
-import type { FederationMetrics } from './metrics.ts'
+import { errorCodeLabel, type FederationMetrics } from './metrics.ts'
 import type { KeyLimiter } from './rate-limit.ts'
 import type { RegionDirectory } from './regions.ts'
 import type { FederationCall, RegionRoute } from './route.ts'
@@ -301,6 +301,7 @@ export class FederationApi {
       if (!(err instanceof ApiError) && !(err instanceof FederationStoreUnavailableError))
         this.init.logger.error({ err, requestId }, 'request failed')
       this.c.metrics.requests.inc({ model: labels.model, region: labels.region, status: String(e.status) })
+      this.c.metrics.errors.inc({ code: errorCodeLabel(e.code) })
       sendError(res, e)
     }
   }

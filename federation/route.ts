@@ -219,8 +219,12 @@ export class RegionRoute implements ProxyRoute<FederationCall> {
         this.#c.limiter.record(call.key.id, outcome.promptTokens + outcome.completionTokens)
         metrics.tokens.inc({ model: call.model, kind: 'prompt' }, outcome.promptTokens)
         metrics.tokens.inc({ model: call.model, kind: 'completion' }, outcome.completionTokens)
+        const key = metrics.keyLabel(call.key.name)
+        metrics.keyTokens.inc({ key, kind: 'prompt' }, outcome.promptTokens)
+        metrics.keyTokens.inc({ key, kind: 'completion' }, outcome.completionTokens)
       }
       metrics.requests.inc({ model: call.model, region, status: String(response.status) })
+      metrics.keyRequests.inc({ key: metrics.keyLabel(call.key.name), status: String(response.status) })
     }
     if (call.prepared.stream) metrics.activeStreams.value--
     metrics.e2e.observe({ model: call.model, region }, (performance.now() - call.started) / 1000)

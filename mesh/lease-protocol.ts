@@ -168,8 +168,11 @@ export function encodeLeaseGrant(g: LeaseGrant): Uint8Array {
 export interface LeaseHandlerInit {
   /** Whether `peer` may hold leases (the head's trusted federation gateways). */
   allow(peer: PeerId): boolean
-  /** Takes the report and answers with leases. */
-  exchange(request: LeaseRequest, peer: PeerId): LeaseGrant
+  /**
+   * Takes the report and answers with leases. `instance` tells apart gateways that share one
+   * PeerId (replicas of one Deployment): one per connection.
+   */
+  exchange(request: LeaseRequest, peer: PeerId, instance: string): LeaseGrant
   onBadRequest?: (err: Error, peer: PeerId) => void
 }
 
@@ -190,7 +193,14 @@ export async function handleLeaseProtocol(
           firstMs: leaseExchangeTimeoutMs,
           idleMs: leaseKeptStreamIdleMs,
           writeMs: leaseExchangeTimeoutMs,
-          answer: (bytes) => encodeLeaseGrant(init.exchange(parseLeaseRequest(decodeCanonical(bytes)), peer)),
+          answer: (bytes) =>
+            encodeLeaseGrant(
+              init.exchange(
+                parseLeaseRequest(decodeCanonical(bytes)),
+                peer,
+                `${peer.toString()}/${connection.id}`,
+              ),
+            ),
         })
       } catch (err) {
         init.onBadRequest?.(err as Error, peer)

@@ -87,7 +87,7 @@ export class LeaseDesk {
   async start(): Promise<void> {
     this.#unhandle = await handleLeaseProtocol(this.#c.node, {
       allow: (peer) => this.#c.allowed(peer.toString()),
-      exchange: (request, peer) => this.exchange(request, peer.toString()),
+      exchange: (request, peer, instance) => this.exchange(request, peer.toString(), instance),
       onBadRequest: (err, peer) =>
         this.#init.logger.debug({ peer: peer.toString(), err: err.message }, 'bad lease request'),
     })
@@ -176,13 +176,17 @@ export class LeaseDesk {
     this.#checks.set(peer, { run: check, waits, since: waiting?.since ?? now })
   }
 
-  /** One holder's report in, its leases out. */
-  exchange(request: LeaseRequest, holderId: string): LeaseGrant {
+  /**
+   * One holder's report in, its leases out. `holderId` is the gateway's PeerId (what its tickets
+   * name); `instance` tells apart gateways sharing that PeerId (replicas), each with its own leases,
+   * slots and in-flight counts.
+   */
+  exchange(request: LeaseRequest, holderId: string, instance = holderId): LeaseGrant {
     const now = this.#now()
-    let holder = this.#holders.get(holderId)
+    let holder = this.#holders.get(instance)
     if (holder == null) {
       holder = { reports: 0, lastAt: now, inflight: new Map(), leases: new Map() }
-      this.#holders.set(holderId, holder)
+      this.#holders.set(instance, holder)
     }
     holder.lastAt = now
     const { router, verified, metrics } = this.#c
