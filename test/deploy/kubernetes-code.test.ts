@@ -84,6 +84,17 @@ function parseArgs(args: string[]): Array<{ flag: string; value: string | null }
 }
 
 /** Env var names the code reads (process.env.X, env.X, env['X']), from every source folder. */
+/** `const somethingVar = 'GARAGE_...'`: an env var the code reads by that constant. */
+function walkConstants(dir: string, names: Set<string>): void {
+  for (const entry of readdirSync(dir, { withFileTypes: true })) {
+    const path = join(dir, entry.name)
+    if (entry.isDirectory()) walkConstants(path, names)
+    else if (entry.name.endsWith('.ts'))
+      for (const m of readFileSync(path, 'utf8').matchAll(/\b\w+Var\s*=\s*['"](GARAGE_[A-Z0-9_]+)['"]/g))
+        names.add(m[1]!)
+  }
+}
+
 function envReadByCode(): Set<string> {
   const folders = [
     'core',
@@ -109,6 +120,8 @@ function envReadByCode(): Set<string> {
     }
   }
   for (const f of folders) walk(join(repoRoot, f))
+  // Names held in a constant the code reads through (`env[databaseUrlVar]`).
+  for (const f of folders) walkConstants(join(repoRoot, f), names)
   return names
 }
 
