@@ -34,6 +34,8 @@ const rounds = 10
 const coldRounds = 2
 const perWorker = 6
 const streamRounds = 7
+/** Streamed answer length: within the 256-token context with its prompt. */
+const streamTokens = 200
 
 interface Side {
   name: string
@@ -204,7 +206,7 @@ export async function run(): Promise<Record<string, unknown>> {
       const order =
         r % 2 === 0 ? [cluster.direct, cluster.federation!] : [cluster.federation!, cluster.direct]
       const got = new Map<Target, number>()
-      for (const t of order) got.set(t, await streamOnce(t, r))
+      for (const t of order) got.set(t, await streamOnce(t, r, streamTokens))
       ratios.push(got.get(cluster.federation!)! / got.get(cluster.direct)!)
       progress(`stream round ${r + 1}/${streamRounds}: ratio ${ratios.at(-1)!.toFixed(3)}`)
     }

@@ -19,6 +19,7 @@ import {
   federationRouterPickCost,
   type JoinAppCost,
   joinAppCost,
+  leaseAppCost,
   type PickCost,
   regionalRouterPickCost,
   telemetryAppCost,
@@ -107,6 +108,11 @@ export async function run(): Promise<Record<string, unknown>> {
 
   progress('scale 4/5: head handlers at 10^3-10^5 joined nodes (in process)')
   const telemetryApp = [1_000, 10_000, 100_000].map((nodes) => telemetryAppCost({ nodes }))
+  // A gateway's direct-path report over 1,000 leased nodes, 100 and 1,000 records of each kind.
+  const leaseApp = [
+    await leaseAppCost({ nodes: 1_000, records: 100 }),
+    await leaseAppCost({ nodes: 1_000, records: 1_000 }),
+  ]
   const joinApp: JoinAppCost[] = []
   for (const nodes of [1_000, 10_000, 100_000]) joinApp.push(await joinAppCost({ nodes }))
   const replicasNsPerNode = (joinApp[2]!.replicasByModelUs.p50 * 1000) / joinApp[2]!.registryNodes
@@ -159,6 +165,8 @@ export async function run(): Promise<Record<string, unknown>> {
     answer_tokens: answerTokens,
     head_cpu_us_per_lease_report_empty: round(load.direct.cpuUsPerEmptyReport, 1),
     head_cpu_us_per_lease_record: round(load.direct.cpuUsPerRecord, 2),
+    // The handler alone (decode, LeaseDesk.exchange, encode), in process: the floor under the above.
+    handler_us_per_lease_record: round(leaseApp[1]!.perRecordUs, 2),
     head_cpu_us_per_streamed_token: round(headUsPerStreamSecond / streamTokensPerSecond, 3),
     streams_per_core: Math.round(1e6 / headUsPerStreamSecond),
     telemetry_nodes_per_core: Math.round(1e6 / telemetryUsPerNodeSecond),
@@ -179,6 +187,7 @@ export async function run(): Promise<Record<string, unknown>> {
     head: {
       load,
       telemetry_app: telemetryApp,
+      lease_app: leaseApp,
       join_app: joinApp,
       replicas_by_model_ns_per_node: round(replicasNsPerNode, 1),
       per_head: perHead,

@@ -368,10 +368,19 @@ export interface LeaseAppCost {
  * The head's work for one direct-path report once its bytes are in, as bootstrap/head/leases.ts
  * does it: `records` done records and as many in-flight entries over `nodes` leased nodes.
  */
-export function leaseAppCost(options: { nodes: number; records: number; reports?: number }): LeaseAppCost {
+export async function leaseAppCost(options: {
+  nodes: number
+  records: number
+  reports?: number
+}): Promise<LeaseAppCost> {
   const router = new RegionalRouter()
   const verified = new VerifiedThroughput()
-  const ids = Array.from({ length: options.nodes }, (_, i) => `node-${i}`)
+  // Real PeerIds: the desk reads them back (the peer store, connections).
+  const ids = await Promise.all(
+    Array.from({ length: options.nodes }, async () =>
+      peerIdFromPrivateKey(await generateKeyPair('Ed25519')).toString(),
+    ),
+  )
   const desk = new LeaseDesk(
     { logger: silentLogger },
     {
