@@ -245,6 +245,13 @@ export interface ThroughputSnapshot {
  */
 export const abandonedStreamAllowanceTokens = 64
 
+/**
+ * The same allowance for a stream cut on the direct path, whose tokens the gateway counts as it
+ * relays them to its client: what was in flight between node and gateway when the client left is
+ * unseen as well (through the head, the head had read it). Twice the head path's.
+ */
+export const directCutStreamAllowanceTokens = 2 * abandonedStreamAllowanceTokens
+
 /** What a request lets its node generate at most (`max_tokens` × `n`; 4,096 per choice when unset). */
 export function tokenBudget(prepared: { maxTokens: number | null; n: number }): number {
   return (prepared.maxTokens ?? 4096) * prepared.n
@@ -282,9 +289,9 @@ export class VerifiedThroughput {
    * what it generated after the head stopped reading (at most abandonedStreamAllowanceTokens) is not
    * held against it. Nothing is credited.
    */
-  abandoned(peer: string, remaining: number): void {
+  abandoned(peer: string, remaining: number, cap = abandonedStreamAllowanceTokens): void {
     if (!(remaining > 0)) return
-    this.#entry(peer).unseen += Math.min(remaining, abandonedStreamAllowanceTokens)
+    this.#entry(peer).unseen += Math.min(remaining, cap)
   }
 
   /**

@@ -11,7 +11,11 @@ import {
 import type { MeshNode } from '../../mesh/node.ts'
 import { leaseReportIntervalMs, leaseTtlMs } from '../../mesh/protocols.ts'
 import { issueTicket, ticketKeyBytes } from '../../mesh/ticket.ts'
-import { abandonedStreamAllowanceTokens, type VerifiedThroughput } from '../../openai/usage.ts'
+import {
+  abandonedStreamAllowanceTokens,
+  directCutStreamAllowanceTokens,
+  type VerifiedThroughput,
+} from '../../openai/usage.ts'
 import type { RegionalRouter } from '../../routing/node-router.ts'
 import type { HeadMetrics } from './metrics.ts'
 
@@ -193,7 +197,7 @@ export class LeaseDesk {
     for (const d of request.done) {
       if (!this.#keys.has(d.node)) continue
       verified.add(d.node, d.completionTokens)
-      if (d.unseen > 0) verified.abandoned(d.node, d.unseen)
+      if (d.unseen > 0) verified.abandoned(d.node, d.unseen, directCutStreamAllowanceTokens)
       router.observed(d.node, { ok: d.ok, completionTokens: d.completionTokens, decodeMs: d.decodeMs })
       const model = holder.leases.has(d.node) ? this.#modelOf(d.node) : null
       if (model != null) {

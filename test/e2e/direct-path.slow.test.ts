@@ -11,7 +11,7 @@ import { InferRemoteError, sendInferRequest } from '../../mesh/infer-protocol.ts
 import { type Lease, requestLeases } from '../../mesh/lease-protocol.ts'
 import { createMeshNode, type MeshNode } from '../../mesh/node.ts'
 import { ticketHeader } from '../../mesh/ticket.ts'
-import { abandonedStreamAllowanceTokens } from '../../openai/usage.ts'
+import { directCutStreamAllowanceTokens } from '../../openai/usage.ts'
 
 /**
  * The direct path on a devnet (one region, two nodes): the federation sends straight to the nodes
@@ -161,11 +161,11 @@ describe('the direct path: federation → node with the head as control plane', 
     const head = devnet.heads[0]!
     // What the node made past what the client got (until the reset reached its engine) is allowed
     // for as a cut stream's tail, never credited: the node's own count does not flag it. (The tail is
-    // usually under the 64-token allowance; on a loaded machine a fast engine can run past it before
+    // usually under the 128-token allowance; on a loaded machine a fast engine can run past it before
     // the reset lands, and the 10 % margin covers that.)
     const tail = generated - head.verified.verified(node.peerId)
     process.stdout.write(
-      `cut stream: ${tail} tokens made past what the client received (allowance ${abandonedStreamAllowanceTokens})\n`,
+      `cut stream: ${tail} tokens made past what the client received (allowance ${directCutStreamAllowanceTokens})\n`,
     )
     expect(tail).toBeGreaterThanOrEqual(0)
     head.verified.compare(node.peerId, generated)
