@@ -34,6 +34,7 @@ import { VerifiedThroughput } from '../../openai/usage.ts'
 import { RegionalRouter } from '../../routing/node-router.ts'
 import { HeadAdmission, PendingTokens } from './admission.ts'
 import { type GroupEngine, type GroupEngineInit, RayGroups } from './groups.ts'
+import { IntegrityChecker, type IntegrityCheckerInit } from './integrity.ts'
 import { type HeadMetrics, headMetrics } from './metrics.ts'
 import type { RegionPolicy } from './policy.ts'
 import { NodeRegistry } from './registry.ts'
@@ -67,6 +68,11 @@ export interface RegionalHeadOptions {
   /** Timeouts of one hop to a node (tests shorten them). */
   firstByteTimeoutMs?: number
   idleTimeoutMs?: number
+  /**
+   * Result integrity (docs/integrity.md): sampling rates, a trusted engine, the statistic's
+   * options; `false` turns the checks off. Default: on, with the defaults there.
+   */
+  integrity?: Omit<IntegrityCheckerInit, 'region' | 'logger'> | false
 }
 
 export interface RegionalHead {
@@ -77,6 +83,8 @@ export interface RegionalHead {
   registry: NodeRegistry
   router: RegionalRouter
   verified: VerifiedThroughput
+  /** Result integrity: reputations, quarantines; null when turned off. */
+  integrity: IntegrityChecker | null
   /** The region's pipeline groups on its Ray cluster. */
   groups: RayGroups
   metrics: Registry
@@ -115,6 +123,14 @@ export async function startRegionalHead(options: RegionalHeadOptions): Promise<R
     router,
   )
   const metrics = headMetrics(registry, router, verified, groups)
+  const integrity =
+    options.integrity === false
+      ? null
+      : new IntegrityChecker(
+          { region, logger: log, ...options.integrity },
+          { node, registry, router, verified, checks: metrics.integrityChecks },
+        )
+  integrity?.start()
   const route = new HeadRoute(
     {
       region,
@@ -123,7 +139,7 @@ export async function startRegionalHead(options: RegionalHeadOptions): Promise<R
       ...(options.firstByteTimeoutMs != null ? { firstByteTimeoutMs: options.firstByteTimeoutMs } : {}),
       ...(options.idleTimeoutMs != null ? { idleTimeoutMs: options.idleTimeoutMs } : {}),
     },
-    { node, router, verified, pending, metrics, groups },
+    { node, router, verified, pending, metrics, groups, integrity },
   )
 
   // Registry → router: the registry is the truth about membership, the router follows it.
@@ -147,7 +163,7 @@ export async function startRegionalHead(options: RegionalHeadOptions): Promise<R
 
   const api = new HeadApi(
     { region, self: node.peerId.toString(), logger: log },
-    { registry, router, verified, route, groups, requests: metrics.requests },
+    { registry, router, verified, route, groups, requests: metrics.requests, integrity },
   )
 
   const serve = async (req: IncomingMessage, res: ServerResponse): Promise<void> => {
@@ -212,6 +228,7 @@ export async function startRegionalHead(options: RegionalHeadOptions): Promise<R
     url = await listen(server, options.httpPort ?? defaultHeadHttpPort, host, { what: 'the head' })
   } catch (err) {
     registry.stop()
+    integrity?.stop()
     await unhandleInfer()
     await admission.stop()
     throw err
@@ -225,6 +242,7 @@ export async function startRegionalHead(options: RegionalHeadOptions): Promise<R
     registry,
     router,
     verified,
+    integrity,
     groups,
     metrics: metrics.registry,
     serve,
@@ -235,6 +253,7 @@ export async function startRegionalHead(options: RegionalHeadOptions): Promise<R
       if (stopped) return
       stopped = true
       registry.stop()
+      integrity?.stop()
       await unhandleInfer().catch(() => {})
       await admission.stop()
       await groups.stop()
@@ -259,6 +278,7 @@ export class HeadApi {
   private readonly route: HeadRoute
   private readonly groups: RayGroups
   private readonly requests: HeadMetrics['requests']
+  private readonly integrity: IntegrityChecker | null
   /** Output items of answers given, for Responses item_reference. */
   private readonly items = new OutputItemStore()
 
@@ -271,6 +291,7 @@ export class HeadApi {
       route: HeadRoute
       groups: RayGroups
       requests: HeadMetrics['requests']
+      integrity?: IntegrityChecker | null
     },
   ) {
     this.region = init.region
@@ -282,6 +303,7 @@ export class HeadApi {
     this.route = components.route
     this.groups = components.groups
     this.requests = components.requests
+    this.integrity = components.integrity ?? null
   }
 
   /** One OpenAI request: routes, answers, counts; errors become OpenAI errors. */
@@ -441,6 +463,16 @@ export class HeadApi {
         .flatMap((n) => (n.report.engineFailures ?? []).map((f) => ({ node: n.peerId, ...f }))),
       // Pipeline groups on the region's Ray cluster: members, state, time to form, tokens.
       groups: this.groups.views(),
+      // Nodes whose answers failed integrity checks beyond chance: no traffic, credits held back.
+      quarantined: (this.integrity?.quarantined() ?? []).map((e) => ({
+        node: e.node,
+        state: e.state,
+        since: new Date(e.since).toISOString(),
+        reason: e.reason,
+        heldTokens: e.heldTokens,
+        checks: e.checks,
+        fails: e.fails,
+      })),
     }
   }
 }
