@@ -127,7 +127,12 @@ export async function startRegionalHead(options: RegionalHeadOptions): Promise<R
     options.integrity === false
       ? null
       : new IntegrityChecker(
-          { region, logger: log, ...options.integrity },
+          {
+            region,
+            logger: log,
+            vocabularySize: (model) => policy.models.find((m) => m.name === model)?.vocabularySize,
+            ...options.integrity,
+          },
           { node, registry, router, verified, checks: metrics.integrityChecks },
         )
   integrity?.start()

@@ -42,6 +42,11 @@ export const quarantineLlr = Math.log(1e4)
 const failStep = Math.log(cheatFailRate / honestFailRate)
 const passStep = Math.log((1 - cheatFailRate) / (1 - honestFailRate))
 
+/** The sequential test's step (a CUSUM of the SPRT's log-likelihood ratio, floored at 0). */
+export function nextLlr(llr: number, verdict: 'pass' | 'fail'): number {
+  return verdict === 'pass' ? Math.max(0, llr + passStep) : llr + failStep
+}
+
 export type IntegrityState = 'probation' | 'established' | 'quarantined' | 'appeal'
 
 export interface NodeIntegrity {
@@ -276,14 +281,14 @@ export class IntegrityChecker extends TypedEventEmitter<IntegrityEvents> {
     }
     if (verdict === 'pass') {
       e.passes++
-      e.llr = Math.max(0, e.llr + passStep)
+      e.llr = nextLlr(e.llr, 'pass')
       e.unverifiedTokens = 0
       if (e.state === 'probation' && e.passes >= (this.#init.probationChecks ?? 10) && e.llr === 0)
         this.#set(e, { state: 'established' })
       return
     }
     e.fails++
-    e.llr += failStep
+    e.llr = nextLlr(e.llr, 'fail')
     e.lastFailure = {
       requestId: sample.requestId,
       tokens: j?.tokens ?? 0,

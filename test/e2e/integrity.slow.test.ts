@@ -1,10 +1,10 @@
 import { join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import type { NodeIntegrity } from '../../bootstrap/head/integrity.ts'
-import { startEmbeddedServer } from '../../daemon/engines/llamacpp/server.ts'
 import { writeTinyModel } from '../../daemon/engines/llamacpp/tiny-model.ts'
 import { serveInferOverMesh } from '../../daemon/infer-handler.ts'
-import type { NodeDaemon } from '../../daemon/node-daemon.ts'
+import { LlamaCppEngine } from '../../daemon/engines/llamacpp/engine.ts'
+import type { NodeDaemon, NodeDaemonOptions } from '../../daemon/node-daemon.ts'
 import {
   type Endpoint,
   mixedRequest,
@@ -25,6 +25,11 @@ import { startTestRegion, type TestRegion, tinyPolicy } from '../helpers/region.
 const model = 'garage-tiny-sharp'
 /** A peaked tiny model: the default one is nearly flat, which no statistic can tell apart (docs/integrity.md). */
 const logitScale = 16
+/**
+ * Every engine capped alike: the router sends work by measured speed, and on this loaded 2-core
+ * machine a node measured slow once would get next to nothing (the cheats must be served to be caught).
+ */
+const maxTokensPerSecond = 150
 
 describe('result integrity (slow)', () => {
   const mesh = new TestMesh()
@@ -53,13 +58,20 @@ describe('result integrity (slow)', () => {
     if (res.status === 200 && node != null) served.set(node, (served.get(node) ?? 0) + 1)
   }
 
-  /** Mixed traffic, 3 at a time, until `done()` or `max` requests. */
+  /**
+   * Mixed traffic, 8 at a time (enough for the router to spread it over every node), in rounds of
+   * 40 with the checks they sampled done in between, until `done()` or `max` requests.
+   */
   async function traffic(max: number, done: () => boolean): Promise<void> {
     let next = 0
-    const worker = async (): Promise<void> => {
-      while (next < max && !done()) await send(next++)
+    while (next < max && !done()) {
+      const end = Math.min(max, next + 40)
+      const worker = async (): Promise<void> => {
+        while (next < end) await send(next++)
+      }
+      await Promise.all(Array.from({ length: 8 }, worker))
+      await region.head.integrity!.idle()
     }
-    await Promise.all([worker(), worker(), worker()])
   }
 
   beforeAll(async () => {
@@ -68,11 +80,14 @@ describe('result integrity (slow)', () => {
     await writeTinyModel(path('seed2'), { logitScale, seed: 2 })
     await writeTinyModel(path('small'), { logitScale, layers: 1 })
     region = await startTestRegion(mesh, 'integrity', {
+      integrity: { maxQueued: 1024 },
       policy: tinyPolicy('integrity', {
         name: model,
         source: { gguf: path('assigned') },
         replicas: 8,
+        parallel: 4,
         contextLength: 512,
+        vocabularySize: 270,
       }),
     })
     region.head.integrity!.addEventListener('integrity:state', (evt) => {
@@ -80,66 +95,69 @@ describe('result integrity (slow)', () => {
         servedAtQuarantine.set(evt.detail.node, served.get(evt.detail.node) ?? 0)
     })
     // Honest nodes on different thread counts.
-    for (const threads of [1, 2, 1]) honest.push(await region.addNode({ threads }))
+    for (const threads of [1, 2, 1]) honest.push(await region.addNode({ threads, maxTokensPerSecond }))
     // The region runs a while before the cheats come: its honest nodes are established.
     // (The node on two threads is slower on this 2-core machine: the router sends it less.)
     const established = (): boolean =>
       honest.filter((n) => region.head.integrity!.status(n.peerId!).state === 'established').length >= 2
     await traffic(300, established)
-    if (!established())
-      console.log(
-        'integrity: warm-up',
-        requests,
-        JSON.stringify([...served]),
-        JSON.stringify(honest.map((n) => region.head.integrity!.status(n.peerId!))),
-        await (await fetch(`${region.head.url}/metrics`)).text().then((t) =>
-          t
-            .split('\n')
-            .filter((l) => l.includes('integrity_checks'))
-            .join(' | '),
-        ),
-      )
     expect(established()).toBe(true)
 
+    // An engine in its own process, as a node runs it (in this process it would be starved).
     engine = async (file: string): Promise<Endpoint> => {
-      const s = await startEmbeddedServer({
-        modelPath: path(file),
+      const e = new LlamaCppEngine()
+      const handle = await e.start({
+        maxTokensPerSecond,
+        model: path(file),
         servedModelName: model,
         threads: 1,
-        gpu: false,
-        contextSize: 512,
+        parallel: 4,
+        contextLength: 512,
       })
-      mesh.track(() => s.close())
-      return { baseUrl: s.url, apiKey: s.apiKey }
+      mesh.track(() => e.stop())
+      return { baseUrl: handle.baseUrl, apiKey: handle.apiKey }
     }
+    // A node that loads another model file than its assignment's, in its own engine process.
+    const servingFile = (file: string): Partial<NodeDaemonOptions> => ({
+      components: {
+        createEngine: () => {
+          const e = new LlamaCppEngine()
+          const start = e.start.bind(e)
+          e.start = (o) => start({ ...o, model: path(file) })
+          return e
+        },
+      },
+    })
+    // A node whose mesh requests go to `target` instead of its own engine.
+    const forwarding = (
+      make: (own: () => Endpoint | null) => Promise<Endpoint>,
+    ): Partial<NodeDaemonOptions> => ({
+      components: {
+        serveInfer: async (mn, o) => {
+          const target = await make(() => o.engine())
+          return serveInferOverMesh(mn, { ...o, engine: () => (o.engine() == null ? null : target) })
+        },
+      },
+    })
     const random = await startRandomTextEngine()
     mesh.track(() => random.close())
-    const seed2 = await engine('seed2')
-    const fixtures: Array<[string, (own: () => Endpoint | null) => Promise<Endpoint>]> = [
-      ['other model (another seed)', async () => seed2],
-      ['smaller model (1 layer)', async () => engine('small')],
-      ['random text', async () => random],
+    cheatTarget.current = random
+    const fixtures: Array<[string, Partial<NodeDaemonOptions>]> = [
+      ['other model (another seed)', servingFile('seed2')],
+      ['smaller model (1 layer)', servingFile('small')],
+      ['random text', forwarding(async () => random)],
       [
         'cheats on 20%',
-        async (own) => {
-          const p = await startPartialCheat(own, seed2, 0.2)
+        // The node runs the assigned model and a second engine (another seed) it answers a fifth from.
+        forwarding(async (own) => {
+          const p = await startPartialCheat(own, await engine('seed2'), 0.2)
           mesh.track(() => p.close())
           return p
-        },
+        }),
       ],
     ]
-    for (const [kind, make] of fixtures) {
-      // The daemon is the real one; its mesh requests go to the cheat instead of its own engine.
-      let target: Endpoint | null = null
-      const node = await region.addNode({
-        components: {
-          serveInfer: async (mn, o) => {
-            target = await make(() => o.engine())
-            if (kind === 'random text') cheatTarget.current = target
-            return serveInferOverMesh(mn, { ...o, engine: () => (o.engine() == null ? null : target) })
-          },
-        },
-      })
+    for (const [kind, extra] of fixtures) {
+      const node = await region.addNode({ maxTokensPerSecond, ...extra })
       cheats.set(node.peerId!, { node, kind })
     }
   }, 120_000)
@@ -150,7 +168,7 @@ describe('result integrity (slow)', () => {
     const integrity = region.head.integrity!
     const quarantined = (): boolean =>
       [...cheats.keys()].every((p) => integrity.status(p).state === 'quarantined')
-    await traffic(200, quarantined)
+    await traffic(900, quarantined)
     await integrity.idle()
     const report = [...cheats].map(([peer, c]) => ({
       kind: c.kind,
