@@ -6,8 +6,8 @@ import { sendInferRequest } from '../../mesh/infer-protocol.ts'
 import type { MeshNode } from '../../mesh/node.ts'
 import { chatCompletionsPath } from '../../openai/endpoints.ts'
 import {
-  type AnswerJudgement,
   AnswerCapture,
+  type AnswerJudgement,
   buildSample,
   defaultSampleRate,
   type IntegritySample,
@@ -440,7 +440,7 @@ export class IntegrityChecker extends TypedEventEmitter<IntegrityEvents> {
    */
   #pickVerifier(model: string, not: string[], confirming = false): Verifier | null {
     const trusted = this.#init.trusted
-    if (trusted != null && trusted.models.includes(model)) return { kind: 'trusted', engine: trusted }
+    if (trusted?.models.includes(model)) return { kind: 'trusted', engine: trusted }
     const candidates = this.#c.registry
       .nodes()
       .filter((n) => n.assignment.model === model && n.state === 'serving' && !not.includes(n.peerId))

@@ -5,6 +5,8 @@ import type { Logger } from '../../core/logger.ts'
 import { InferConnectError, type InferResponse, sendInferRequest } from '../../mesh/infer-protocol.ts'
 import type { MeshNode } from '../../mesh/node.ts'
 import { PeerIdCache } from '../../mesh/peer-ids.ts'
+import { chatCompletionsPath as chatPath, proxiedKind } from '../../openai/endpoints.ts'
+import { AnswerCapture, buildSample, sampleDecision } from '../../openai/integrity.ts'
 import {
   drainQuietly,
   type ProxyCall,
@@ -12,8 +14,6 @@ import {
   type ProxyTicket,
   proxyRequest,
 } from '../../openai/proxy.ts'
-import { chatCompletionsPath as chatPath, proxiedKind } from '../../openai/endpoints.ts'
-import { AnswerCapture, buildSample, sampleDecision } from '../../openai/integrity.ts'
 import type { RelayOutcome } from '../../openai/relay.ts'
 import type { VerifiedThroughput } from '../../openai/usage.ts'
 import type { RegionalRouter } from '../../routing/node-router.ts'

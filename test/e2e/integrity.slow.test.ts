@@ -1,9 +1,9 @@
 import { join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import type { NodeIntegrity } from '../../bootstrap/head/integrity.ts'
+import { LlamaCppEngine } from '../../daemon/engines/llamacpp/engine.ts'
 import { writeTinyModel } from '../../daemon/engines/llamacpp/tiny-model.ts'
 import { serveInferOverMesh } from '../../daemon/infer-handler.ts'
-import { LlamaCppEngine } from '../../daemon/engines/llamacpp/engine.ts'
 import type { NodeDaemon, NodeDaemonOptions } from '../../daemon/node-daemon.ts'
 import {
   type Endpoint,
