@@ -47,6 +47,9 @@ export function nextLlr(llr: number, verdict: 'pass' | 'fail'): number {
   return verdict === 'pass' ? Math.max(0, llr + passStep) : llr + failStep
 }
 
+/** Passed checks that end a node's probation: a cheat on a fifth of its answers passes 20 with odds of 1 in 87. */
+export const defaultProbationChecks = 20
+
 export type IntegrityState = 'probation' | 'established' | 'quarantined' | 'appeal'
 
 export interface NodeIntegrity {
@@ -94,7 +97,7 @@ export interface IntegrityCheckerInit {
   sampleRate?: number
   /** Share while a node is on probation or under suspicion (default 50%). */
   probationRate?: number
-  /** Passed checks that end a node's probation (default 10). */
+  /** Passed checks that end a node's probation (default 20). */
   probationChecks?: number
   /** Requests of the head's own an appealing node must pass, every one (default 8). */
   appealChecks?: number
@@ -283,7 +286,7 @@ export class IntegrityChecker extends TypedEventEmitter<IntegrityEvents> {
       e.passes++
       e.llr = nextLlr(e.llr, 'pass')
       e.unverifiedTokens = 0
-      if (e.state === 'probation' && e.passes >= (this.#init.probationChecks ?? 10) && e.llr === 0)
+      if (e.state === 'probation' && e.passes >= (this.#init.probationChecks ?? defaultProbationChecks) && e.llr === 0)
         this.#set(e, { state: 'established' })
       return
     }
