@@ -23,8 +23,8 @@ import { progress, writeResult } from './report.ts'
  * engine (docs/integrity.md), and the head's sequential test run over those verdicts.
  *
  * 1. Honest answers: mixed traffic (bench helper mixedRequest: chat and completions, temperature
- *    0-1.5, top_p, penalties, some structured output) served by the assigned model on 2 threads,
- *    each re-scored by a verifier engine of the same model on 1 thread, with the wall-clock time of
+ *    0-1.5, top_p, penalties, some structured output) served by the assigned model on 1 thread,
+ *    each re-scored by a verifier engine of the same model on 2 threads, with the wall-clock time of
  *    the generation and of the scoring pass.
  * 2. Cheats: the same traffic answered by another seed, a smaller model (1 layer) and random text,
  *    each re-scored the same way.
@@ -164,8 +164,10 @@ export async function run(): Promise<Record<string, unknown>> {
       })
       return { baseUrl: h.baseUrl, apiKey: h.apiKey }
     }
-    const serving = await start('assigned', 2)
-    const verifier = await start('assigned', 1)
+    // Different thread counts on the two sides (numeric differences); two threads where the work is
+    // one batch: on this loaded 2-core machine a 2-thread decode loop crawls.
+    const serving = await start('assigned', 1)
+    const verifier = await start('assigned', 2)
     const byEngine =
       (e: Endpoint) =>
       async (path: string, body: Record<string, unknown>): Promise<{ text: string; ms: number }> => {
@@ -225,7 +227,7 @@ export async function run(): Promise<Record<string, unknown>> {
     const genMs = cost.reduce((a, x) => a + x.genMs, 0)
     const scoreMs = cost.reduce((a, x) => a + x.scoreMs, 0)
     const result = {
-      model: { name: model, logit_scale: 16, vocabulary: 270, serving_threads: 2, verifier_threads: 1 },
+      model: { name: model, logit_scale: 16, vocabulary: 270, serving_threads: 1, verifier_threads: 2 },
       honest_answers_scored: honest.length,
       honest_answer_fails: honestFails,
       honest_tokens_scored: honest.reduce((a, x) => a + x.tokens, 0),

@@ -329,6 +329,7 @@ export class NodeDaemon extends TypedEventEmitter<NodeDaemonEvents> implements C
       tokensPerSecond: this.telemetry.tokensPerSecond,
       tokensToday: this.telemetry.tokensToday(),
       creditsToday: this.telemetry.creditsToday(),
+      integrity: this.telemetry.integrity(),
       uptimeSeconds: Math.round((Date.now() - this.startedAt) / 1000),
     }
   }

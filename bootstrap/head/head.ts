@@ -161,7 +161,7 @@ export async function startRegionalHead(options: RegionalHeadOptions): Promise<R
 
   const admission = new HeadAdmission(
     { region, policy, ray: options.ray ?? null, logger: log },
-    { node, registry, router, verified, pending, groups },
+    { node, registry, router, verified, pending, groups, integrity },
   )
   await admission.start()
   registry.start()

@@ -4,6 +4,7 @@ import { TypedEventEmitter } from 'main-event'
 import type { Logger } from '../../core/logger.ts'
 import { sendInferRequest } from '../../mesh/infer-protocol.ts'
 import type { MeshNode } from '../../mesh/node.ts'
+import { type IntegrityStanding, integrityReasonMaxLength } from '../../mesh/telemetry-protocol.ts'
 import { chatCompletionsPath } from '../../openai/endpoints.ts'
 import {
   AnswerCapture,
@@ -180,6 +181,19 @@ export class IntegrityChecker extends TypedEventEmitter<IntegrityEvents> {
     return this.#nodes.get(node) ?? this.#fresh(node)
   }
 
+  /** What the node is told in its telemetry answers: null in good standing. */
+  standing(node: string): IntegrityStanding | null {
+    const e = this.#nodes.get(node)
+    if (e == null || (e.state !== 'quarantined' && e.state !== 'appeal')) return null
+    return {
+      state: e.state,
+      reason: (e.state === 'appeal'
+        ? 'appealing: passing a burst of checks'
+        : (e.reason ?? 'quarantined')
+      ).slice(0, integrityReasonMaxLength),
+    }
+  }
+
   quarantined(): NodeIntegrity[] {
     return [...this.#nodes.values()].filter((e) => e.state === 'quarantined' || e.state === 'appeal')
   }
@@ -286,7 +300,11 @@ export class IntegrityChecker extends TypedEventEmitter<IntegrityEvents> {
       e.passes++
       e.llr = nextLlr(e.llr, 'pass')
       e.unverifiedTokens = 0
-      if (e.state === 'probation' && e.passes >= (this.#init.probationChecks ?? defaultProbationChecks) && e.llr === 0)
+      if (
+        e.state === 'probation' &&
+        e.passes >= (this.#init.probationChecks ?? defaultProbationChecks) &&
+        e.llr === 0
+      )
         this.#set(e, { state: 'established' })
       return
     }

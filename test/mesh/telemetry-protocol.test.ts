@@ -91,6 +91,7 @@ describe('/garage/telemetry/1.0.0 between two nodes', () => {
   let node: MeshNode
   let headId: PeerId
   const badRequests: string[] = []
+  let standing: { state: 'quarantined' | 'appeal'; reason: string } | null = null
 
   beforeAll(async () => {
     head = await mesh.node([])
@@ -98,7 +99,8 @@ describe('/garage/telemetry/1.0.0 between two nodes', () => {
     await handleTelemetryProtocol(head, {
       onReport: (report, peer) => {
         const outcome = registry.report(peer, report)
-        return outcome === 'stale' ? 'ok' : outcome
+        if (outcome === 'not_joined') return outcome
+        return { ack: 'ok', verified: 7, integrity: standing }
       },
       onBadRequest: (err) => badRequests.push(err.name),
     })
@@ -113,6 +115,21 @@ describe('/garage/telemetry/1.0.0 between two nodes', () => {
     expect(await sendTelemetry(node, headId, telemetry({ seq: 2 }))).toBe('ok')
     expect(registry.get(node.peerId)?.telemetry).toEqual(telemetry({ seq: 2 }))
     expect(registry.get(node.peerId)?.state).toBe('serving')
+  })
+
+  it("carries the head's verified count and the node's integrity standing", async () => {
+    const seen: unknown[] = []
+    const onVerified = (tokens: number, integrity: unknown): void => {
+      seen.push([tokens, integrity])
+    }
+    standing = { state: 'quarantined', reason: 'answers unlikely under garage-tiny' }
+    expect(await sendTelemetry(node, headId, telemetry({ seq: 20 }), { onVerified })).toBe('ok')
+    standing = null
+    expect(await sendTelemetry(node, headId, telemetry({ seq: 21 }), { onVerified })).toBe('ok')
+    expect(seen).toEqual([
+      [7, { state: 'quarantined', reason: 'answers unlikely under garage-tiny' }],
+      [7, null],
+    ])
   })
 
   it('refuses to send a malformed report', async () => {
