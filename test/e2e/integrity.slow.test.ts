@@ -237,6 +237,14 @@ describe('result integrity (slow)', () => {
       (d) => d.node === randomPeer && d.state === 'quarantined' && /appeal failed/.test(d.reason ?? ''),
       30_000,
     )
+    // Its gamer sees it: the head's telemetry answers carry the quarantine and its reason.
+    const randomNode = cheats.get(randomPeer)!.node
+    if (randomNode.status().integrity == null)
+      await waitForEvent(randomNode, 'stats', () => randomNode.status().integrity != null, 10_000)
+    expect(randomNode.status().integrity).toMatchObject({
+      state: 'quarantined',
+      reason: expect.stringMatching(/unlikely under garage-tiny-sharp/),
+    })
     region.head.registry.leave(randomPeer)
     await appealFailed
     expect(region.head.router.held(randomPeer)).toBe(true)
