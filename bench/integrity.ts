@@ -78,6 +78,7 @@ const printable = (n: number): string =>
 
 interface Judged {
   verdict: AnswerVerdict
+  pValue: number
   genMs: number
   scoreMs: number
   tokens: number
@@ -112,7 +113,7 @@ async function judgeTraffic(
     const scoring = scoringRequest(sample)
     const scored = await post(verifier, scoring.path, scoring.body)
     const j = judgeAnswer(readScores(scored.json, text), samplingOf(body), { vocabularySize: 270 })
-    out.push({ verdict: j.verdict, genMs: ms, scoreMs: scored.ms, tokens: j.tokens })
+    out.push({ verdict: j.verdict, pValue: j.pValue, genMs: ms, scoreMs: scored.ms, tokens: j.tokens })
     if (out.length % 100 === 0) progress(`integrity: ${label} ${out.length}/${count}`)
   }
   return out
@@ -230,6 +231,19 @@ export async function run(): Promise<Record<string, unknown>> {
       model: { name: model, logit_scale: 16, vocabulary: 270, serving_threads: 1, verifier_threads: 2 },
       honest_answers_scored: honest.length,
       honest_answer_fails: honestFails,
+      // The statistic's margins: an answer fails below alpha = 1e-4.
+      honest_p_value_min: Math.min(
+        ...honest.filter((x) => x.verdict !== 'inconclusive').map((x) => x.pValue),
+      ),
+      cheat_p_value_median: Object.fromEntries(
+        Object.entries(cheats).map(([k, xs]) => [
+          k,
+          percentileOf(
+            xs.map((x) => x.pValue),
+            50,
+          ),
+        ]),
+      ),
       honest_tokens_scored: honest.reduce((a, x) => a + x.tokens, 0),
       cheat_answers_scored_per_kind: cheatAnswers,
       cheat_answer_fail_rate: failRate,

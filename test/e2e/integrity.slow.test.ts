@@ -29,7 +29,7 @@ const logitScale = 16
  * Every engine capped alike: the router sends work by measured speed, and on this loaded 2-core
  * machine a node measured slow once would get next to nothing (the cheats must be served to be caught).
  */
-const maxTokensPerSecond = 150
+const maxTokensPerSecond = 300
 
 describe('result integrity (slow)', () => {
   const mesh = new TestMesh()
@@ -80,7 +80,9 @@ describe('result integrity (slow)', () => {
     await writeTinyModel(path('seed2'), { logitScale, seed: 2 })
     await writeTinyModel(path('small'), { logitScale, layers: 1 })
     region = await startTestRegion(mesh, 'integrity', {
-      integrity: { maxQueued: 1024 },
+      // Probation ends after 10 passes here (20 by default) only to shorten the honest nodes' warm-up;
+      // the cheats meet the default rates.
+      integrity: { maxQueued: 1024, probationChecks: 10 },
       policy: tinyPolicy('integrity', {
         name: model,
         source: { gguf: path('assigned') },
