@@ -154,6 +154,12 @@ export async function run(argv: string[], ctx: CommandContext): Promise<number> 
         httpPort: headHttp.port,
         logger,
       })
+      const started = head
+      // `garage regions` shows each region's nodes and the ones the integrity check holds back.
+      node.setRegionStatus(() => ({
+        nodes: started.registry.size,
+        quarantined: started.integrity?.quarantined().length ?? 0,
+      }))
     } catch (err) {
       await ray?.stop()
       await node.stop()

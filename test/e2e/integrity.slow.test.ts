@@ -5,6 +5,7 @@ import { LlamaCppEngine } from '../../daemon/engines/llamacpp/engine.ts'
 import { writeTinyModel } from '../../daemon/engines/llamacpp/tiny-model.ts'
 import { serveInferOverMesh } from '../../daemon/infer-handler.ts'
 import type { NodeDaemon, NodeDaemonOptions } from '../../daemon/node-daemon.ts'
+import { fetchRegionInfo } from '../../mesh/region-protocol.ts'
 import {
   type Endpoint,
   mixedRequest,
@@ -227,6 +228,16 @@ describe('result integrity (slow)', () => {
       )
     expect(metrics).toMatch(/garage_head_integrity_checks_total\{result="fail"\} [1-9]/)
     expect(metrics).toMatch(/garage_head_integrity_checks_total\{result="pass"\} [1-9]/)
+    // `garage regions` reads the region's status beside its certificate (wired as garage bootstrap does).
+    const head = region.head
+    region.bootstrap.setRegionStatus(() => ({
+      nodes: head.registry.size,
+      quarantined: head.integrity?.quarantined().length ?? 0,
+    }))
+    const asker = await mesh.node([])
+    await asker.dial(region.bootstrap.node.getMultiaddrs()[0]!)
+    const info = await fetchRegionInfo(asker, region.bootstrap.peerId)
+    expect(info.status).toEqual({ nodes: honest.length + cheats.size, quarantined: cheats.size })
   }, 90_000)
 
   it('an appeal needs a burst of passed checks: a cheat fails it, a node that mends its ways passes', async () => {

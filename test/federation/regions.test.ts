@@ -442,6 +442,7 @@ describe('headPerRegion and parseRegionModels', () => {
     valid: true,
     reason: null,
     certificate: null,
+    status: null,
     ...over,
   })
 
