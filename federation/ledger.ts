@@ -57,10 +57,23 @@ export interface KeyUsage {
   completionTokens: number
 }
 
+/** A quarantine a head reported (docs/integrity.md): the node's credits not yet verified are held. */
+export interface CreditHold {
+  node: string
+  region: string
+  /** When the head quarantined the node (ms since the epoch). */
+  since: number
+  reason: string
+  /** Completion tokens credited since the node's last passed check, held back. */
+  tokens: number
+}
+
 export interface NodeCredit {
   node: string
   region: string
   model: string
+  /** The node's latest hold in this region, when a head quarantined it: why, since when, how much. */
+  held: { since: string; reason: string; tokens: number } | null
   requests: number
   /** Prompt tokens the node processed (embeddings: all its work), as its usage said, bounded by the gateway. */
   promptTokens: number
@@ -296,8 +309,48 @@ export class UsageLedger {
       }))
   }
 
-  /** Credits per node, region and model over the range (pending records included). */
+  /** Records the holds a region's head reports now (again and again: each is kept once, updated). */
+  recordHolds(region: string, holds: readonly CreditHold[], now = Date.now()): void {
+    const upsert = this.db.prepare(
+      `INSERT INTO node_credit_holds (node, region, since, reason, tokens, seen_at) VALUES (?, ?, ?, ?, ?, ?)
+       ON CONFLICT (node, region, since) DO UPDATE SET reason = excluded.reason, tokens = excluded.tokens, seen_at = excluded.seen_at`,
+    )
+    for (const h of holds) upsert.run(h.node, region, h.since, h.reason, h.tokens, now)
+  }
+
+  /** Every hold recorded, newest first (for one node when given). */
+  holds(query: { node?: string } = {}): CreditHold[] {
+    return this.db
+      .prepare(
+        `SELECT node, region, since, reason, tokens FROM node_credit_holds
+         ${query.node != null ? 'WHERE node = ?' : ''} ORDER BY since DESC`,
+      )
+      .all(...(query.node != null ? [query.node] : []))
+      .map((r) => ({
+        node: String(r.node),
+        region: String(r.region),
+        since: n(r.since),
+        reason: String(r.reason),
+        tokens: n(r.tokens),
+      }))
+  }
+
+  /** Credits per node, region and model over the range (pending records included), with any hold. */
   creditsByNode(query: LedgerRange & { node?: string } = {}): NodeCredit[] {
+    const latest = new Map<string, CreditHold>()
+    for (const h of this.holds(query.node != null ? { node: query.node } : {}))
+      if (!latest.has(`${h.node}\u0000${h.region}`)) latest.set(`${h.node}\u0000${h.region}`, h)
+    return this.#credits(query).map((c) => {
+      const h = latest.get(`${c.node}\u0000${c.region}`)
+      return {
+        ...c,
+        held:
+          h == null ? null : { since: new Date(h.since).toISOString(), reason: h.reason, tokens: h.tokens },
+      }
+    })
+  }
+
+  #credits(query: LedgerRange & { node?: string }): Omit<NodeCredit, 'held'>[] {
     this.flush()
     const { where, params } = rangeFilter(query, 'day')
     if (query.node != null) {

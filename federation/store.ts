@@ -64,6 +64,18 @@ export const migrations: readonly string[] = [
   `
   ALTER TABLE node_credits_daily ADD COLUMN prompt_tokens INTEGER NOT NULL DEFAULT 0;
   `,
+  // A head quarantined a node (docs/integrity.md): the credits it had not yet had verified are held.
+  `
+  CREATE TABLE node_credit_holds (
+    node        TEXT NOT NULL,
+    region      TEXT NOT NULL,
+    since       INTEGER NOT NULL,
+    reason      TEXT NOT NULL,
+    tokens      INTEGER NOT NULL,
+    seen_at     INTEGER NOT NULL,
+    PRIMARY KEY (node, region, since)
+  ) STRICT, WITHOUT ROWID;
+  `,
 ]
 
 export interface OpenFederationStoreOptions {

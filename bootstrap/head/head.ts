@@ -412,6 +412,16 @@ export class HeadApi {
     const snapshot = this.router.snapshot()
     return {
       object: 'list',
+      // Nodes the integrity check quarantined: the federation's ledger holds their unverified credits.
+      garage: {
+        region: this.region,
+        held: (this.integrity?.quarantined() ?? []).map((e) => ({
+          node: e.node,
+          since: e.since,
+          reason: e.reason ?? 'quarantined',
+          tokens: e.heldTokens,
+        })),
+      },
       data: this.router
         .models()
         .map((m) => {

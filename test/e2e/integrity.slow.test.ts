@@ -5,6 +5,7 @@ import { LlamaCppEngine } from '../../daemon/engines/llamacpp/engine.ts'
 import { writeTinyModel } from '../../daemon/engines/llamacpp/tiny-model.ts'
 import { serveInferOverMesh } from '../../daemon/infer-handler.ts'
 import type { NodeDaemon, NodeDaemonOptions } from '../../daemon/node-daemon.ts'
+import { parseRegionHolds } from '../../federation/regions.ts'
 import { fetchRegionInfo } from '../../mesh/region-protocol.ts'
 import {
   type Endpoint,
@@ -228,6 +229,16 @@ describe('result integrity (slow)', () => {
       )
     expect(metrics).toMatch(/garage_head_integrity_checks_total\{result="fail"\} [1-9]/)
     expect(metrics).toMatch(/garage_head_integrity_checks_total\{result="pass"\} [1-9]/)
+    // The federation reads the quarantines beside the models, and its ledger holds the credits.
+    const models = await (
+      await fetch(`${region.head.url}/v1/models`, {
+        headers: { authorization: `Bearer ${region.head.apiToken}` },
+      })
+    ).json()
+    const holds = parseRegionHolds(models, 'integrity')
+    expect(holds.map((h) => h.node).sort()).toEqual([...cheats.keys()].sort())
+    for (const h of holds) expect(h.reason).toMatch(/unlikely under garage-tiny-sharp/)
+    expect(holds.reduce((t, h) => t + h.tokens, 0)).toBeGreaterThan(0)
     // `garage regions` reads the region's status beside its certificate (wired as garage bootstrap does).
     const head = region.head
     region.bootstrap.setRegionStatus(() => ({

@@ -129,6 +129,31 @@ describe('UsageLedger', () => {
     ])
   })
 
+  it("holds a quarantined node's unverified credits, and says why", () => {
+    ledger.record(entry({ node: nodeA }))
+    ledger.record(entry({ node: nodeB }))
+    const hold = {
+      node: nodeA,
+      region: 'eu-north',
+      since: Date.parse('2025-03-01T12:00:00Z'),
+      reason: '3 of 5 checked answers were unlikely under garage-tiny',
+      tokens: 120,
+    }
+    // The head reports it on every status answer while it lasts: one hold, updated.
+    ledger.recordHolds('eu-north', [hold])
+    ledger.recordHolds('eu-north', [{ ...hold, tokens: 130 }])
+    expect(ledger.holds()).toEqual([{ ...hold, tokens: 130 }])
+    const credits = ledger.creditsByNode()
+    expect(credits.find((c) => c.node === nodeA)!.held).toEqual({
+      since: '2025-03-01T12:00:00.000Z',
+      reason: hold.reason,
+      tokens: 130,
+    })
+    expect(credits.find((c) => c.node === nodeB)!.held).toBeNull()
+    // Kept across a reopen.
+    expect(new UsageLedger(open()).holds({ node: nodeA })).toHaveLength(1)
+  })
+
   it('writes the records of one event-loop turn together, right after that turn', async () => {
     ledger.record(entry())
     ledger.record(entry({ completionTokens: 5 }))
@@ -164,6 +189,7 @@ describe('UsageLedger', () => {
         node: nodeA,
         region: 'eu-north',
         model: 'garage-tiny',
+        held: null,
         requests: 1,
         promptTokens: 10,
         completionTokens: 5,
@@ -210,6 +236,7 @@ describe('UsageLedger', () => {
         node: nodeA,
         region: 'eu-north',
         model: 'garage-tiny',
+        held: null,
         requests: 2,
         promptTokens: 20,
         completionTokens: 40,
@@ -218,6 +245,7 @@ describe('UsageLedger', () => {
         node: nodeB,
         region: 'us-east',
         model: 'garage-tiny',
+        held: null,
         requests: 1,
         promptTokens: 3,
         completionTokens: 4,

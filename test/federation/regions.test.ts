@@ -8,6 +8,7 @@ import { capabilityFromHardware } from '../../daemon/node-daemon.ts'
 import {
   defaultDiscoveryIntervalMs,
   headPerRegion,
+  parseRegionHolds,
   parseRegionModels,
   RegionDirectory,
   type RegionStatus,
@@ -429,6 +430,18 @@ describe('RegionDirectory: two certified heads for one region', () => {
     expect(directory.region('dup')!.head).toBe(newer.peerId.toString())
     // Neither runs a head API: found, but not reachable.
     expect(directory.region('dup')!.reachable).toBe(false)
+  })
+})
+
+describe('parseRegionHolds', () => {
+  it("reads a head's quarantines beside its models, ignoring what does not parse", () => {
+    const hold = { node: '12D3KooWx', since: 1000, reason: 'answers unlikely', tokens: 40 }
+    const body = (held: unknown, region = 'r') => ({ object: 'list', data: [], garage: { region, held } })
+    expect(parseRegionHolds(body([hold, { ...hold, tokens: -1 }, 'x', { ...hold, node: '' }]), 'r')).toEqual([
+      { ...hold, region: 'r' },
+    ])
+    expect(parseRegionHolds(body([hold], 'other'), 'r')).toEqual([])
+    expect(parseRegionHolds({ object: 'list', data: [] }, 'r')).toEqual([])
   })
 })
 
