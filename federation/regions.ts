@@ -197,7 +197,8 @@ export function parseRegionHolds(body: unknown, region: string): CreditHold[] {
     const { node, since, reason, tokens } = h
     if (typeof node !== 'string' || node.length === 0 || node.length > 128) continue
     if (typeof reason !== 'string' || reason.length > 1024) continue
-    if (!isCount(since) || !isCount(tokens)) continue
+    const whole = (x: unknown): x is number => Number.isSafeInteger(x) && (x as number) >= 0
+    if (!whole(since) || !whole(tokens)) continue
     out.push({ node, region, since, reason, tokens })
   }
   return out

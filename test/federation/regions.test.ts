@@ -435,7 +435,7 @@ describe('RegionDirectory: two certified heads for one region', () => {
 
 describe('parseRegionHolds', () => {
   it("reads a head's quarantines beside its models, ignoring what does not parse", () => {
-    const hold = { node: '12D3KooWx', since: 1000, reason: 'answers unlikely', tokens: 40 }
+    const hold = { node: '12D3KooWx', since: 1_796_586_721_967, reason: 'answers unlikely', tokens: 40 }
     const body = (held: unknown, region = 'r') => ({ object: 'list', data: [], garage: { region, held } })
     expect(parseRegionHolds(body([hold, { ...hold, tokens: -1 }, 'x', { ...hold, node: '' }]), 'r')).toEqual([
       { ...hold, region: 'r' },
