@@ -159,10 +159,19 @@ export class IntegritySampleError extends Error {
   override name = 'IntegritySampleError'
 }
 
-/** Builds a sample; null when it would exceed integritySampleMaxBytes. */
+/**
+ * Builds a sample; null when it would exceed integritySampleMaxBytes, or cannot be serialised (a
+ * request nested thousands of levels deep: JSON.parse took it, JSON.stringify runs out of stack).
+ */
 export function buildSample(init: Omit<IntegritySample, 'v'>): IntegritySample | null {
   const sample: IntegritySample = { v: 1, ...init }
-  return Buffer.byteLength(JSON.stringify(sample)) > integritySampleMaxBytes ? null : sample
+  let json: string
+  try {
+    json = JSON.stringify(sample)
+  } catch {
+    return null
+  }
+  return Buffer.byteLength(json) > integritySampleMaxBytes ? null : sample
 }
 
 /** Checks a sample received from elsewhere (the federation on the direct path); throws IntegritySampleError. */
@@ -171,8 +180,13 @@ export function parseSample(value: unknown): IntegritySample {
     throw new IntegritySampleError(`integrity sample: ${why}`)
   }
   if (!isPlainObject(value)) return fail('not an object')
-  if (Buffer.byteLength(JSON.stringify(value)) > integritySampleMaxBytes)
-    fail(`over ${integritySampleMaxBytes} bytes`)
+  let json = ''
+  try {
+    json = JSON.stringify(value)
+  } catch {
+    fail('cannot be serialised (nested too deeply)')
+  }
+  if (Buffer.byteLength(json) > integritySampleMaxBytes) fail(`over ${integritySampleMaxBytes} bytes`)
   const v = value
   if (v.v !== 1) fail('v must be 1')
   for (const key of ['model', 'node', 'requestId'] as const)

@@ -247,7 +247,12 @@ export class HeadRoute implements ProxyRoute<HeadCall, HeadTarget> {
           )
       }
       metrics.requests.inc({ model: call.model, status: String(response.status) })
-      this.#sampled(call, target, response, outcome)
+      try {
+        this.#sampled(call, target, response, outcome)
+      } catch (err) {
+        // A check is the head's own business: it never fails the answer it looks at.
+        this.#init.logger.warn({ err, requestId: call.requestId }, 'integrity sample failed')
+      }
     }
     // Relaying it threw: nothing was counted, and the node may have generated up to the reset.
     if (outcome == null) this.#c.verified.abandoned(target, call.inFlight ?? 0)

@@ -252,3 +252,21 @@ describe('the sequential test', () => {
     expect(llr).toBe(0)
   })
 })
+
+describe('regression: a request nested too deeply to serialise again', () => {
+  it('is not sampled (buildSample gives null) rather than failing the answer', () => {
+    let deep: unknown = 'x'
+    for (let i = 0; i < 100_000; i++) deep = [deep]
+    const sample = buildSample({
+      model: 'm',
+      node: 'n',
+      endpoint: 'chat',
+      request: { messages: [{ role: 'user', content: 'hi' }], metadata: deep },
+      output: { text: 'a', finishReason: null },
+      requestId: 'r',
+      at: 0,
+    })
+    expect(sample).toBeNull()
+    expect(() => parseSample({ v: 1, request: deep })).toThrow(IntegritySampleError)
+  })
+})
