@@ -50,6 +50,8 @@ export interface NodeTelemetrySource {
   nvidia(): boolean
   /** The node's Ray worker, when its assignment gave it one. */
   ray?(): 'ready' | 'starting' | null
+  /** The head's integrity standing for this node changed (the gamer's status shows it). */
+  integrityChanged?(): void
   /** Sends one numbered report to the head; resolves with its answer. */
   send(
     report: TelemetryReport,
