@@ -58,7 +58,11 @@ describe('IntegrityChecker with a trusted engine (slow)', () => {
         registry,
         router,
         verified,
-        checks: { inc: ({ result }) => void (results[result] = (results[result] ?? 0) + 1) },
+        checks: {
+          inc: ({ result }) => {
+            results[result] = (results[result] ?? 0) + 1
+          },
+        },
       },
     )
     checker.start()
