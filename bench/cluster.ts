@@ -10,11 +10,12 @@ import { LlamaCppEngine } from '../daemon/engines/llamacpp/engine.ts'
 import { writeTinyModel } from '../daemon/engines/llamacpp/tiny-model.ts'
 import { daemonEnv } from '../daemon/launch.ts'
 import { ApiKeyStore } from '../federation/keys.ts'
-import { openFederationStore } from '../federation/store.ts'
+import { openStore } from '../federation/store.ts'
+import { openFederationStore } from '../federation/store-sqlite.ts'
 import { initAuthority } from '../mesh/authority.ts'
 import { issueRegionCertificate } from '../mesh/certificate.ts'
 import { loadOrCreateIdentity } from '../mesh/identity.ts'
-import { progress } from './report.ts'
+import { percentile, progress } from './report.ts'
 
 /**
  * The system as deployed, for benchmarks: `garage bootstrap --policy` (head), `garage node` and,
@@ -34,7 +35,15 @@ export interface BenchCluster {
   /** An engine like the node's (same model, slots, context, threads), called without any hop. */
   direct: Target
   head: Target
+  /** The federation gateway (the direct path on: straight to the node its head leased it). */
   federation: Target | null
+  /** A second gateway with --no-direct: every request through the head (the fallback path). */
+  federationViaHead: Target | null
+  /**
+   * With `postgres`: the SQLite gateway and a second gateway on PostgreSQL, each with a key that has
+   * (unreachable) limits, so both limiters and both ledgers are on the path.
+   */
+  stores: { sqlite: Target & { pid: number }; postgres: Target & { pid: number } } | null
   /** The `garage node` process: its pid, and its data dir (control.json, control.token). */
   node: { pid: number; dataDir: string }
   stop(): Promise<void>
@@ -80,6 +89,10 @@ export async function startBenchCluster(options: {
   parallel: number
   contextLength: number
   federation: boolean
+  /** Also a gateway with the direct path off, beside the first. */
+  federationViaHead?: boolean
+  /** postgres://...: also start a gateway on this database (see BenchCluster.stores). */
+  postgres?: string
 }): Promise<BenchCluster> {
   const dir = await mkdtemp(join(tmpdir(), 'garage-bench-cluster-'))
   const children: ChildProcess[] = []
@@ -118,6 +131,10 @@ export async function startBenchCluster(options: {
     )
     const fedDir = join(dir, 'federation')
     const fedId = peerIdFromPrivateKey(await loadOrCreateIdentity(fedDir)).toString()
+    const viaHeadDir = join(dir, 'federation-via-head')
+    const viaHeadId = peerIdFromPrivateKey(await loadOrCreateIdentity(viaHeadDir)).toString()
+    const pgDir = join(dir, 'federation-postgres')
+    const pgId = peerIdFromPrivateKey(await loadOrCreateIdentity(pgDir)).toString()
     const policy = {
       region: 'bench',
       models: [
@@ -155,6 +172,10 @@ export async function startBenchCluster(options: {
         '127.0.0.1:0',
         '--federation',
         fedId,
+        '--federation',
+        viaHeadId,
+        '--federation',
+        pgId,
         '--data-dir',
         headDir,
       ],
@@ -189,10 +210,9 @@ export async function startBenchCluster(options: {
       children,
     )
     let federation: Target | null = null
-    if (options.federation) {
-      const db = openFederationStore(fedDir)
-      const key = new ApiKeyStore(db).create({ name: 'bench' }).key
-      db.close()
+    let stores: BenchCluster['stores'] = null
+    /** Starts a gateway on that data dir (and database) and waits until it sees the region's model. */
+    const startGateway = async (dataDir: string, key: string, extra: string[] = []): Promise<string> => {
       const lines = await spawnGarage(
         [
           'federation',
@@ -206,23 +226,49 @@ export async function startBenchCluster(options: {
           '--http',
           '127.0.0.1:0',
           '--data-dir',
-          fedDir,
+          dataDir,
+          ...extra,
         ],
         /admin/,
         children,
       )
-      federation = { url: field(lines, 'api').replace(/\/v1$/, ''), key }
-      // Ready once the gateway sees the region's model.
+      const url = field(lines, 'api').replace(/\/v1$/, '')
       const deadline = Date.now() + 30_000
       for (;;) {
-        const res = await fetch(`${federation.url}/v1/models`, {
-          headers: { authorization: `Bearer ${key}` },
-        })
+        const res = await fetch(`${url}/v1/models`, { headers: { authorization: `Bearer ${key}` } })
         const body = (await res.json()) as { data?: Array<{ id: string }> }
-        if (body.data?.some((m) => m.id === tinyModel)) break
+        if (body.data?.some((m) => m.id === tinyModel)) return url
         if (Date.now() > deadline) throw new Error('the federation never saw the region')
         await new Promise((r) => setTimeout(r, 250))
       }
+    }
+    // Limits no benchmark reaches: the limiter runs on every request, it never refuses one.
+    const limited = { name: 'bench-limited', rpm: 100_000_000, tpm: 1_000_000_000_000, concurrency: 100_000 }
+    if (options.federation) {
+      const store = openFederationStore(fedDir)
+      const key = (await new ApiKeyStore(store).create({ name: 'bench' })).key
+      const sqliteLimited = options.postgres != null ? (await new ApiKeyStore(store).create(limited)).key : ''
+      await store.close()
+      federation = { url: await startGateway(fedDir, key), key }
+      const sqlitePid = children.at(-1)?.pid ?? 0
+      if (options.postgres != null) {
+        const pgStore = await openStore({ dataDir: pgDir, database: options.postgres })
+        const pgKey = (await new ApiKeyStore(pgStore).create(limited)).key
+        await pgStore.close()
+        progress('starting a second gateway, on PostgreSQL')
+        const pgUrl = await startGateway(pgDir, pgKey, ['--database', options.postgres])
+        stores = {
+          sqlite: { url: federation.url, key: sqliteLimited, pid: sqlitePid },
+          postgres: { url: pgUrl, key: pgKey, pid: children.at(-1)?.pid ?? 0 },
+        }
+      }
+    }
+    let federationViaHead: Target | null = null
+    if (options.federationViaHead) {
+      const store = openFederationStore(viaHeadDir)
+      const key = (await new ApiKeyStore(store).create({ name: 'bench' })).key
+      await store.close()
+      federationViaHead = { url: await startGateway(viaHeadDir, key, ['--no-direct']), key }
     }
     const handle = await direct.start({
       model: modelPath,
@@ -237,6 +283,8 @@ export async function startBenchCluster(options: {
       direct: { url: handle.baseUrl, key: handle.apiKey },
       head: headTarget,
       federation,
+      federationViaHead,
+      stores,
       node: { pid: nodePid, dataDir: nodeDir },
       stop,
     }
@@ -310,4 +358,75 @@ export async function latencyBatch(
 
 export function closeClient(): void {
   agent.destroy()
+}
+
+/**
+ * How long every latency and throughput bench drives load before it measures: V8 compiles the
+ * request path's hot functions during the first ~12k requests, and figures taken before that
+ * measure the compiler (a restarted head is that cold: the benches report those figures apart).
+ * `GARAGE_BENCH_WARMUP_MS` overrides it.
+ */
+export function warmupMs(env: NodeJS.ProcessEnv = process.env): number {
+  const v = Number(env.GARAGE_BENCH_WARMUP_MS ?? 10_000)
+  return Number.isFinite(v) && v >= 0 ? v : 10_000
+}
+
+/** Drives one-token requests through every target in turn, `concurrency` at once, for `ms`. */
+export async function warmUp(targets: Target[], concurrency: number, ms: number): Promise<number> {
+  const until = performance.now() + ms
+  let requests = 0
+  for (let round = 0; performance.now() < until; round++) {
+    for (const t of targets) requests += (await latencyBatch(t, concurrency, 4, 1_000 + round)).length
+  }
+  return requests
+}
+
+/** p50 and p99 of a side's latencies, and what they add over the baseline's. */
+export function addedOver(
+  side: number[],
+  baseline: number[],
+): { p50: number; p99: number; added_p50: number; added_p99: number } {
+  const round = (x: number) => Number(x.toFixed(2))
+  const p50 = percentile(side, 50)
+  const p99 = percentile(side, 99)
+  return {
+    p50: round(p50),
+    p99: round(p99),
+    added_p50: round(p50 - percentile(baseline, 50)),
+    added_p99: round(p99 - percentile(baseline, 99)),
+  }
+}
+
+/**
+ * Issue 18's yardstick: Garage's added latency against twice a plain nginx chain's of as many hops,
+ * plus 0.5 ms (p50) or 2 ms (p99). A ratio ≤ 1 meets it.
+ */
+export function nginxBudgetRatios(
+  garage: { added_p50: number; added_p99: number },
+  nginx: { added_p50: number; added_p99: number },
+): { p50_budget_ratio: number; p99_budget_ratio: number } {
+  const ratio = (added: number, allowed: number) => Number((added / Math.max(0.01, allowed)).toFixed(3))
+  return {
+    p50_budget_ratio: ratio(garage.added_p50, 2 * Math.max(0, nginx.added_p50) + 0.5),
+    p99_budget_ratio: ratio(garage.added_p99, 2 * Math.max(0, nginx.added_p99) + 2),
+  }
+}
+
+/** One long streamed completion; completion tokens per second. */
+export async function streamOnce(target: Target, round: number, streamTokens = 256): Promise<number> {
+  const r = await post(target, '/v1/completions', {
+    model: tinyModel,
+    prompt: `stream ${round}`,
+    max_tokens: streamTokens,
+    temperature: 0,
+    stream: true,
+    stream_options: { include_usage: true },
+  })
+  const usage = r.text
+    .split('\n')
+    .filter((l) => l.startsWith('data: {'))
+    .map((l) => JSON.parse(l.slice(6)) as { usage?: { completion_tokens: number } })
+    .find((e) => e.usage != null)?.usage
+  if (usage?.completion_tokens !== streamTokens) throw new Error('the stream did not carry every token')
+  return usage.completion_tokens / (r.ms / 1000)
 }

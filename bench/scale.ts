@@ -11,7 +11,7 @@
 
 import { defaultMaxHeadsPerRound, defaultRefreshIntervalMs } from '../federation/regions.ts'
 import { defaultConnectionLimits } from '../mesh/node.ts'
-import { telemetryIntervalMs } from '../mesh/protocols.ts'
+import { leaseReportIntervalMs, telemetryIntervalMs } from '../mesh/protocols.ts'
 import { progress, table, writeResult } from './report.ts'
 import { garageDiscovery, type KademliaFigures, kademliaAt } from './scale/dht.ts'
 import { validateDhtModel } from './scale/dht-real.ts'
@@ -19,6 +19,7 @@ import {
   federationRouterPickCost,
   type JoinAppCost,
   joinAppCost,
+  leaseAppCost,
   type PickCost,
   regionalRouterPickCost,
   telemetryAppCost,
@@ -107,6 +108,11 @@ export async function run(): Promise<Record<string, unknown>> {
 
   progress('scale 4/5: head handlers at 10^3-10^5 joined nodes (in process)')
   const telemetryApp = [1_000, 10_000, 100_000].map((nodes) => telemetryAppCost({ nodes }))
+  // A gateway's direct-path report over 1,000 leased nodes, 100 and 1,000 records of each kind.
+  const leaseApp = [
+    await leaseAppCost({ nodes: 1_000, records: 100 }),
+    await leaseAppCost({ nodes: 1_000, records: 1_000 }),
+  ]
   const joinApp: JoinAppCost[] = []
   for (const nodes of [1_000, 10_000, 100_000]) joinApp.push(await joinAppCost({ nodes }))
   const replicasNsPerNode = (joinApp[2]!.replicasByModelUs.p50 * 1000) / joinApp[2]!.registryNodes
@@ -146,6 +152,26 @@ export async function run(): Promise<Record<string, unknown>> {
     max_heads_per_discovery_round: defaultMaxHeadsPerRound,
   }
 
+  // The direct path: the head carries no tokens, only the gateways' reports. A concurrent stream is
+  // an in-flight entry in every report (4 a second; at worst one stream per node) and a done record
+  // once per answer (a 300-token answer at 30 tokens/s lasts 10 s).
+  const streamTokensPerSecond = 30
+  const answerTokens = 300
+  const recordsPerStreamPerSecond = 1000 / leaseReportIntervalMs + streamTokensPerSecond / answerTokens
+  const headUsPerStreamSecond = recordsPerStreamPerSecond * load.direct.cpuUsPerRecord
+  const telemetryUsPerNodeSecond = load.telemetry.cpuUsPerReport / (telemetryIntervalMs / 1000)
+  const direct = {
+    stream_tokens_per_s: streamTokensPerSecond,
+    answer_tokens: answerTokens,
+    head_cpu_us_per_lease_report_empty: round(load.direct.cpuUsPerEmptyReport, 1),
+    head_cpu_us_per_lease_record: round(load.direct.cpuUsPerRecord, 2),
+    // The handler alone (decode, LeaseDesk.exchange, encode), in process: the floor under the above.
+    handler_us_per_lease_record: round(leaseApp[1]!.perRecordUs, 2),
+    head_cpu_us_per_streamed_token: round(headUsPerStreamSecond / streamTokensPerSecond, 3),
+    streams_per_core: Math.round(1e6 / headUsPerStreamSecond),
+    telemetry_nodes_per_core: Math.round(1e6 / telemetryUsPerNodeSecond),
+  }
+
   const result = {
     wall_s: Math.round((performance.now() - started) / 1000),
     caveat:
@@ -161,10 +187,12 @@ export async function run(): Promise<Record<string, unknown>> {
     head: {
       load,
       telemetry_app: telemetryApp,
+      lease_app: leaseApp,
       join_app: joinApp,
       replicas_by_model_ns_per_node: round(replicasNsPerNode, 1),
       per_head: perHead,
       nodes_per_head_limits: limits,
+      direct,
     },
     federation,
   }
@@ -225,6 +253,13 @@ export async function run(): Promise<Record<string, unknown>> {
     `${round(load.connectCpuMsPerNode)}/${round(load.joinCpuMsPerJoin)}`,
     '',
   ])
+  rows.push([
+    'direct path: head cpu per streamed token µs',
+    String(direct.head_cpu_us_per_streamed_token),
+    `${direct.head_cpu_us_per_lease_record} per report record, ${direct.head_cpu_us_per_lease_report_empty} per empty report`,
+  ])
+  rows.push(['direct path: 30 tok/s streams per head core', String(direct.streams_per_core), '>= 5000'])
+  rows.push(['telemetry: nodes per head core (warm)', String(direct.telemetry_nodes_per_core), '>= 20000'])
   rows.push(['head rss per node KiB', String(Math.round(load.memoryKiBPerNode.rss)), ''])
   rows.push(['head cpu per GET_PROVIDERS µs', String(Math.round(load.dht.cpuUsPerRequest)), ''])
   rows.push([

@@ -145,6 +145,12 @@ export const httpErrorCodes = {
     meaning: 'the model is known but nothing can serve it right now; see Retry-After',
     surfaces: openai,
   },
+  store_unavailable: {
+    status: 503,
+    meaning:
+      "the federation's database (PostgreSQL) cannot be reached; see Retry-After (usage of answers under way is kept and written when it is back)",
+    surfaces: openai,
+  },
   engine_draining: {
     status: 503,
     meaning: 'the engine is draining (passed through from a node)',
@@ -184,6 +190,8 @@ export const wireErrorCodes = {
   protocol_error: 'a frame broke the grammar',
   cancelled: 'the asker cancelled',
   stopped: 'the server stopped',
+  ticket_invalid: "a direct-path request's ticket is missing, forged, expired, or for another node or holder",
+  lease_full: "a direct-path lease's slots are all in use at the node",
 } as const
 
 export type WireErrorCode = keyof typeof wireErrorCodes

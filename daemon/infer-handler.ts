@@ -6,6 +6,13 @@ import { type ApiError, apiError } from '../core/errors.ts'
 import { type Logger, silentLogger } from '../core/logger.ts'
 import { handleInferProtocol, type InferReply, type InferServerRequest } from '../mesh/infer-protocol.ts'
 import type { MeshNode } from '../mesh/node.ts'
+import {
+  LeaseSlots,
+  type TicketClaims,
+  TicketError,
+  type TicketVerifier,
+  ticketHeader,
+} from '../mesh/ticket.ts'
 
 /**
  * The node's end of /garage/infer/1.0.0: each request from the head this node joined is passed to the
@@ -39,6 +46,11 @@ export interface InferRequestEnd extends InferRequestInfo {
 export interface InferForwardingOptions {
   /** PeerId strings of the heads this node joined; read per stream. */
   allowedHeads: () => ReadonlySet<string>
+  /**
+   * The direct path's ticket check (mesh/ticket.ts): a peer other than the head may send requests
+   * that carry a valid ticket from it. Null (or absent): only the head may.
+   */
+  tickets?: () => TicketVerifier | null
   /** The engine serving now; null answers ERROR `engine_unavailable`. */
   engine: () => EngineEndpoint | null
   logger?: Logger
@@ -68,7 +80,7 @@ const hopByHop = new Set([
   'transfer-encoding',
   'upgrade',
 ])
-const setByThisHop = new Set(['host', 'authorization', 'content-length', 'expect'])
+const setByThisHop = new Set(['host', 'authorization', 'content-length', 'expect', ticketHeader])
 /** Encoded dots, slashes and backslashes would let `/v1/%2e%2e/admin` leave /v1/ at the engine. */
 const escapingPath = /%2e|%2f|%5c|\\/i
 
@@ -161,6 +173,7 @@ export async function serveInferOverMesh(
   const httpAgent = new http.Agent(agentOptions)
   const httpsAgent = new https.Agent(agentOptions)
   const urls = new Map<string, URL>()
+  const leases = new LeaseSlots()
   let active = 0
   let idleWaiters: Array<() => void> = []
 
@@ -227,9 +240,38 @@ export async function serveInferOverMesh(
     let status: number | null = null
     let responseBytes = 0
     let res: IncomingMessage | null = null
+    let lease: TicketClaims | null = null
     active++
     options.onRequest?.(info)
     try {
+      if (!options.allowedHeads().has(info.peer)) {
+        // Not from the head: the head's ticket says it routed this peer here.
+        const tickets = options.tickets?.() ?? null
+        if (tickets == null) {
+          await reply.error('ticket_invalid', 'this node takes requests from its head only right now')
+          outcome = 'rejected'
+          return
+        }
+        let claims: TicketClaims
+        try {
+          claims = tickets.check(
+            request.headers.find(([k]) => k.toLowerCase() === ticketHeader)?.[1],
+            info.peer,
+          )
+        } catch (err) {
+          if (!(err instanceof TicketError)) throw err
+          log.debug({ requestId, peer: info.peer, problem: err.problem }, 'ticket refused')
+          await reply.error('ticket_invalid', err.message)
+          outcome = 'rejected'
+          return
+        }
+        if (!leases.take(claims)) {
+          await reply.error('lease_full', `the lease's ${claims.slots} slots are all in use`)
+          outcome = 'rejected'
+          return
+        }
+        lease = claims
+      }
       const refusal = refuseRoute(request.method, request.path)
       if (refusal != null) {
         status = refusal.status
@@ -288,6 +330,7 @@ export async function serveInferOverMesh(
     } finally {
       // A response left half read would hold its socket; destroying it also tells the engine to stop.
       if (res != null && !res.complete) res.destroy()
+      if (lease != null) leases.give(lease)
       active--
       if (active === 0) {
         const waiters = idleWaiters
@@ -307,7 +350,8 @@ export async function serveInferOverMesh(
   let unhandle: () => Promise<void>
   try {
     unhandle = await handleInferProtocol(node, {
-      allow: (peer) => options.allowedHeads().has(peer.toString()),
+      // Streams from others are taken while the direct path is on; each request's ticket is checked.
+      allow: (peer) => options.allowedHeads().has(peer.toString()) || options.tickets?.() != null,
       handle: serve,
       onRejected(peer, reason) {
         log.debug({ peer: peer.toString(), err: reason.message, name: reason.name }, 'infer stream refused')

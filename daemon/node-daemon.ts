@@ -391,6 +391,9 @@ export class NodeDaemon extends TypedEventEmitter<NodeDaemonEvents> implements C
           const head = this.membership?.assignment?.head
           return new Set(head != null ? [head] : [])
         },
+        // The direct path: requests with a ticket from the head, while this node serves (not
+        // draining: its head stopped leasing it, and the gateway goes through the head instead).
+        tickets: () => (this.current === 'serving' ? (this.membership?.tickets ?? null) : null),
         // A request the head routed just before it learnt of a drain is still served.
         engine: () => {
           const handle = this.engine.handle

@@ -16,12 +16,17 @@ import { proxyWithFailover } from '../openai/proxy.ts'
 import { type AnswerSink, httpSink } from '../openai/relay.ts'
 import { prepareUpstreamRequest, upstreamBody } from '../openai/request.ts'
 import { type OutputItemStore, responsesSink, responsesToChat } from '../openai/responses.ts'
+import type { DirectPath } from './direct.ts'
 import type { ApiKeyStore, KeyInfo } from './keys.ts'
 import { LedgerDateError, type UsageLedger } from './ledger.ts'
-import type { FederationMetrics } from './metrics.ts'
-import type { RateLimiter } from './rate-limit.ts'
+import { errorCodeLabel, type FederationMetrics } from './metrics.ts'
+import type { KeyLimiter } from './rate-limit.ts'
 import type { RegionDirectory } from './regions.ts'
 import type { FederationCall, RegionRoute } from './route.ts'
+import { type FederationStore, FederationStoreUnavailableError } from './store.ts'
+
+/** Retry-After of a 503 store_unavailable: the store is probed every second. */
+export const storeRetryAfterSeconds = 1
 
 export const adminTokenFile = 'admin.token'
 
@@ -33,14 +38,18 @@ export interface FederationApiInit {
 }
 
 export interface FederationApiComponents {
+  /** Whether the database can be reached now (a PostgreSQL store that lost its server says no). */
+  store: Pick<FederationStore, 'available' | 'kind'>
   keys: ApiKeyStore
   ledger: UsageLedger
-  limiter: RateLimiter
+  limiter: KeyLimiter
   directory: RegionDirectory
   route: RegionRoute
   metrics: FederationMetrics
   /** Output items of answers given, for Responses item_reference. */
   items: OutputItemStore
+  /** The direct path (null when off): its leases show in /health. */
+  direct?: DirectPath | null
 }
 
 /**
@@ -56,9 +65,9 @@ export class FederationApi {
     this.c = components
   }
 
-  private authenticate(req: IncomingMessage): KeyInfo {
+  private async authenticate(req: IncomingMessage): Promise<KeyInfo> {
     const m = /^Bearer (.+)$/.exec(header(req, 'authorization') ?? '')
-    const key = m?.[1] != null ? this.c.keys.authenticate(m[1]) : null
+    const key = m?.[1] != null ? await this.c.keys.authenticate(m[1]) : null
     if (key == null) {
       throw apiError(
         'invalid_api_key',
@@ -125,7 +134,12 @@ export class FederationApi {
     await proxyWithFailover(call, this.c.route)
   }
 
-  private admin(req: IncomingMessage, res: ServerResponse, path: string, method: string): void {
+  private async admin(
+    req: IncomingMessage,
+    res: ServerResponse,
+    path: string,
+    method: string,
+  ): Promise<void> {
     if (!bearerMatches(header(req, 'authorization'), this.init.adminToken)) {
       throw apiError('unauthorized', `the admin endpoints need the admin token (${adminTokenFile})`)
     }
@@ -138,9 +152,9 @@ export class FederationApi {
       let body: string
       try {
         body = JSON.stringify({
-          usage: this.c.ledger.usageByKey(range),
-          credits: this.c.ledger.creditsByNode(range),
-          totals: this.c.ledger.totals(range),
+          usage: await this.c.ledger.usageByKey(range),
+          credits: await this.c.ledger.creditsByNode(range),
+          totals: await this.c.ledger.totals(range),
         })
       } catch (err) {
         if (err instanceof LedgerDateError) throw apiError('invalid_value', err.message)
@@ -152,7 +166,7 @@ export class FederationApi {
     if (path === '/admin/keys' && method === 'GET') {
       res
         .writeHead(200, { 'content-type': 'application/json' })
-        .end(JSON.stringify({ keys: this.c.keys.list() }))
+        .end(JSON.stringify({ keys: await this.c.keys.list() }))
       return
     }
     throw apiError('not_found', `no such endpoint: ${method} ${path}`)
@@ -165,6 +179,7 @@ export class FederationApi {
       JSON.stringify({
         status: ok ? 'ok' : 'no-region',
         peerId: this.init.peerId,
+        store: { kind: this.c.store.kind, available: this.c.store.available },
         regions: regions.map((r) => ({
           region: r.region,
           head: r.head,
@@ -172,6 +187,10 @@ export class FederationApi {
           rttMs: r.rttMs,
           models: [...r.models.keys()],
         })),
+        direct:
+          this.c.direct == null
+            ? null
+            : { regions: this.c.direct.view(), requests: { ...this.c.direct.counts } },
       }),
     )
   }
@@ -225,8 +244,8 @@ export class FederationApi {
           .end(await this.c.metrics.registry.metrics())
         return
       }
-      if (path.startsWith('/admin/')) return this.admin(req, res, path, method)
-      const key = this.authenticate(req)
+      if (path.startsWith('/admin/')) return await this.admin(req, res, path, method)
+      const key = await this.authenticate(req)
       if (path === modelsPath) {
         if (method !== 'GET') throw apiError('method_not_allowed', `${path} takes GET`)
         return this.modelList(res)
@@ -239,7 +258,9 @@ export class FederationApi {
       const kind = path === responsesPath ? 'responses' : proxiedKind(path)
       if (kind == null) throw apiError('not_found', `no such endpoint: ${method} ${path}`)
       if (method !== 'POST') throw apiError('method_not_allowed', `${path} takes POST`)
-      const admitted = this.c.limiter.check(key)
+      // Usage must be written: no new request while the store is away or its unwritten sums are at their bound.
+      if (!this.c.store.available || this.c.ledger.backlogFull) throw storeUnavailable()
+      const admitted = await this.c.limiter.check(key)
       for (const [k, v] of Object.entries(admitted.headers)) res.setHeader(k, v)
       if (!admitted.ok) {
         this.c.metrics.rateLimited.inc({ reason: admitted.reason })
@@ -271,10 +292,25 @@ export class FederationApi {
         admitted.release()
       }
     } catch (err) {
-      const e = err instanceof ApiError ? err : internalError(err)
-      if (!(err instanceof ApiError)) this.init.logger.error({ err, requestId }, 'request failed')
+      const e =
+        err instanceof ApiError
+          ? err
+          : err instanceof FederationStoreUnavailableError
+            ? storeUnavailable()
+            : internalError(err)
+      if (!(err instanceof ApiError) && !(err instanceof FederationStoreUnavailableError))
+        this.init.logger.error({ err, requestId }, 'request failed')
       this.c.metrics.requests.inc({ model: labels.model, region: labels.region, status: String(e.status) })
+      this.c.metrics.errors.inc({ code: errorCodeLabel(e.code) })
       sendError(res, e)
     }
   }
+}
+
+function storeUnavailable(): ApiError {
+  return apiError(
+    'store_unavailable',
+    'the gateway cannot reach its database right now; retry shortly (nothing was sent to a region)',
+    { headers: { 'retry-after': String(storeRetryAfterSeconds) } },
+  )
 }

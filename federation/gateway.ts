@@ -10,17 +10,19 @@ import { createMeshNode, type MeshNode } from '../mesh/node.ts'
 import { OutputItemStore } from '../openai/responses.ts'
 import { FederationRouter } from '../routing/region-router.ts'
 import { adminTokenFile, FederationApi } from './api.ts'
+import { DirectPath } from './direct.ts'
 import { ApiKeyStore } from './keys.ts'
-import { UsageLedger } from './ledger.ts'
+import { ledgerCloseTimeoutMs, UsageLedger } from './ledger.ts'
 import { federationMetrics } from './metrics.ts'
-import { RateLimiter } from './rate-limit.ts'
 import { RegionDirectory } from './regions.ts'
 import { RegionRoute } from './route.ts'
-import { openFederationStore } from './store.ts'
+import { type FederationStore, openStore } from './store.ts'
 
 export interface FederationOptions {
-  /** federation.db (keys, ledger), admin.token and the gateway's libp2p identity. */
+  /** federation.db (keys, ledger; unless `database` is given), admin.token and the gateway's libp2p identity. */
   dataDir: string
+  /** postgres://...: keys, ledger and rate limits in PostgreSQL, shared with every gateway pointed at it. */
+  database?: string
   /** The pinned federation authority: only heads it certified are used. */
   authority: string
   bootstrap: string[]
@@ -36,6 +38,11 @@ export interface FederationOptions {
   refreshIntervalMs?: number
   /** From the request reaching the gateway to the first byte of its answer. */
   firstByteTimeoutMs?: number
+  /**
+   * Send requests straight to the nodes heads lease this gateway (default true); off, every
+   * request goes through its region's head.
+   */
+  directPath?: boolean
 }
 
 export interface Federation {
@@ -43,11 +50,14 @@ export interface Federation {
   peerId: PeerId
   node: MeshNode
   adminToken: string
+  store: FederationStore
   keys: ApiKeyStore
   ledger: UsageLedger
   directory: RegionDirectory
   router: FederationRouter
   metrics: Registry
+  /** The direct path; null when it is off. */
+  direct: DirectPath | null
   stop(): Promise<void>
 }
 
@@ -63,10 +73,10 @@ const defaultFirstByteTimeoutMs = 60_000
 export async function startFederation(options: FederationOptions): Promise<Federation> {
   const log = (options.logger ?? silentLogger).child({ component: 'federation' })
   const adminToken = await loadOrCreateSecret(join(options.dataDir, adminTokenFile))
-  const db = await openFederationStore(options.dataDir)
-  const keys = new ApiKeyStore(db)
-  const ledger = new UsageLedger(db)
-  const limiter = new RateLimiter()
+  const store = await openStore({ dataDir: options.dataDir, database: options.database, logger: log })
+  const keys = new ApiKeyStore(store)
+  const ledger = new UsageLedger(store, { logger: log })
+  const limiter = store.createLimiter()
 
   const privateKey = await loadOrCreateIdentity(options.dataDir)
   const node = await createMeshNode({
@@ -95,24 +105,29 @@ export async function startFederation(options: FederationOptions): Promise<Feder
   // A head's quarantines (docs/integrity.md): the ledger holds those nodes' unverified credits.
   directory.addEventListener('region:updated', (evt) => {
     if (evt.detail.held.length === 0) return
-    try {
-      ledger.recordHolds(evt.detail.region, evt.detail.held)
-    } catch (err) {
+    ledger.recordHolds(evt.detail.region, evt.detail.held).catch((err: unknown) => {
       log.error({ err, region: evt.detail.region }, 'could not record credit holds')
-    }
+    })
   })
 
   const metrics = federationMetrics(directory)
+  const firstByteTimeoutMs = options.firstByteTimeoutMs ?? defaultFirstByteTimeoutMs
+  const headOf = (region: string): string | null => directory.region(region)?.head ?? null
+  const direct =
+    options.directPath === false
+      ? null
+      : new DirectPath({ logger: log, firstByteTimeoutMs }, { node, headOf })
   const route = new RegionRoute(
     {
       maxAttempts: options.maxAttempts ?? 2,
-      firstByteTimeoutMs: options.firstByteTimeoutMs ?? defaultFirstByteTimeoutMs,
+      firstByteTimeoutMs,
       logger: log,
     },
     {
       node,
       router,
-      headOf: (region) => directory.region(region)?.head ?? null,
+      headOf,
+      direct,
       ledger,
       limiter,
       metrics,
@@ -121,15 +136,22 @@ export async function startFederation(options: FederationOptions): Promise<Feder
 
   const api = new FederationApi(
     { adminToken, logger: log, peerId: node.peerId.toString() },
-    { keys, ledger, limiter, directory, route, metrics, items: new OutputItemStore() },
+    { store, keys, ledger, limiter, directory, route, metrics, items: new OutputItemStore(), direct },
   )
   const server: Server = createServer((req, res) => void api.serve(req, res))
   const host = options.httpHost ?? '127.0.0.1'
   const port = options.httpPort ?? defaultFederationPort
   const stopAll = async (): Promise<void> => {
+    await direct?.stop()
     await directory.stop()
-    ledger.close()
-    db.close()
+    await limiter.close()
+    try {
+      await ledger.close(ledgerCloseTimeoutMs)
+    } catch (err) {
+      // The sums are in the message: an operator can add them by hand.
+      log.error({ err }, 'usage ledger not written before stopping')
+    }
+    await store.close()
     await node.stop()
   }
   let url: string
@@ -140,7 +162,8 @@ export async function startFederation(options: FederationOptions): Promise<Feder
     throw err
   }
   directory.start()
-  log.info({ url, peerId: node.peerId.toString() }, 'federation gateway started')
+  direct?.start()
+  log.info({ url, peerId: node.peerId.toString(), store: store.location }, 'federation gateway started')
 
   let stopped = false
   return {
@@ -148,11 +171,13 @@ export async function startFederation(options: FederationOptions): Promise<Feder
     peerId: node.peerId,
     node,
     adminToken,
+    store,
     keys,
     ledger,
     directory,
     router,
     metrics: metrics.registry,
+    direct,
     async stop() {
       if (stopped) return
       stopped = true

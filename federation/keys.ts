@@ -1,6 +1,6 @@
 import { createHash, randomBytes } from 'node:crypto'
-import type { DatabaseSync, SQLOutputValue, StatementSync } from 'node:sqlite'
 import { GarageError } from '../core/errors.ts'
+import type { FederationStore, StoredKey } from './store.ts'
 
 /** Every API key starts with this, so it is recognisable in configs and secret scanners. */
 export const apiKeyPrefix = 'gk_'
@@ -100,87 +100,74 @@ function validateLimit(value: number | null | undefined, what: string): number |
   return value
 }
 
-function toInfo(row: Record<string, SQLOutputValue>): KeyInfo {
-  const num = (v: SQLOutputValue | undefined): number | null => (v == null ? null : Number(v))
+function toInfo(key: StoredKey): KeyInfo {
   return Object.freeze({
-    id: String(row.id),
-    name: String(row.name),
-    prefix: String(row.prefix),
-    limits: Object.freeze({ rpm: num(row.rpm), tpm: num(row.tpm), concurrency: num(row.concurrency) }),
-    createdAt: new Date(Number(row.created_at)),
-    revokedAt: row.revoked_at == null ? null : new Date(Number(row.revoked_at)),
+    id: key.id,
+    name: key.name,
+    prefix: key.prefix,
+    limits: Object.freeze({ rpm: key.rpm, tpm: key.tpm, concurrency: key.concurrency }),
+    createdAt: new Date(key.createdAt),
+    revokedAt: key.revokedAt == null ? null : new Date(key.revokedAt),
   })
 }
 
-const infoColumns = 'id, name, prefix, rpm, tpm, concurrency, created_at, revoked_at'
+const infoOrNull = (key: StoredKey | null): KeyInfo | null => (key == null ? null : toInfo(key))
 
 /**
- * The gateway's API keys in the federation database. Only sha256(key) is stored; the key is returned
- * once by create(). authenticate() remembers good keys for authCacheTtlMs, so a key revoked by another
- * process (`garage keys revoke`) stops working within that time; revoke() here, or invalidate(), is immediate.
+ * The gateway's API keys in the federation store (SQLite or PostgreSQL). Only sha256(key) is stored;
+ * the key is returned once by create(). authenticate() remembers good keys for authCacheTtlMs, so a
+ * key revoked by another process (`garage keys revoke`, another gateway) stops working within that
+ * time; revoke() here, or invalidate(), is immediate.
  */
 export class ApiKeyStore {
-  private readonly db: DatabaseSync
+  private readonly store: FederationStore
   private readonly now: () => number
   private readonly cache = new Map<string, CacheEntry>()
-  private readonly statements = new Map<string, StatementSync>()
 
-  constructor(db: DatabaseSync, options: ApiKeyStoreOptions = {}) {
-    this.db = db
+  constructor(store: FederationStore, options: ApiKeyStoreOptions = {}) {
+    this.store = store
     this.now = options.now ?? Date.now
   }
 
-  create(init: CreateKeyInit): CreatedApiKey {
+  async create(init: CreateKeyInit): Promise<CreatedApiKey> {
     const name = validateKeyName(init.name)
     const limits: KeyLimits = {
       rpm: validateLimit(init.rpm, 'rpm'),
       tpm: validateLimit(init.tpm, 'tpm'),
       concurrency: validateLimit(init.concurrency, 'concurrency'),
     }
-    if (this.activeByName(name) != null) throw nameTaken(name)
+    if ((await this.store.activeKeyByName(name)) != null) throw nameTaken(name)
     const key = apiKeyPrefix + randomBytes(32).toString('base64url')
     const id = `key_${randomBytes(6).toString('hex')}`
-    const createdAt = this.now()
-    try {
-      this.sql(
-        'INSERT INTO api_keys (id, name, prefix, hash, rpm, tpm, concurrency, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)',
-      ).run(
-        id,
-        name,
-        key.slice(apiKeyPrefix.length, apiKeyPrefix.length + visiblePrefixLength),
-        hashApiKey(key),
-        limits.rpm,
-        limits.tpm,
-        limits.concurrency,
-        createdAt,
-      )
-    } catch (err) {
-      // Another process took the name between the check and the insert.
-      if (/UNIQUE constraint failed: api_keys\.name/.test((err as Error).message)) throw nameTaken(name)
-      throw err
-    }
-    const info = this.byId(id) as KeyInfo
+    const inserted = await this.store.insertKey({
+      id,
+      name,
+      prefix: key.slice(apiKeyPrefix.length, apiKeyPrefix.length + visiblePrefixLength),
+      hash: hashApiKey(key),
+      ...limits,
+      createdAt: this.now(),
+      revokedAt: null,
+    })
+    // Another process took the name between the check and the insert.
+    if (!inserted) throw nameTaken(name)
+    const info = (await this.byId(id)) as KeyInfo
     return Object.freeze({ ...info, key })
   }
 
   /** Every key, active and revoked, oldest first. */
-  list(): KeyInfo[] {
-    return this.sql(`SELECT ${infoColumns} FROM api_keys ORDER BY created_at, id`).all().map(toInfo)
+  async list(): Promise<KeyInfo[]> {
+    return (await this.store.listKeys()).map(toInfo)
   }
 
   /**
    * The key a user means by REF: its id; else the active key with that visible prefix (with or
    * without `gk_`) or name; else such a revoked key.
    */
-  find(ref: string): KeyInfo {
-    const byId = this.byId(ref)
+  async find(ref: string): Promise<KeyInfo> {
+    const byId = await this.byId(ref)
     if (byId != null) return byId
     const prefix = ref.startsWith(apiKeyPrefix) ? ref.slice(apiKeyPrefix.length) : ref
-    const matches = this.sql(
-      `SELECT ${infoColumns} FROM api_keys WHERE prefix = ? OR name = ? ORDER BY created_at, id`,
-    )
-      .all(prefix, ref)
-      .map(toInfo)
+    const matches = (await this.store.keysByPrefixOrName(prefix, ref)).map(toInfo)
     const active = matches.filter((k) => k.revokedAt == null)
     const candidates = active.length > 0 ? active : matches
     if (candidates.length === 1) return candidates[0] as KeyInfo
@@ -196,34 +183,31 @@ export class ApiKeyStore {
   }
 
   /** Revokes the key REF names (see find()); it stops authenticating here at once, elsewhere within authCacheTtlMs. */
-  revoke(ref: string): KeyInfo {
-    const key = this.find(ref)
+  async revoke(ref: string): Promise<KeyInfo> {
+    const key = await this.find(ref)
     if (key.revokedAt != null)
       throw new ApiKeyAlreadyRevokedError(
         `key ${key.id} (${key.name}) was already revoked at ${key.revokedAt.toISOString()}`,
         'API_KEY_ALREADY_REVOKED',
       )
-    this.sql('UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL').run(this.now(), key.id)
+    await this.store.revokeKey(key.id, this.now())
     this.invalidate()
-    return this.byId(key.id) as KeyInfo
+    return (await this.byId(key.id)) as KeyInfo
   }
 
   /**
    * The active key whose text is BEARER (the Authorization header's value after "Bearer "), or null.
    * A lookup by hash; good keys are remembered for authCacheTtlMs, unknown ones are not (a new key works at once).
    */
-  authenticate(bearer: string): KeyInfo | null {
+  async authenticate(bearer: string): Promise<KeyInfo | null> {
     if (!keyPattern.test(bearer)) return null
     const hash = hashApiKey(bearer)
     const now = this.now()
     const cached = this.cache.get(hash)
     if (cached != null && cached.expiresAt > now) return cached.info
     this.cache.delete(hash)
-    const row = this.sql(`SELECT ${infoColumns} FROM api_keys WHERE hash = ? AND revoked_at IS NULL`).get(
-      hash,
-    )
-    if (row == null) return null
-    const info = toInfo(row)
+    const info = infoOrNull(await this.store.activeKeyByHash(hash))
+    if (info == null) return null
     if (this.cache.size >= authCacheMaxEntries) this.cache.delete(this.cache.keys().next().value as string)
     this.cache.set(hash, { info, expiresAt: now + authCacheTtlMs })
     return info
@@ -234,26 +218,8 @@ export class ApiKeyStore {
     this.cache.clear()
   }
 
-  /** Prepared once per store: authenticate() runs on every request. */
-  private sql(text: string): StatementSync {
-    let statement = this.statements.get(text)
-    if (statement == null) {
-      statement = this.db.prepare(text)
-      this.statements.set(text, statement)
-    }
-    return statement
-  }
-
-  private byId(id: string): KeyInfo | null {
-    const row = this.sql(`SELECT ${infoColumns} FROM api_keys WHERE id = ?`).get(id)
-    return row == null ? null : toInfo(row)
-  }
-
-  private activeByName(name: string): KeyInfo | null {
-    const row = this.sql(`SELECT ${infoColumns} FROM api_keys WHERE name = ? AND revoked_at IS NULL`).get(
-      name,
-    )
-    return row == null ? null : toInfo(row)
+  private async byId(id: string): Promise<KeyInfo | null> {
+    return infoOrNull(await this.store.keyById(id))
   }
 }
 

@@ -1,7 +1,20 @@
-import type { DatabaseSync, SQLInputValue, SQLOutputValue } from 'node:sqlite'
+import { randomUUID } from 'node:crypto'
+import { setTimeout as sleep } from 'node:timers/promises'
 import { GarageError } from '../core/errors.ts'
 import { type Logger, silentLogger } from '../core/logger.ts'
-import { inTransaction } from './store.ts'
+import type {
+  CreditHold,
+  CreditSum,
+  FederationStore,
+  KeyUsage,
+  LedgerBatch,
+  LedgerFilter,
+  LedgerTotals,
+  NodeCredit as StoredNodeCredit,
+  UsageSum,
+} from './store.ts'
+
+export type { CreditHold, KeyUsage, LedgerTotals } from './store.ts'
 
 /**
  * How long a record may wait in memory before it is written. 0: at the end of the event-loop turn
@@ -10,11 +23,24 @@ import { inTransaction } from './store.ts'
  */
 export const ledgerFlushIntervalMs = 0
 
-/** After a failed write (disk full, lock held past the busy timeout) the sums wait this long. */
+/** After a failed write (disk full, lock held past the busy timeout, PostgreSQL away) the sums wait this long. */
 export const ledgerRetryIntervalMs = 1_000
+
+/**
+ * The most sums (one per key, model and day, and one per node, model, region and day) held unwritten.
+ * Past it the gateway refuses new requests (503 store_unavailable) until they are written: memory
+ * stays bounded and no usage is dropped. The sums of the requests in flight when the store went
+ * away still land in it (they are a few per request and the gateway admits no new ones meanwhile).
+ */
+export const maxPendingSums = 10_000
+
+/** How long close() keeps retrying a write the store refuses before it gives up and says what is lost. */
+export const ledgerCloseTimeoutMs = 10_000
 
 export class LedgerClosedError extends GarageError {}
 export class LedgerDateError extends GarageError {}
+/** close() could not write every sum: the message holds them, for an operator to add by hand. */
+export class LedgerUnwrittenError extends GarageError {}
 
 /** One answered request, as the gateway saw it. */
 export interface UsageRecord {
@@ -47,74 +73,20 @@ export interface LedgerRange {
   until?: Date | string
 }
 
-export interface KeyUsage {
-  keyId: string
-  /** null when the key is not in this database. */
-  keyName: string | null
-  model: string
-  requests: number
-  promptTokens: number
-  completionTokens: number
-}
-
-/** A quarantine a head reported (docs/integrity.md): the node's credits not yet verified are held. */
-export interface CreditHold {
-  node: string
-  region: string
-  /** When the head quarantined the node (ms since the epoch). */
-  since: number
-  reason: string
-  /** Completion tokens credited since the node's last passed check, held back. */
-  tokens: number
-}
-
-export interface NodeCredit {
-  node: string
-  region: string
-  model: string
+/** A node's credits, with its latest hold in the region when a head quarantined it. */
+export interface NodeCredit extends StoredNodeCredit {
   /** The node's latest hold in this region, when a head quarantined it: why, since when, how much. */
   held: { since: string; reason: string; tokens: number } | null
-  requests: number
-  /** Prompt tokens the node processed (embeddings: all its work), as its usage said, bounded by the gateway. */
-  promptTokens: number
-  /** Completion tokens the node served, as verified by its head and the gateway. */
-  completionTokens: number
-}
-
-export interface LedgerTotals {
-  requests: number
-  promptTokens: number
-  completionTokens: number
-  /** Requests and tokens credited to nodes (requests no node served are not credited). */
-  creditedRequests: number
-  creditedTokens: number
 }
 
 export interface UsageLedgerOptions {
   now?: () => number
   flushIntervalMs?: number
   retryIntervalMs?: number
+  /** Unwritten sums past which backlogFull is true (default maxPendingSums). */
+  maxPendingSums?: number
   /** Where a failed background flush is reported (it is retried after retryIntervalMs). */
   logger?: Logger
-}
-
-interface PendingUsage {
-  day: string
-  keyId: string
-  model: string
-  requests: number
-  promptTokens: number
-  completionTokens: number
-}
-
-interface PendingCredit {
-  day: string
-  node: string
-  model: string
-  region: string
-  requests: number
-  promptTokens: number
-  completionTokens: number
 }
 
 /** The UTC day of an instant, "YYYY-MM-DD": the ledger's bucket. */
@@ -146,34 +118,55 @@ function tokenCount(value: number, what: string): number {
   return value
 }
 
-const n = (v: SQLOutputValue | undefined): number => Number(v ?? 0)
+/** Sorted, so two gateways adding to the same rows lock them in the same order (no deadlock). */
+function sortedSums<T extends object>(sums: Iterable<T>, key: (t: T) => string): T[] {
+  return [...sums].sort((a, b) => (key(a) < key(b) ? -1 : key(a) > key(b) ? 1 : 0))
+}
 
 /**
- * Usage per API key and credits per node, per model and UTC day, in the federation database.
- * record() only adds to an in-memory sum; one transaction writes the sums of an event-loop turn
- * right after it (and on flush() or close()), so the request path never waits for SQLite and a crash
- * loses at most one turn's records. Rows are added to, never replaced, so several gateway processes
- * can share the file.
+ * Usage per API key and credits per node, per model and UTC day, in the federation store.
+ * record() only adds to an in-memory sum; the sums of an event-loop turn are written in one
+ * transaction right after it (and on flush() or close()), so the request path never waits for the
+ * database and a crash loses at most the writes in progress. While a write is under way the next
+ * turns' sums gather and go in the next one. A failed write keeps its batch (and its id, so a
+ * commit whose answer was lost is not added twice) and retries it after retryIntervalMs. Rows are
+ * added to, never replaced, so several gateway processes can share the store.
  */
 export class UsageLedger {
-  private readonly db: DatabaseSync
+  private readonly store: Pick<
+    FederationStore,
+    'writeLedger' | 'usageByKey' | 'creditsByNode' | 'totals' | 'recordHolds' | 'holds'
+  >
   private readonly now: () => number
   private readonly flushIntervalMs: number
   private readonly retryIntervalMs: number
+  private readonly maxPending: number
   private readonly log: Logger
-  private usage = new Map<string, PendingUsage>()
-  private credits = new Map<string, PendingCredit>()
+  private usage = new Map<string, UsageSum>()
+  private credits = new Map<string, CreditSum>()
+  /** A batch taken from the sums whose write has not succeeded yet (written first, with its id). */
+  private unconfirmed: LedgerBatch | null = null
+  /** The writes, one after another. */
+  private chain: Promise<void> = Promise.resolve()
+  private writing = 0
   /** Cancels the scheduled write, when one is scheduled. */
   private cancelScheduled: (() => void) | null = null
   private closed = false
   private day = ''
   private dayStartMs = Number.NaN
 
-  constructor(db: DatabaseSync, options: UsageLedgerOptions = {}) {
-    this.db = db
+  constructor(
+    store: Pick<
+      FederationStore,
+      'writeLedger' | 'usageByKey' | 'creditsByNode' | 'totals' | 'recordHolds' | 'holds'
+    >,
+    options: UsageLedgerOptions = {},
+  ) {
+    this.store = store
     this.now = options.now ?? Date.now
     this.flushIntervalMs = options.flushIntervalMs ?? ledgerFlushIntervalMs
     this.retryIntervalMs = options.retryIntervalMs ?? ledgerRetryIntervalMs
+    this.maxPending = options.maxPendingSums ?? maxPendingSums
     this.log = options.logger ?? silentLogger
   }
 
@@ -232,115 +225,121 @@ export class UsageLedger {
 
   /** Sums recorded but not yet written (one per key, model and day, and per node, model, region and day). */
   get pending(): number {
-    return this.usage.size + this.credits.size
+    const batch = this.unconfirmed
+    return (
+      this.usage.size + this.credits.size + (batch == null ? 0 : batch.usage.length + batch.credits.length)
+    )
   }
 
-  /** Writes every pending sum in one transaction; on failure they stay pending, are retried after retryIntervalMs, and the error is thrown. */
-  flush(): void {
+  /** As many sums wait as the ledger holds: the gateway takes no new request until some are written. */
+  get backlogFull(): boolean {
+    return this.pending >= this.maxPending
+  }
+
+  /**
+   * Writes every sum recorded before the call (after the writes already under way); on failure they
+   * stay pending, are retried after retryIntervalMs, and the error is thrown.
+   */
+  flush(): Promise<void> {
     this.cancelTimer()
-    if (this.pending === 0) return
-    try {
-      this.write()
-    } catch (err) {
-      this.schedule(this.retryIntervalMs)
-      throw err
+    const run = this.chain.then(() => this.writePending())
+    this.chain = run.catch(() => {})
+    return run
+  }
+
+  private async writePending(): Promise<void> {
+    if (this.unconfirmed != null) await this.write(this.unconfirmed)
+    if (this.usage.size + this.credits.size === 0) return
+    this.unconfirmed = {
+      id: randomUUID(),
+      usage: sortedSums(this.usage.values(), (u) => `${u.day}\u0000${u.keyId}\u0000${u.model}`),
+      credits: sortedSums(
+        this.credits.values(),
+        (c) => `${c.day}\u0000${c.node}\u0000${c.model}\u0000${c.region}`,
+      ),
     }
     this.usage = new Map()
     this.credits = new Map()
+    await this.write(this.unconfirmed)
   }
 
-  private write(): void {
-    inTransaction(this.db, () => {
-      const addUsage = this.db.prepare(
-        `INSERT INTO usage_daily (day, key_id, model, requests, prompt_tokens, completion_tokens)
-         VALUES (?, ?, ?, ?, ?, ?)
-         ON CONFLICT (day, key_id, model) DO UPDATE SET
-           requests = requests + excluded.requests,
-           prompt_tokens = prompt_tokens + excluded.prompt_tokens,
-           completion_tokens = completion_tokens + excluded.completion_tokens`,
-      )
-      for (const u of this.usage.values())
-        addUsage.run(u.day, u.keyId, u.model, u.requests, u.promptTokens, u.completionTokens)
-      const addCredit = this.db.prepare(
-        `INSERT INTO node_credits_daily (day, node, model, region, requests, prompt_tokens, completion_tokens)
-         VALUES (?, ?, ?, ?, ?, ?, ?)
-         ON CONFLICT (day, node, model, region) DO UPDATE SET
-           requests = requests + excluded.requests,
-           prompt_tokens = prompt_tokens + excluded.prompt_tokens,
-           completion_tokens = completion_tokens + excluded.completion_tokens`,
-      )
-      for (const c of this.credits.values())
-        addCredit.run(c.day, c.node, c.model, c.region, c.requests, c.promptTokens, c.completionTokens)
-    })
+  private async write(batch: LedgerBatch): Promise<void> {
+    this.writing++
+    try {
+      await this.store.writeLedger(batch)
+      if (this.unconfirmed === batch) this.unconfirmed = null
+    } catch (err) {
+      this.schedule(this.retryIntervalMs)
+      throw err
+    } finally {
+      this.writing--
+      // What was recorded meanwhile goes in the next write (a failed one has its retry scheduled).
+      if (this.writing === 0 && this.usage.size + this.credits.size > 0) this.schedule()
+    }
   }
 
-  /** Flushes and stops; record() afterwards throws LedgerClosedError. The database stays open (its owner closes it). */
-  close(): void {
+  /**
+   * Writes what is pending and stops; record() afterwards throws LedgerClosedError. A store that
+   * refuses the write is retried for up to timeoutMs; then LedgerUnwrittenError names the sums lost.
+   * The store stays open (its owner closes it).
+   */
+  async close(timeoutMs = 0): Promise<void> {
     if (this.closed) return
-    this.flush()
     this.closed = true
+    const deadline = performance.now() + timeoutMs
+    for (;;) {
+      try {
+        await this.flush()
+        this.cancelTimer()
+        return
+      } catch (err) {
+        if (performance.now() + this.retryIntervalMs > deadline) {
+          this.cancelTimer()
+          const lost = {
+            unconfirmed: this.unconfirmed,
+            usage: [...this.usage.values()],
+            credits: [...this.credits.values()],
+          }
+          throw new LedgerUnwrittenError(
+            `the usage ledger could not write ${this.pending} sums before stopping (${(err as Error).message}): ${JSON.stringify(lost)}`,
+            'LEDGER_UNWRITTEN',
+            { cause: err },
+          )
+        }
+        await sleep(this.retryIntervalMs)
+      }
+    }
   }
 
   /** Usage per key and model over the range (pending records included), by key name then model. */
-  usageByKey(query: LedgerRange & { keyId?: string } = {}): KeyUsage[] {
-    this.flush()
-    const { where, params } = rangeFilter(query, 'u.day')
-    if (query.keyId != null) {
-      where.push('u.key_id = ?')
-      params.push(query.keyId)
-    }
-    return this.db
-      .prepare(
-        `SELECT u.key_id, k.name, u.model, SUM(u.requests) AS requests,
-                SUM(u.prompt_tokens) AS prompt_tokens, SUM(u.completion_tokens) AS completion_tokens
-         FROM usage_daily u LEFT JOIN api_keys k ON k.id = u.key_id
-         ${where.length > 0 ? `WHERE ${where.join(' AND ')}` : ''}
-         GROUP BY u.key_id, u.model
-         ORDER BY k.name, u.key_id, u.model`,
-      )
-      .all(...params)
-      .map((r) => ({
-        keyId: String(r.key_id),
-        keyName: r.name == null ? null : String(r.name),
-        model: String(r.model),
-        requests: n(r.requests),
-        promptTokens: n(r.prompt_tokens),
-        completionTokens: n(r.completion_tokens),
-      }))
+  async usageByKey(query: LedgerRange & { keyId?: string } = {}): Promise<KeyUsage[]> {
+    const filter = filterOf(query)
+    await this.flush()
+    return this.store.usageByKey({ ...filter, ...(query.keyId != null ? { keyId: query.keyId } : {}) })
   }
 
   /** Records the holds a region's head reports now (again and again: each is kept once, updated). */
-  recordHolds(region: string, holds: readonly CreditHold[], now = Date.now()): void {
-    const upsert = this.db.prepare(
-      `INSERT INTO node_credit_holds (node, region, since, reason, tokens, seen_at) VALUES (?, ?, ?, ?, ?, ?)
-       ON CONFLICT (node, region, since) DO UPDATE SET reason = excluded.reason, tokens = excluded.tokens, seen_at = excluded.seen_at`,
-    )
-    for (const h of holds) upsert.run(h.node, region, h.since, h.reason, h.tokens, now)
+  async recordHolds(region: string, holds: readonly CreditHold[], now = Date.now()): Promise<void> {
+    await this.store.recordHolds(region, holds, now)
   }
 
   /** Every hold recorded, newest first (for one node when given). */
-  holds(query: { node?: string } = {}): CreditHold[] {
-    return this.db
-      .prepare(
-        `SELECT node, region, since, reason, tokens FROM node_credit_holds
-         ${query.node != null ? 'WHERE node = ?' : ''} ORDER BY since DESC`,
-      )
-      .all(...(query.node != null ? [query.node] : []))
-      .map((r) => ({
-        node: String(r.node),
-        region: String(r.region),
-        since: n(r.since),
-        reason: String(r.reason),
-        tokens: n(r.tokens),
-      }))
+  async holds(query: { node?: string } = {}): Promise<CreditHold[]> {
+    return this.store.holds(query)
   }
 
   /** Credits per node, region and model over the range (pending records included), with any hold. */
-  creditsByNode(query: LedgerRange & { node?: string } = {}): NodeCredit[] {
+  async creditsByNode(query: LedgerRange & { node?: string } = {}): Promise<NodeCredit[]> {
+    const filter = filterOf(query)
+    await this.flush()
+    const credits = await this.store.creditsByNode({
+      ...filter,
+      ...(query.node != null ? { node: query.node } : {}),
+    })
     const latest = new Map<string, CreditHold>()
-    for (const h of this.holds(query.node != null ? { node: query.node } : {}))
+    for (const h of await this.holds(query.node != null ? { node: query.node } : {}))
       if (!latest.has(`${h.node}\u0000${h.region}`)) latest.set(`${h.node}\u0000${h.region}`, h)
-    return this.#credits(query).map((c) => {
+    return credits.map((c) => {
       const h = latest.get(`${c.node}\u0000${c.region}`)
       return {
         ...c,
@@ -350,70 +349,24 @@ export class UsageLedger {
     })
   }
 
-  #credits(query: LedgerRange & { node?: string }): Omit<NodeCredit, 'held'>[] {
-    this.flush()
-    const { where, params } = rangeFilter(query, 'day')
-    if (query.node != null) {
-      where.push('node = ?')
-      params.push(query.node)
-    }
-    return this.db
-      .prepare(
-        `SELECT node, region, model, SUM(requests) AS requests, SUM(prompt_tokens) AS prompt_tokens,
-                SUM(completion_tokens) AS completion_tokens
-         FROM node_credits_daily
-         ${where.length > 0 ? `WHERE ${where.join(' AND ')}` : ''}
-         GROUP BY node, region, model
-         ORDER BY node, region, model`,
-      )
-      .all(...params)
-      .map((r) => ({
-        node: String(r.node),
-        region: String(r.region),
-        model: String(r.model),
-        requests: n(r.requests),
-        promptTokens: n(r.prompt_tokens),
-        completionTokens: n(r.completion_tokens),
-      }))
-  }
-
   /** Everything over the range: what keys used and what nodes were credited. */
-  totals(range: LedgerRange = {}): LedgerTotals {
-    this.flush()
-    const usage = rangeFilter(range, 'day')
-    const credit = rangeFilter(range, 'day')
-    const u = this.db
-      .prepare(
-        `SELECT SUM(requests) AS requests, SUM(prompt_tokens) AS prompt_tokens, SUM(completion_tokens) AS completion_tokens
-         FROM usage_daily ${usage.where.length > 0 ? `WHERE ${usage.where.join(' AND ')}` : ''}`,
-      )
-      .get(...usage.params)
-    const c = this.db
-      .prepare(
-        `SELECT SUM(requests) AS requests, SUM(completion_tokens) AS completion_tokens
-         FROM node_credits_daily ${credit.where.length > 0 ? `WHERE ${credit.where.join(' AND ')}` : ''}`,
-      )
-      .get(...credit.params)
-    return {
-      requests: n(u?.requests),
-      promptTokens: n(u?.prompt_tokens),
-      completionTokens: n(u?.completion_tokens),
-      creditedRequests: n(c?.requests),
-      creditedTokens: n(c?.completion_tokens),
-    }
+  async totals(range: LedgerRange = {}): Promise<LedgerTotals> {
+    const filter = filterOf(range)
+    await this.flush()
+    return this.store.totals(filter)
   }
 
-  /** One timer per batch, made by the first record after a flush: an idle gateway has none. */
+  /** One timer per batch, made by the first record after a write: an idle gateway has none. */
   private schedule(delayMs = this.flushIntervalMs): void {
     if (this.cancelScheduled != null) return
+    // A write under way schedules the next when it ends (its sums gather meanwhile).
+    if (this.writing > 0 && delayMs === this.flushIntervalMs) return
     const run = (): void => {
       this.cancelScheduled = null
-      try {
-        this.flush()
-      } catch (err) {
-        // flush() kept the sums and set the next try.
-        this.log.warn({ err, pending: this.pending }, 'usage ledger flush failed; retrying')
-      }
+      this.flush().catch((err: unknown) => {
+        // write() kept the sums and set the next try.
+        this.log.warn({ err, pending: this.pending }, 'usage ledger write failed; retrying')
+      })
     }
     // Pending sums must not keep a stopping process alive: close() writes them.
     if (delayMs <= 0) {
@@ -431,18 +384,12 @@ export class UsageLedger {
   }
 }
 
-function rangeFilter(range: LedgerRange, column: string): { where: string[]; params: SQLInputValue[] } {
-  const where: string[] = []
-  const params: SQLInputValue[] = []
-  if (range.since != null) {
-    where.push(`${column} >= ?`)
-    params.push(dayOf(range.since))
+/** A range's days as the store filters them. */
+function filterOf(range: LedgerRange): LedgerFilter {
+  return {
+    ...(range.since != null ? { since: dayOf(range.since) } : {}),
+    ...(range.until != null ? { until: dayOf(range.until) } : {}),
   }
-  if (range.until != null) {
-    where.push(`${column} <= ?`)
-    params.push(dayOf(range.until))
-  }
-  return { where, params }
 }
 
 /**

@@ -1,4 +1,5 @@
 import { Counter, collectDefaultMetrics, Gauge, Histogram, Registry } from 'prom-client'
+import { errorCodesOf } from '../core/errors.ts'
 import type { RegionDirectory } from './regions.ts'
 
 /** The federation's /metrics. */
@@ -10,9 +11,35 @@ export interface FederationMetrics {
   tokens: Counter<'model' | 'kind'>
   rateLimited: Counter<'reason'>
   failovers: Counter<'reason'>
+  /** Requests answered with an error before their first byte, by error code (see errorCodeLabel). */
+  errors: Counter<'code'>
+  /** Answered requests by API key name (see keyLabel). */
+  keyRequests: Counter<'key' | 'status'>
+  /** Billed tokens by API key name and kind (see keyLabel). */
+  keyTokens: Counter<'key' | 'kind'>
+  /**
+   * The `key` label for a key's name: the first maxKeyLabels names each get their own, later ones
+   * share "other", so a federation with many keys cannot grow /metrics without bound.
+   */
+  keyLabel(name: string): string
   /** Streamed answers in progress. */
   activeStreams: { value: number }
 }
+
+/** Key names with series of their own in the per-key metrics; the rest are counted as "other". */
+export const maxKeyLabels = 200
+export const otherKeyLabel = 'other'
+
+/**
+ * The `code` label for an error's code: the API's codes Garage defines (core/errors.ts), "other" for any
+ * other (a code passed on from a head is not trusted to be one of them), "none" for no code.
+ */
+export function errorCodeLabel(code: string): string {
+  if (code === '') return 'none'
+  return apiErrorCodes.has(code) ? code : 'other'
+}
+
+const apiErrorCodes = errorCodesOf('openai')
 
 export function federationMetrics(directory: RegionDirectory): FederationMetrics {
   const metrics = new Registry()
@@ -38,9 +65,34 @@ export function federationMetrics(directory: RegionDirectory): FederationMetrics
       this.set({ reachable: 'false' }, all.filter((r) => !r.reachable).length)
     },
   })
+  const labelledKeys = new Set<string>()
   return {
     registry: metrics,
     activeStreams,
+    keyLabel(name) {
+      if (labelledKeys.has(name)) return name
+      if (labelledKeys.size >= maxKeyLabels) return otherKeyLabel
+      labelledKeys.add(name)
+      return name
+    },
+    errors: new Counter({
+      name: 'garage_federation_errors_total',
+      help: 'Requests answered with an error before their first byte, by error code (docs/errors.md; "other" for a code Garage does not define)',
+      labelNames: ['code'] as const,
+      registers: [metrics],
+    }),
+    keyRequests: new Counter({
+      name: 'garage_federation_key_requests_total',
+      help: `Requests answered, by API key name (${maxKeyLabels} names at most, the rest "${otherKeyLabel}") and HTTP status`,
+      labelNames: ['key', 'status'] as const,
+      registers: [metrics],
+    }),
+    keyTokens: new Counter({
+      name: 'garage_federation_key_tokens_total',
+      help: `Tokens billed, by API key name (${maxKeyLabels} names at most, the rest "${otherKeyLabel}") and kind (prompt, completion)`,
+      labelNames: ['key', 'kind'] as const,
+      registers: [metrics],
+    }),
     requests: new Counter({
       name: 'garage_federation_requests_total',
       help: 'Requests answered, by model, region and HTTP status',

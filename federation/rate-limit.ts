@@ -25,6 +25,32 @@ export interface RateLimiterOptions {
   now?: () => number
 }
 
+/**
+ * Admits a key's requests and charges its tokens: the in-memory RateLimiter (one process, beside
+ * SQLite) or the PostgreSQL one (every gateway sharing the database). Both decide with decide().
+ */
+export interface KeyLimiter {
+  /** Admits a request for KEY (counting it and holding a concurrency slot until release()) or says why not. */
+  check(key: RateLimitedKey): RateLimitDecision | Promise<RateLimitDecision>
+  /** Charges TOKENS (prompt + completion) to KEY_ID's window, once its response is done. */
+  record(keyId: string, tokens: number): void
+  /** Writes what is pending and gives back the slots held (a no-op in memory). */
+  close(): Promise<void>
+}
+
+/** One second of a key's window: its epoch second and the count in it. */
+export interface Bucket {
+  second: number
+  count: number
+}
+
+/** A key's window as it stands before a request: live buckets (oldest first) and the requests in flight. */
+export interface KeyWindowState {
+  requests: Bucket[]
+  tokens: Bucket[]
+  inFlight: number
+}
+
 interface KeyWindow {
   /** Slot i counts the epoch second `seconds[i]`, where seconds[i] % windowSeconds === i (0: never used). */
   seconds: Uint32Array
@@ -50,13 +76,52 @@ export function formatResetDuration(ms: number): string {
   return seconds < 60 ? `${seconds}s` : `${Math.floor(seconds / 60)}m${seconds % 60}s`
 }
 
+type Verdict =
+  | { ok: true; headers: RateLimitHeaders }
+  | { ok: false; reason: RateLimitReason; retryAfterSeconds: number; headers: RateLimitHeaders }
+
+/**
+ * The decision on one request of a key, from its window before the request: refused (which limit,
+ * Retry-After, headers) or admitted (headers that count the request itself). A dimension without a
+ * limit is neither checked nor reported. Both limiters decide here; PostgreSQL applies the same
+ * comparisons atomically in the database and this turns its answer into headers.
+ */
+export function decide(limits: Readonly<KeyLimits>, state: KeyWindowState, now: number): Verdict {
+  const { rpm, tpm, concurrency } = limits
+  const requests = rpm != null ? windowUse(state.requests, now) : null
+  const tokens = tpm != null ? windowUse(state.tokens, now) : null
+  let refusal: { reason: RateLimitReason; waitMs: number } | null = null
+  if (requests != null && rpm != null && requests.total >= rpm)
+    refusal = { reason: 'rpm', waitMs: requests.msUntilBelow(rpm) }
+  else if (tokens != null && tpm != null && tokens.total >= tpm)
+    refusal = { reason: 'tpm', waitMs: tokens.msUntilBelow(tpm) }
+  // No way to know when a request in flight ends: one second is a polite guess.
+  else if (concurrency != null && state.inFlight >= concurrency)
+    refusal = { reason: 'concurrency', waitMs: 1000 }
+  if (refusal != null) {
+    const retryAfterSeconds = Math.max(1, Math.ceil(refusal.waitMs / 1000))
+    return {
+      ok: false,
+      reason: refusal.reason,
+      retryAfterSeconds,
+      headers: { ...headers(limits, requests, tokens, now), 'retry-after': String(retryAfterSeconds) },
+    }
+  }
+  // The request itself is in the window now: one more, in the current second.
+  const after: WindowUse | null =
+    requests != null
+      ? { total: requests.total + 1, newestSecond: Math.floor(now / 1000), msUntilBelow: () => 0 }
+      : null
+  return { ok: true, headers: headers(limits, after, tokens, now) }
+}
+
 /**
  * Per-key requests per minute, tokens per minute and requests in flight, over a sliding one-minute
- * window of one-second buckets. In memory, per process: behind several gateway processes each enforces
- * its own share. Tokens are charged after a response with record(); check() refuses once the last
+ * window of one-second buckets. In memory, per process: the limiter beside the SQLite store (one
+ * gateway). Tokens are charged after a response with record(); check() refuses once the last
  * minute's tokens reach the key's tpm.
  */
-export class RateLimiter {
+export class RateLimiter implements KeyLimiter {
   private readonly now: () => number
   private readonly windows = new Map<string, KeyWindow>()
   private lastSweepMs: number
@@ -71,27 +136,17 @@ export class RateLimiter {
     const now = this.now()
     this.maybeSweep(now)
     const w = this.window(key.id, now)
-    const { rpm, tpm, concurrency } = key.limits
-    // A dimension without a limit is neither checked nor reported: no need to sum its window.
-    const requests = rpm != null ? use(w, w.requests, now) : null
-    const tokens = tpm != null ? use(w, w.tokens, now) : null
-    let refusal: { reason: RateLimitReason; waitMs: number } | null = null
-    if (requests != null && rpm != null && requests.total >= rpm)
-      refusal = { reason: 'rpm', waitMs: requests.msUntilBelow(rpm) }
-    else if (tokens != null && tpm != null && tokens.total >= tpm)
-      refusal = { reason: 'tpm', waitMs: tokens.msUntilBelow(tpm) }
-    // No way to know when a request in flight ends: one second is a polite guess.
-    else if (concurrency != null && w.inFlight >= concurrency)
-      refusal = { reason: 'concurrency', waitMs: 1000 }
-    if (refusal != null) {
-      const retryAfterSeconds = Math.max(1, Math.ceil(refusal.waitMs / 1000))
-      return {
-        ok: false,
-        reason: refusal.reason,
-        retryAfterSeconds,
-        headers: { ...headers(key.limits, requests, tokens, now), 'retry-after': String(retryAfterSeconds) },
-      }
-    }
+    const { rpm, tpm } = key.limits
+    const verdict = decide(
+      key.limits,
+      {
+        requests: rpm != null ? liveBuckets(w, w.requests, now) : [],
+        tokens: tpm != null ? liveBuckets(w, w.tokens, now) : [],
+        inFlight: w.inFlight,
+      },
+      now,
+    )
+    if (!verdict.ok) return verdict
     add(w, w.requests, now, 1)
     w.inFlight++
     let released = false
@@ -101,8 +156,7 @@ export class RateLimiter {
       w.inFlight--
       w.lastActivityMs = Math.max(w.lastActivityMs, this.now())
     }
-    const after = rpm != null ? use(w, w.requests, now) : null
-    return { ok: true, release, headers: headers(key.limits, after, tokens, now) }
+    return { ok: true, release, headers: verdict.headers }
   }
 
   /** Charges TOKENS (prompt + completion) to KEY_ID's window, once its response is done. */
@@ -112,6 +166,8 @@ export class RateLimiter {
     const w = this.window(keyId, now)
     add(w, w.tokens, now, tokens)
   }
+
+  async close(): Promise<void> {}
 
   /** How many keys the limiter holds state for (idle ones are dropped). */
   get trackedKeys(): number {
@@ -162,19 +218,25 @@ function add(w: KeyWindow, counts: Uint32Array | Float64Array, now: number, amou
   counts[slot] = (counts[slot] as number) + amount
 }
 
-function use(w: KeyWindow, counts: Uint32Array | Float64Array, now: number): WindowUse {
+/** The ring's live, non-empty buckets. */
+function liveBuckets(w: KeyWindow, counts: Uint32Array | Float64Array, now: number): Bucket[] {
   const current = Math.floor(now / 1000)
-  const buckets: Array<{ second: number; count: number }> = []
-  let total = 0
+  const buckets: Bucket[] = []
   for (let i = 0; i < windowSeconds; i++) {
     const second = w.seconds[i] as number
     const count = counts[i] as number
-    if (count > 0 && isLive(second, current)) {
-      buckets.push({ second, count })
-      total += count
-    }
+    if (count > 0 && isLive(second, current)) buckets.push({ second, count })
   }
+  return buckets
+}
+
+/** What a window holds now, from its buckets (any order; dead and empty ones are ignored). */
+function windowUse(all: Bucket[], now: number): WindowUse {
+  const current = Math.floor(now / 1000)
+  const buckets = all.filter((b) => b.count > 0 && isLive(b.second, current))
   buckets.sort((a, b) => a.second - b.second)
+  let total = 0
+  for (const b of buckets) total += b.count
   const expiresAtMs = (second: number): number => (second + windowSeconds) * 1000
   return {
     total,

@@ -6,11 +6,13 @@ import type { MeshNode } from '../mesh/node.ts'
 import { PeerIdCache } from '../mesh/peer-ids.ts'
 import { type ProxyCall, type ProxyRoute, type ProxyTicket, proxyRequest, readText } from '../openai/proxy.ts'
 import type { RelayOutcome } from '../openai/relay.ts'
+import { tokenBudget } from '../openai/usage.ts'
 import type { FederationRouter } from '../routing/region-router.ts'
+import type { DirectAttempt, DirectPath } from './direct.ts'
 import type { KeyInfo } from './keys.ts'
 import type { UsageLedger } from './ledger.ts'
 import type { FederationMetrics } from './metrics.ts'
-import type { RateLimiter } from './rate-limit.ts'
+import type { KeyLimiter } from './rate-limit.ts'
 
 /**
  * Head answers that mean "try another region" while nothing has reached the client (404: the
@@ -25,6 +27,10 @@ export interface FederationCall extends ProxyCall {
   prefer: string | undefined
   /** Labels of the request's metrics, filled in as it goes. */
   labels: { model: string; region: string }
+  /** The region of the attempt under way. */
+  attemptRegion?: string
+  /** The attempt's answer comes straight from a node (the direct path), not through its head. */
+  direct?: DirectAttempt | null
   /** What the ledger has of this answer so far (a stream is billed as it streams). */
   billed?: { requests: number; completionTokens: number; servedBy: ReturnType<typeof servedByOf> }
 }
@@ -41,8 +47,10 @@ export interface RegionRouteComponents {
   router: FederationRouter
   /** The head of a region now (the directory's view). */
   headOf(region: string): string | null
+  /** The direct path: requests straight to leased nodes; null sends everything through heads. */
+  direct?: DirectPath | null
   ledger: Pick<UsageLedger, 'record'>
-  limiter: Pick<RateLimiter, 'record'>
+  limiter: Pick<KeyLimiter, 'record'>
   metrics: FederationMetrics
 }
 
@@ -77,9 +85,21 @@ export class RegionRoute implements ProxyRoute<FederationCall> {
     return head == null ? null : this.#headIds.get(head)
   }
 
-  begin(region: string, _call: FederationCall): ProxyTicket {
+  begin(region: string, call: FederationCall): ProxyTicket {
     const ticket = this.#c.router.begin(region)
-    return { firstByte: () => {}, end: (ok) => ticket.end(ok) }
+    call.attemptRegion = region
+    call.direct = null
+    const direct = this.#c.direct
+    return {
+      firstByte: () => {
+        if (call.direct != null) direct?.firstByte(call.direct)
+      },
+      end: (ok, completionTokens) => {
+        ticket.end(ok)
+        if (call.direct != null) direct?.ended(call.direct, ok, completionTokens)
+        call.direct = null
+      },
+    }
   }
 
   success(region: string): void {
@@ -90,10 +110,25 @@ export class RegionRoute implements ProxyRoute<FederationCall> {
     this.#c.router.failure(region)
   }
 
-  send(peer: PeerId, call: FederationCall, signal: AbortSignal): Promise<InferResponse> {
-    const { node } = this.#c
+  async send(peer: PeerId, call: FederationCall, signal: AbortSignal): Promise<InferResponse> {
+    const { node, direct } = this.#c
     if (node == null) throw new Error('the region route has no mesh node to send with')
-    return sendInferRequest(node, peer, proxyRequest(call), {
+    const request = proxyRequest(call)
+    if (direct != null && call.attemptRegion != null) {
+      // Straight to a node the head leased us; through the head when that cannot be.
+      const got = await direct.send(
+        call.attemptRegion,
+        call.model,
+        request,
+        tokenBudget(call.prepared),
+        signal,
+      )
+      if (got != null) {
+        call.direct = got.attempt
+        return got.response
+      }
+    }
+    return sendInferRequest(node, peer, request, {
       signal,
       firstByteTimeoutMs: this.#init.firstByteTimeoutMs,
     })
@@ -119,6 +154,8 @@ export class RegionRoute implements ProxyRoute<FederationCall> {
     return {
       'x-request-id': call.requestId,
       'x-garage-region': region,
+      // Straight from the node the head leased (`direct`), or through the region's head (`head`).
+      'x-garage-path': call.direct != null ? 'direct' : 'head',
       ...(servedBy !== '' ? { 'x-garage-node': servedBy } : {}),
       ...(shares !== '' ? { 'x-garage-node-shares': shares } : {}),
     }
@@ -132,7 +169,7 @@ export class RegionRoute implements ProxyRoute<FederationCall> {
 
   /**
    * Bills a stream as it is relayed, write by write, so a gateway killed mid-stream has billed what
-   * its client received but for the last event-loop turn's writes (the ledger writes once a turn).
+   * its client received but for the writes not yet in the store (the ledger writes once a turn).
    */
   streamed(call: FederationCall, region: string, response: InferResponse, completionTokens: number): void {
     if (response.status === 200) this.#bill(call, region, response, 0, completionTokens)
@@ -182,8 +219,12 @@ export class RegionRoute implements ProxyRoute<FederationCall> {
         this.#c.limiter.record(call.key.id, outcome.promptTokens + outcome.completionTokens)
         metrics.tokens.inc({ model: call.model, kind: 'prompt' }, outcome.promptTokens)
         metrics.tokens.inc({ model: call.model, kind: 'completion' }, outcome.completionTokens)
+        const key = metrics.keyLabel(call.key.name)
+        metrics.keyTokens.inc({ key, kind: 'prompt' }, outcome.promptTokens)
+        metrics.keyTokens.inc({ key, kind: 'completion' }, outcome.completionTokens)
       }
       metrics.requests.inc({ model: call.model, region, status: String(response.status) })
+      metrics.keyRequests.inc({ key: metrics.keyLabel(call.key.name), status: String(response.status) })
     }
     if (call.prepared.stream) metrics.activeStreams.value--
     metrics.e2e.observe({ model: call.model, region }, (performance.now() - call.started) / 1000)

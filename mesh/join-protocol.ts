@@ -20,6 +20,7 @@ import {
   joinResponseMaxBytes,
 } from './protocols.ts'
 import type { Assignment, CapabilityReport, ModelSource } from './region-messages.ts'
+import { ticketKeyBytes } from './ticket.ts'
 
 /**
  * `/garage/join/1.0.0`: the node sends one length-prefixed CBOR map, `{ v: 1, join: signedReport }`
@@ -176,8 +177,22 @@ function parseRequest(value: unknown): JoinRequest {
   throw new JoinProtocolError('join request must be { v: 1, join: bytes } or { v: 1, leave: true }')
 }
 
+/** The direct path's key for this join (mesh/ticket.ts), and the head's clock when it sent it. */
+interface DirectGrantWire {
+  key: Uint8Array
+  now: number
+}
+
+/** What a node keeps of its join's direct-path grant. */
+export interface DirectGrant {
+  /** The HMAC key of this node's tickets, fresh at every join. */
+  key: Uint8Array
+  /** The head's clock minus this machine's (ms), measured at join. */
+  clockOffsetMs: number
+}
+
 type JoinResponse =
-  | { v: 1; ok: true; assignment?: Assignment }
+  | { v: 1; ok: true; assignment?: Assignment; direct?: DirectGrantWire }
   | { v: 1; ok: false; code: string; message: string }
 
 function refusal(code: string, message: string): JoinResponse {
@@ -189,6 +204,11 @@ export interface JoinHandlerInit {
   region: string
   /** Decides the node's assignment; throw JoinRefusedError(code, message) to refuse. */
   onJoin: (report: CapabilityReport, peer: PeerId, options: AbortOptions) => Promise<Assignment>
+  /**
+   * The key of the node's direct-path tickets for this join (a head that does not grant a direct
+   * path returns null or leaves this out); sent with the assignment.
+   */
+  directKey?: (peer: PeerId) => Uint8Array | null
   /** The node drains and leaves; called whether or not it had joined. */
   onLeave: (peer: PeerId, options: AbortOptions) => Promise<void>
   /** A malformed request (stream reset) or a report that fails verification (refused). */
@@ -230,7 +250,10 @@ async function respond(
     try {
       // Re-checked so a head bug surfaces here, not as a node refusing a broken assignment.
       const assignment = parseAssignment(await init.onJoin(report, peer, options))
-      return { v: 1, ok: true, assignment }
+      const key = init.directKey?.(peer) ?? null
+      return key == null
+        ? { v: 1, ok: true, assignment }
+        : { v: 1, ok: true, assignment, direct: { key, now: Date.now() } }
     } catch (err) {
       if (err instanceof JoinRefusedError) return refusal(err.code, err.message)
       if (options.signal.aborted) throw err
@@ -302,6 +325,27 @@ function parseResponse(value: unknown, kind: JoinRequest['kind']): JoinResponse 
   if (value.ok === true && kind === 'join' && keys === 'assignment,ok,v') {
     return { v: 1, ok: true, assignment: parseAssignment(value.assignment) }
   }
+  if (value.ok === true && kind === 'join' && keys === 'assignment,direct,ok,v') {
+    const d = value.direct
+    if (
+      !isPlainObject(d) ||
+      Object.keys(d).sort().join(',') !== 'key,now' ||
+      !(d.key instanceof Uint8Array) ||
+      d.key.byteLength !== ticketKeyBytes ||
+      typeof d.now !== 'number' ||
+      !Number.isSafeInteger(d.now) ||
+      d.now < 0
+    )
+      throw new JoinProtocolError(
+        `join response's direct must be { key: ${ticketKeyBytes} bytes, now: uint }`,
+      )
+    return {
+      v: 1,
+      ok: true,
+      assignment: parseAssignment(value.assignment),
+      direct: { key: d.key, now: d.now },
+    }
+  }
   if (value.ok === true && kind === 'leave' && keys === 'ok,v') return { v: 1, ok: true }
   throw new JoinProtocolError(`join response to a ${kind} has fields ${keys}`)
 }
@@ -312,7 +356,7 @@ async function exchange(
   request: Record<string, unknown>,
   kind: JoinRequest['kind'],
   options: AbortOptions,
-): Promise<JoinResponse> {
+): Promise<JoinResponse & { sentAt: number; receivedAt: number }> {
   const bytes = encodeCanonical(request)
   if (bytes.byteLength > joinRequestMaxBytes) {
     throw new JoinProtocolError(`join request is ${bytes.byteLength} bytes, limit ${joinRequestMaxBytes}`)
@@ -328,10 +372,12 @@ async function exchange(
   })
   try {
     const lp = lpStream(stream, { maxDataLength: joinResponseMaxBytes })
+    const sentAt = Date.now()
     await lp.write(bytes, { signal })
     const response = parseResponse(decodeCanonical((await lp.read({ signal })).subarray()), kind)
+    const receivedAt = Date.now()
     await stream.close({ signal })
-    return response
+    return { ...response, sentAt, receivedAt }
   } catch (err) {
     stream.abort(err as Error)
     throw err
@@ -347,7 +393,10 @@ export async function requestJoin(
   node: MeshNode,
   head: PeerId,
   signedReport: Uint8Array,
-  options: AbortOptions = {},
+  options: AbortOptions & {
+    /** Called with the join's direct-path grant, when the head sent one. */
+    onDirect?: (grant: DirectGrant) => void
+  } = {},
 ): Promise<Assignment> {
   const response = await exchange(node, head, { v: 1, join: signedReport }, 'join', options)
   if (!response.ok) throw new JoinRefusedError(response.code, response.message)
@@ -355,6 +404,12 @@ export async function requestJoin(
   if (assignment.head !== head.toString()) {
     throw new JoinProtocolError(`assignment names head ${assignment.head}, but ${head.toString()} sent it`)
   }
+  if (response.direct != null)
+    options.onDirect?.({
+      key: response.direct.key,
+      // The head stamped its clock about halfway through the exchange.
+      clockOffsetMs: Math.round(response.direct.now - (response.sentAt + response.receivedAt) / 2),
+    })
   return assignment
 }
 

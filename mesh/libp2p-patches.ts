@@ -1,7 +1,15 @@
 import type { Socket } from 'node:net'
 import { type YamuxMuxerInit, yamux } from '@chainsafe/libp2p-yamux'
-import type { Libp2p, MultiaddrConnection, StreamMuxerFactory, Transport, Upgrader } from '@libp2p/interface'
+import {
+  InvalidParametersError,
+  type Libp2p,
+  type MultiaddrConnection,
+  type StreamMuxerFactory,
+  type Transport,
+  type Upgrader,
+} from '@libp2p/interface'
 import { type TCPComponents, tcp } from '@libp2p/tcp'
+import { InvalidMessageLengthError, LengthPrefixedDecoder } from '@libp2p/utils'
 
 /**
  * Garage's patches of libp2p internals, in one place. Each reaches into a private part of a libp2p
@@ -15,6 +23,8 @@ export const libp2pPatches = {
   coalesceWrites: 0,
   halfWindowUpdates: 0,
   backOffEmptyWalks: 0,
+  /** Reads that ended on an empty buffer without a RangeError thrown and caught (quietDecoderEnds). */
+  quietDecoderEnds: 0,
 }
 
 /**
@@ -195,4 +205,79 @@ function waitOrAbort(ms: number, signal: AbortSignal | undefined): Promise<void>
     }
     signal?.addEventListener('abort', aborted, { once: true })
   })
+}
+
+/** What quietDecoderEnds needs of @libp2p/utils' LengthPrefixedDecoder (7.x). */
+interface DecoderInternals {
+  buffer: Uint8ArrayListLike
+  maxBufferSize: number
+  maxDataLength: number
+  lengthDecoder: (buf: Uint8ArrayListLike) => number
+  encodingLength: (n: number) => number
+}
+interface Uint8ArrayListLike {
+  byteLength: number
+  append(buf: Uint8Array | Uint8ArrayListLike): void
+  sublist(begin: number, end: number): Uint8ArrayListLike
+  consume(bytes: number): void
+}
+
+let decoderPatched = false
+
+/**
+ * @libp2p/utils' LengthPrefixedDecoder (which noise runs on every TCP read) loops until its length
+ * decoder throws a RangeError for want of bytes, so each read ended in a thrown and caught error:
+ * 3-6 % of a head's and a node's CPU, most of it building the stack trace. Now the loop also stops,
+ * without calling the length decoder, once the buffer is empty; every frame, limit and error is as
+ * before (a partial length prefix still ends the loop through the RangeError). Offered upstream as
+ * the same one-line check in `decode()`. Patches the class's prototype once per process; an upgrade
+ * that renames its fields leaves the stock method in place (test/mesh/libp2p-patches.test.ts).
+ */
+export function quietDecoderEnds(): void {
+  if (decoderPatched) return
+  const proto = LengthPrefixedDecoder.prototype as unknown as {
+    decode: (this: DecoderInternals, buf: Uint8Array) => Generator<Uint8ArrayListLike>
+  }
+  const probe = new LengthPrefixedDecoder() as unknown as Partial<DecoderInternals>
+  if (
+    probe.buffer == null ||
+    typeof probe.lengthDecoder !== 'function' ||
+    typeof probe.encodingLength !== 'function' ||
+    typeof probe.maxBufferSize !== 'number' ||
+    typeof probe.maxDataLength !== 'number' ||
+    typeof proto.decode !== 'function'
+  )
+    return
+  const stock = proto.decode
+  decoderPatched = true
+  proto.decode = function* (this: DecoderInternals, buf: Uint8Array): Generator<Uint8ArrayListLike> {
+    // The stock method with one check added: `if (this.buffer.byteLength === 0) break`.
+    if (this.buffer == null || typeof this.lengthDecoder !== 'function') return yield* stock.call(this, buf)
+    this.buffer.append(buf)
+    if (this.buffer.byteLength > this.maxBufferSize)
+      throw new InvalidParametersError(
+        `Buffer length limit exceeded - ${this.buffer.byteLength}/${this.maxBufferSize}`,
+      )
+    while (true) {
+      if (this.buffer.byteLength === 0) {
+        libp2pPatches.quietDecoderEnds++
+        break
+      }
+      let dataLength: number
+      try {
+        dataLength = this.lengthDecoder(this.buffer)
+      } catch (err) {
+        if (err instanceof RangeError) break
+        throw err
+      }
+      if (dataLength < 0 || dataLength > this.maxDataLength)
+        throw new InvalidMessageLengthError('Invalid message length')
+      const lengthLength = this.encodingLength(dataLength)
+      const chunkLength = lengthLength + dataLength
+      if (this.buffer.byteLength < chunkLength) break
+      const frame = this.buffer.sublist(lengthLength, chunkLength)
+      this.buffer.consume(chunkLength)
+      if (frame.byteLength > 0) yield frame
+    }
+  }
 }

@@ -12,7 +12,12 @@ import { type Multiaddr, multiaddr } from '@multiformats/multiaddr'
 import { createLibp2p, type ServiceFactoryMap } from 'libp2p'
 import { GarageError } from '../core/errors.ts'
 import { meshConnectionGater } from './gater.ts'
-import { backOffEmptyWalks, coalescingTcp, yamuxHalfWindowUpdates } from './libp2p-patches.ts'
+import {
+  backOffEmptyWalks,
+  coalescingTcp,
+  quietDecoderEnds,
+  yamuxHalfWindowUpdates,
+} from './libp2p-patches.ts'
 import { inferReceiveWindowMaxBytes, KAD_PROTOCOL } from './protocols.ts'
 
 export type MeshRole = 'node' | 'bootstrap'
@@ -155,6 +160,10 @@ export async function createMeshNode(options: MeshNodeOptions): Promise<MeshNode
   }
   if (role === 'bootstrap') {
     services.relay = circuitRelayServer({
+      // A federation gateway reaches every NAT'd node of the region through this relay on the direct
+      // path: one hop stream per node on its one connection here (libp2p's default allows 32).
+      maxInboundHopStreams: Math.max(64, relayLimits.maxReservations),
+      maxOutboundStopStreams: Math.max(300, relayLimits.maxReservations * 2),
       reservations: {
         maxReservations: relayLimits.maxReservations,
         reservationTtl: relayLimits.reservationTtlMs,
@@ -165,6 +174,7 @@ export async function createMeshNode(options: MeshNodeOptions): Promise<MeshNode
     })
   }
 
+  quietDecoderEnds()
   const node = await createLibp2p<MeshServices>({
     privateKey: options.privateKey,
     addresses: {

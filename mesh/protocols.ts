@@ -68,3 +68,22 @@ export const inferStreamReadBufferMaxBytes = 16 * 1024 * 1024 + 256 * 1024
 export const inferKeepAliveMs = 30_000
 /** Idle streams the head keeps per node; past it a finished stream is closed. */
 export const inferIdleStreamsPerPeer = 64
+
+// /garage/lease/1.0.0: the direct path's leases and completion reports (mesh/lease-protocol.ts)
+
+export const LEASE_PROTOCOL = '/garage/lease/1.0.0'
+/** Done and in-flight records per report, and leases per grant. */
+export const leaseMaxRecords = 4_096
+/** Models one lease request may ask for. */
+export const leaseMaxModels = 64
+/** 4,096 done records of ~80 bytes, with room. */
+export const leaseRequestMaxBytes = 512 * 1024
+/** 4,096 leases of ~400 bytes (a ticket and a few addresses). */
+export const leaseResponseMaxBytes = 2 * 1024 * 1024
+export const leaseExchangeTimeoutMs = 5_000
+export const leaseMaxInboundStreams = 8
+export const leaseMaxOutboundStreams = 8
+/** How long a lease's ticket lasts; the holder renews at each report. */
+export const leaseTtlMs = 10_000
+/** How often a holder reports its direct requests (and renews its leases). */
+export const leaseReportIntervalMs = 250

@@ -1,8 +1,9 @@
 import type { AbortOptions, Connection, PeerId, Stream } from '@libp2p/interface'
-import { lpStream } from '@libp2p/utils'
 import { decodeCanonical, encodeCanonical, printable } from '../core/cbor.ts'
 import { isPlainObject } from '../core/guards.ts'
 import { type Logger, silentLogger } from '../core/logger.ts'
+import { assignmentTelemetryIntervalRangeMs } from './join-protocol.ts'
+import { keptExchange, serveKept } from './kept-stream.ts'
 import type { MeshNode } from './node.ts'
 import {
   TELEMETRY_PROTOCOL,
@@ -156,27 +157,24 @@ function ackMessage(ack: TelemetryAck | VerifiedAck): Record<string, unknown> {
   return ack === 'ok' ? { v: 1, ok: true } : { v: 1, ok: false, code: ack }
 }
 
-async function serve(
-  stream: Stream,
-  connection: Connection,
-  init: TelemetryHandlerInit,
-  options: AbortOptions,
-): Promise<void> {
-  const lp = lpStream(stream, { maxDataLength: telemetryReportMaxBytes })
-  const report = parseTelemetryReport(decodeCanonical((await lp.read(options)).subarray()))
-  const ack = await init.onReport(report, connection.remotePeer)
-  await lp.write(encodeCanonical(ackMessage(ack)), options)
-  await stream.close(options)
-}
-
 /** Receives telemetry. Malformed input resets only that stream; the head keeps serving. */
 export async function handleTelemetryProtocol(node: MeshNode, init: TelemetryHandlerInit): Promise<void> {
   await node.handle(
     TELEMETRY_PROTOCOL,
     async (stream: Stream, connection: Connection) => {
-      const signal = AbortSignal.timeout(init.timeoutMs ?? telemetryExchangeTimeoutMs)
+      const timeoutMs = init.timeoutMs ?? telemetryExchangeTimeoutMs
       try {
-        await serve(stream, connection, init, { signal })
+        // Report after report on one stream, each within the longest interval an assignment may set.
+        await serveKept(stream, {
+          maxRequestBytes: telemetryReportMaxBytes,
+          firstMs: timeoutMs,
+          idleMs: keptStreamIdleMs,
+          writeMs: timeoutMs,
+          answer: async (bytes) => {
+            const report = parseTelemetryReport(decodeCanonical(bytes))
+            return encodeCanonical(ackMessage(await init.onReport(report, connection.remotePeer)))
+          },
+        })
       } catch (err) {
         init.onBadRequest?.(err as Error, connection.remotePeer)
         stream.abort(err as Error)
@@ -233,7 +231,14 @@ function parseAck(value: unknown): {
   )
 }
 
-/** Sends one report to `head`; resolves with its answer. */
+/** A kept stream waits this long for the next report: the longest interval an assignment may set, and more. */
+const keptStreamIdleMs = assignmentTelemetryIntervalRangeMs[1] + telemetryExchangeTimeoutMs
+
+/**
+ * Sends one report to `head`; resolves with its answer. Reports go one after another on one stream
+ * that stays open between them (a stream per report cost the head most of a report's CPU); a head
+ * that closes it after its answer (older heads) gets a new stream for each report.
+ */
 export async function sendTelemetry(
   node: MeshNode,
   head: PeerId,
@@ -253,22 +258,19 @@ export async function sendTelemetry(
     AbortSignal.timeout(telemetryExchangeTimeoutMs),
     ...(options.signal != null ? [options.signal] : []),
   ])
-  const stream = await node.dialProtocol(head, TELEMETRY_PROTOCOL, {
-    signal,
-    runOnLimitedConnection: true,
-    maxOutboundStreams: telemetryMaxOutboundStreams,
-  })
-  try {
-    const lp = lpStream(stream, { maxDataLength: telemetryAckMaxBytes })
-    await lp.write(bytes, { signal })
-    const { ack, verified, integrity } = parseAck(decodeCanonical((await lp.read({ signal })).subarray()))
-    await stream.close({ signal })
-    if (verified != null) options.onVerified?.(verified, integrity)
-    return ack
-  } catch (err) {
-    stream.abort(err as Error)
-    throw err
-  }
+  const answer = parseAck(
+    decodeCanonical(
+      await keptExchange(node, head, bytes, {
+        signal,
+        protocol: TELEMETRY_PROTOCOL,
+        maxAnswerBytes: telemetryAckMaxBytes,
+        maxOutboundStreams: telemetryMaxOutboundStreams,
+        runOnLimitedConnection: true,
+      }),
+    ),
+  )
+  if (answer.verified != null) options.onVerified?.(answer.verified, answer.integrity)
+  return answer.ack
 }
 
 export type TelemetrySample = Omit<TelemetryReport, 'v' | 'seq'>

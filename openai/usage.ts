@@ -245,6 +245,11 @@ export interface ThroughputSnapshot {
  */
 export const abandonedStreamAllowanceTokens = 64
 
+/** What a request lets its node generate at most (`max_tokens` × `n`; 4,096 per choice when unset). */
+export function tokenBudget(prepared: { maxTokens: number | null; n: number }): number {
+  return (prepared.maxTokens ?? 4096) * prepared.n
+}
+
 interface PeerThroughput {
   verified: number
   /** Allowances for abandoned streams (see abandonedStreamAllowanceTokens): never credited. */

@@ -115,6 +115,8 @@ interface NodeRecord {
   waiting: number
   kvCacheUsage: number
   inflight: number
+  /** Requests running at the node that another router sent (the federation's direct path). */
+  outside: number
   decodeRate: number | null
   tokensSeen: number
   breaker: CircuitBreaker
@@ -159,6 +161,7 @@ export class RegionalRouter {
         waiting: 0,
         kvCacheUsage: 0,
         inflight: 0,
+        outside: 0,
         decodeRate: null,
         tokensSeen: 0,
         breaker: new CircuitBreaker(),
@@ -226,7 +229,7 @@ export class RegionalRouter {
     for (const node of pool.nodes) {
       if (node.state !== 'serving' || exclude?.has(node.peerId) || this.#held.has(node.peerId)) continue
       if (!node.breaker.admits(now)) continue
-      const score = (node.inflight + 1) / this.#capacity(node, pool)
+      const score = (node.inflight + node.outside + 1) / this.#capacity(node, pool)
       candidates.push({ node, score })
       if (score < best) best = score
     }
@@ -295,8 +298,33 @@ export class RegionalRouter {
     return this.#capacity(node, this.#pools.get(node.model)!)
   }
 
+  /** Requests outstanding at the node: this router's and those reported from outside. */
   inflight(peerId: string): number {
-    return this.#nodes.get(peerId)?.inflight ?? 0
+    const node = this.#nodes.get(peerId)
+    return node == null ? 0 : node.inflight + node.outside
+  }
+
+  /** Requests another router has running at the node now (the direct path's holders report them). */
+  outside(peerId: string, requests: number): void {
+    const node = this.#nodes.get(peerId)
+    if (node != null) node.outside = Math.max(0, requests)
+  }
+
+  /**
+   * A request another router ran at the node ended (the direct path's completion reports): it counts
+   * toward the node's breaker and measured rate as this router's own do. Only requests that got an
+   * answer are reported; `decodeMs` runs from the first byte to the end.
+   */
+  observed(peerId: string, outcome: RequestOutcome & { decodeMs: number }): void {
+    const node = this.#nodes.get(peerId)
+    if (node == null) return
+    if (!outcome.ok) {
+      node.breaker.failure(this.#now())
+      return
+    }
+    node.breaker.success()
+    node.tokensSeen += outcome.completionTokens
+    this.#measure(node, outcome.completionTokens, this.#now() - outcome.decodeMs)
   }
 
   breakerState(peerId: string): BreakerState | null {
@@ -325,7 +353,7 @@ export class RegionalRouter {
         model: node.model,
         state: node.state,
         slots: node.slots,
-        inflight: node.inflight,
+        inflight: node.inflight + node.outside,
         capacity: this.#capacity(node, this.#pools.get(node.model)!),
         measured: node.decodeRate != null,
         decodeRate: node.decodeRate,

@@ -7,9 +7,12 @@ import { generateKeyPair } from '@libp2p/crypto/keys'
 import type { PeerId, PrivateKey } from '@libp2p/interface'
 import { peerIdFromPrivateKey } from '@libp2p/peer-id'
 import { chooseAssignment } from '../../bootstrap/head/assign.ts'
+import { LeaseDesk } from '../../bootstrap/head/leases.ts'
 import { NodeRegistry } from '../../bootstrap/head/registry.ts'
 import { decodeCanonical, encodeCanonical } from '../../core/cbor.ts'
+import { silentLogger } from '../../core/logger.ts'
 import { signCapabilityReport, verifyCapabilityReport } from '../../mesh/capability-report.ts'
+import { encodeLeaseGrant, encodeLeaseRequest, parseLeaseRequest } from '../../mesh/lease-protocol.ts'
 import type { Assignment, NodeServingState } from '../../mesh/region-messages.ts'
 import { parseTelemetryReport } from '../../mesh/telemetry-protocol.ts'
 import { VerifiedThroughput } from '../../openai/usage.ts'
@@ -347,5 +350,75 @@ export async function joinAppCost(options: {
     perJoinUs: stats(total),
     verifyUs: stats(verify),
     replicasByModelUs: stats(replicas),
+  }
+}
+
+export interface LeaseAppCost {
+  nodes: number
+  /** Done records and in-flight entries per report. */
+  recordsPerReport: number
+  reports: number
+  /** The report decoded, LeaseDesk.exchange (verified tokens, router, pending), the answer encoded, µs. */
+  perReportUs: Stats
+  /** perReportUs.p50 / recordsPerReport. */
+  perRecordUs: number
+}
+
+/**
+ * The head's work for one direct-path report once its bytes are in, as bootstrap/head/leases.ts
+ * does it: `records` done records and as many in-flight entries over `nodes` leased nodes.
+ */
+export async function leaseAppCost(options: {
+  nodes: number
+  records: number
+  reports?: number
+}): Promise<LeaseAppCost> {
+  const router = new RegionalRouter()
+  const verified = new VerifiedThroughput()
+  // Real PeerIds: the desk reads them back (the peer store, connections).
+  const ids = await Promise.all(
+    Array.from({ length: options.nodes }, async () =>
+      peerIdFromPrivateKey(await generateKeyPair('Ed25519')).toString(),
+    ),
+  )
+  const desk = new LeaseDesk(
+    { logger: silentLogger },
+    {
+      node: { getConnections: () => [], peerStore: { get: async () => ({ addresses: [] }) } } as never,
+      router,
+      verified,
+      metrics: { regionTokens: { inc: () => {} }, requests: { inc: () => {} } } as never,
+      allowed: () => true,
+      usable: () => true,
+    },
+  )
+  for (const id of ids) {
+    router.upsert(id, { model: benchModel, slots: benchSlots, state: 'serving' })
+    desk.keyFor(id)
+  }
+  desk.exchange({ models: [benchModel], done: [], inflight: [] }, 'gateway')
+  const n = Math.min(options.records, ids.length)
+  const wire = encodeLeaseRequest({
+    models: [],
+    done: ids
+      .slice(0, n)
+      .map((node) => ({ node, ok: true, completionTokens: 300, decodeMs: 10_000, unseen: 0 })),
+    inflight: ids.slice(0, n).map((node) => ({ node, requests: 1, budget: 512 })),
+  })
+  const count = options.reports ?? 2_000
+  const samples: number[] = []
+  for (let i = 0; i < count; i++) {
+    const t = performance.now()
+    const grant = desk.exchange(parseLeaseRequest(decodeCanonical(wire)), 'gateway')
+    encodeLeaseGrant(grant)
+    samples.push((performance.now() - t) * 1000)
+  }
+  const perReportUs = stats(samples)
+  return {
+    nodes: options.nodes,
+    recordsPerReport: 2 * n,
+    reports: count,
+    perReportUs,
+    perRecordUs: perReportUs.p50 / (2 * n),
   }
 }

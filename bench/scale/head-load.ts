@@ -15,10 +15,11 @@ import { signCapabilityReport } from '../../mesh/capability-report.ts'
 import { regionKey } from '../../mesh/dht-keys.ts'
 import { sendInferRequest } from '../../mesh/infer-protocol.ts'
 import { requestJoin } from '../../mesh/join-protocol.ts'
+import { requestLeases } from '../../mesh/lease-protocol.ts'
 import { createMeshNode, type MeshNode } from '../../mesh/node.ts'
 import { sendTelemetry } from '../../mesh/telemetry-protocol.ts'
 import type { HeadCommand, HeadUsage } from './head-child.ts'
-import { benchRegion, benchReport, benchTelemetry } from './region-fixture.ts'
+import { benchModel, benchRegion, benchReport, benchTelemetry } from './region-fixture.ts'
 
 export class HeadProcessError extends Error {
   override name = 'HeadProcessError'
@@ -113,6 +114,17 @@ export interface HeadLoad {
     bytesInPerReport: number | null
     bytesOutPerReport: number | null
   }
+  /**
+   * The direct path's cost at the head: a gateway's lease report (every 250 ms) over
+   * /garage/lease/1.0.0, empty, and with one done record and one in-flight entry per node.
+   */
+  direct: {
+    reports: number
+    cpuUsPerEmptyReport: number
+    cpuUsPerRecord: number
+    recordsPerReport: number
+    leases: number
+  }
   /** Head memory per joined node, with its connection: RSS, V8 heap and memory outside the heap. */
   memoryKiBPerNode: { rss: number; heap: number; external: number }
   /** Head CPU per GET_PROVIDERS it answered as a DHT server. */
@@ -202,6 +214,10 @@ export async function measureHeadLoad(
   options: {
     nodes?: number
     reportsPerNode?: number
+    /** Telemetry reports per node before the measured ones (the head's code compiled). */
+    warmReportsPerNode?: number
+    /** Lease reports per measured phase. */
+    directReports?: number
     lookupsPerNode?: number
     refreshPools?: number[]
     progress?: (text: string) => void
@@ -263,18 +279,59 @@ export async function measureHeadLoad(
       ),
     )
 
-    say(`head: ${count * reportsPerNode} telemetry reports`)
-    const reports = count * reportsPerNode
-    const telemetry = await phase(async () => {
-      await Promise.all(
-        nodes.map(async (n) => {
-          for (let seq = 1; seq <= reportsPerNode; seq++) {
-            await sendTelemetry(n, head.peerId, benchTelemetry(seq), { signal: AbortSignal.timeout(30_000) })
+    // Warm: the head's telemetry path compiled (a head that has run a while), then measured.
+    const warmReports = options.warmReportsPerNode ?? 20
+    say(`head: ${count * warmReports} telemetry reports to warm up, then ${count * reportsPerNode} measured`)
+    const sendReports = (from: number, n: number) =>
+      Promise.all(
+        nodes.map(async (node) => {
+          for (let seq = from; seq < from + n; seq++) {
+            // Honest nodes: they claim no tokens the head has not seen (a liar is flagged and leased nothing).
+            const report = { ...benchTelemetry(seq), tokensTotal: 0, promptTokensTotal: 0 }
+            await sendTelemetry(node, head.peerId, report, { signal: AbortSignal.timeout(30_000) })
           }
         }),
       )
+    await sendReports(1, warmReports)
+    await quiet(head)
+    const reports = count * reportsPerNode
+    const telemetry = await phase(async () => {
+      await sendReports(1 + warmReports, reportsPerNode)
     })
     const mem = await head.usage(true)
+
+    say('head: direct-path lease reports from a gateway')
+    const holder = await meshNode(await generateKeyPair('Ed25519'), head.addr)
+    nodes.push(holder)
+    await holder.dial(multiaddr(head.addr), { signal: AbortSignal.timeout(60_000) })
+    await head.call('allowFederation', { peerId: holder.peerId.toString() })
+    const grant = await requestLeases(holder, head.peerId, { models: [benchModel], done: [], inflight: [] })
+    const leased = grant.leases.map((l) => l.node)
+    const report = (full: boolean) =>
+      requestLeases(holder, head.peerId, {
+        models: [],
+        done: full
+          ? leased.map((node) => ({ node, ok: true, completionTokens: 300, decodeMs: 10_000, unseen: 0 }))
+          : [],
+        inflight: full ? leased.map((node) => ({ node, requests: 1, budget: 512 })) : [],
+      })
+    const directReports = options.directReports ?? 200
+    for (let i = 0; i < 100; i++) await report(i % 2 === 0)
+    await quiet(head)
+    const empty = await phase(async () => {
+      for (let i = 0; i < directReports; i++) await report(false)
+    })
+    const full = await phase(async () => {
+      for (let i = 0; i < directReports; i++) await report(true)
+    })
+    const records = 2 * leased.length
+    const direct = {
+      reports: directReports,
+      cpuUsPerEmptyReport: empty.us / directReports,
+      cpuUsPerRecord: records > 0 ? Math.max(0, full.us - empty.us) / directReports / records : Number.NaN,
+      recordsPerReport: records,
+      leases: leased.length,
+    }
 
     say(`head: ${count * lookupsPerNode} DHT lookups answered by the head`)
     const cid = await regionKey(benchRegion)
@@ -354,6 +411,7 @@ export async function measureHeadLoad(
         bytesInPerReport: t0 == null || t1 == null ? null : (t1.readBytes - t0.readBytes) / reports,
         bytesOutPerReport: t0 == null || t1 == null ? null : (t1.writtenBytes - t0.writtenBytes) / reports,
       },
+      direct,
       memoryKiBPerNode: {
         rss: (mem.rssBytes - base.rssBytes) / count / 1024,
         heap: (mem.heapUsedBytes - base.heapUsedBytes) / count / 1024,

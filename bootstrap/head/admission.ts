@@ -8,6 +8,7 @@ import type { VerifiedThroughput } from '../../openai/usage.ts'
 import type { RegionalRouter } from '../../routing/node-router.ts'
 import { chooseAssignment } from './assign.ts'
 import type { RayGroups } from './groups.ts'
+import type { LeaseDesk } from './leases.ts'
 import type { RegionPolicy } from './policy.ts'
 import type { NodeRegistry } from './registry.ts'
 
@@ -47,6 +48,8 @@ export interface HeadAdmissionComponents {
   groups?: RayGroups | null
   /** Result integrity: a quarantined or appealing node is told so in its telemetry answers. */
   integrity?: { standing(node: string): IntegrityStanding | null } | null
+  /** The direct path: ticket keys at join, and telemetry checks that wait for its reports. */
+  leases?: LeaseDesk | null
 }
 
 /**
@@ -65,10 +68,17 @@ export class HeadAdmission {
 
   async start(): Promise<void> {
     const { region, policy, logger: log } = this.#init
-    const { node, registry, router, verified, pending, groups, integrity } = this.#c
+    const { node, registry, router, verified, pending, groups, integrity, leases } = this.#c
     const self = node.peerId.toString()
+    // Nodes that serve a model of their own, between onJoin and the answer: they get a ticket key.
+    const serving = new Set<string>()
     await handleJoinProtocol(node, {
       region,
+      directKey: (peer) => {
+        const id = peer.toString()
+        if (!serving.delete(id) || leases == null) return null
+        return leases.keyFor(id)
+      },
       onJoin: async (report, peer) => {
         const stage = groups?.assign(peer.toString(), report, self) ?? null
         if (stage != null) {
@@ -106,6 +116,7 @@ export class HeadAdmission {
           state: 'starting',
         })
         router.joined(peer.toString())
+        serving.add(peer.toString())
         log.info({ node: peer.toString(), model: assignment.model, engine: assignment.engine }, 'node joined')
         for (const f of report.engineFailures ?? [])
           log.warn(
@@ -135,13 +146,22 @@ export class HeadAdmission {
           kvCacheUsage: report.kvCacheUsage,
           state: report.state,
         })
-        const change = verified.compare(id, report.tokensTotal, pending.get(id))
-        if (change?.flagged === true) {
-          log.warn(
-            { node: id, reported: report.tokensTotal, verified: verified.verified(id) },
-            'node claims more tokens than the head proxied for it (over 10%): flagged',
+        const check = (): void => {
+          const change = verified.compare(
+            id,
+            report.tokensTotal,
+            pending.get(id) + (leases?.pending(id) ?? 0),
           )
-        } else if (change != null) log.info({ node: id }, 'node claims are within bounds again')
+          if (change?.flagged === true) {
+            log.warn(
+              { node: id, reported: report.tokensTotal, verified: verified.verified(id) },
+              'node claims more tokens than the head verified for it (over 10%): flagged',
+            )
+          } else if (change != null) log.info({ node: id }, 'node claims are within bounds again')
+        }
+        // Tokens it made for the direct path count once the gateways' reports are in.
+        if (leases != null) leases.whenCovered(id, check)
+        else check()
         // A spare a pipeline group wants (or a member whose stage changed) joins again.
         if (groups?.telemetry(id, report, registry.get(id)?.report ?? null) === 'reassign') return 'reassign'
         // The node shows what the head verified as its credits, and a quarantine's reason.

@@ -35,6 +35,7 @@ import { RegionalRouter } from '../../routing/node-router.ts'
 import { HeadAdmission, PendingTokens } from './admission.ts'
 import { type GroupEngine, type GroupEngineInit, RayGroups } from './groups.ts'
 import { IntegrityChecker, type IntegrityCheckerInit } from './integrity.ts'
+import { LeaseDesk } from './leases.ts'
 import { type HeadMetrics, headMetrics } from './metrics.ts'
 import type { RegionPolicy } from './policy.ts'
 import { NodeRegistry } from './registry.ts'
@@ -65,6 +66,11 @@ export interface RegionalHeadOptions {
   maxAttempts?: number
   /** PeerIds of the federation gateways allowed to send requests over /garage/infer/1.0.0. */
   federationPeers?: string[]
+  /**
+   * Grant the federation leases to send straight to nodes (default true); off, every request comes
+   * through the head.
+   */
+  directPath?: boolean
   /** Timeouts of one hop to a node (tests shorten them). */
   firstByteTimeoutMs?: number
   idleTimeoutMs?: number
@@ -159,9 +165,28 @@ export async function startRegionalHead(options: RegionalHeadOptions): Promise<R
   })
   registry.addEventListener('node:state', (evt) => groups.state(evt.detail.peerId, evt.detail.state))
 
+  // The federation gateways this head trusts: they send requests over /garage/infer/1.0.0 and
+  // hold leases for the direct path.
+  const federation = new Set(options.federationPeers ?? [])
+  const leases =
+    options.directPath === false
+      ? null
+      : new LeaseDesk(
+          { logger: log },
+          {
+            node,
+            router,
+            verified,
+            metrics,
+            allowed: (peer) => federation.has(peer),
+            usable: (peer) => !verified.flagged(peer) && registry.get(peer)?.state === 'serving',
+          },
+        )
+  registry.addEventListener('node:left', (evt) => leases?.forget(evt.detail.peerId))
+  await leases?.start()
   const admission = new HeadAdmission(
     { region, policy, ray: options.ray ?? null, logger: log },
-    { node, registry, router, verified, pending, groups, integrity },
+    { node, registry, router, verified, pending, groups, integrity, leases },
   )
   await admission.start()
   registry.start()
@@ -206,7 +231,6 @@ export async function startRegionalHead(options: RegionalHeadOptions): Promise<R
 
   // The federation reaches the head over the mesh: the same API on /garage/infer/1.0.0, for the
   // federation peers this head was told to trust only.
-  const federation = new Set(options.federationPeers ?? [])
   const unhandleInfer = await handleInferProtocol(node, {
     allow: (peer) => federation.has(peer.toString()),
     async handle(request, reply, signal) {
@@ -236,6 +260,7 @@ export async function startRegionalHead(options: RegionalHeadOptions): Promise<R
     integrity?.stop()
     await unhandleInfer()
     await admission.stop()
+    await leases?.stop()
     throw err
   }
   log.info({ url, models: policy.models.map((m) => m.name) }, 'regional head started')
@@ -261,6 +286,7 @@ export async function startRegionalHead(options: RegionalHeadOptions): Promise<R
       integrity?.stop()
       await unhandleInfer().catch(() => {})
       await admission.stop()
+      await leases?.stop()
       await groups.stop()
       await closeServer(server)
       log.info('regional head stopped')

@@ -15,7 +15,7 @@ import {
   proxyRequest,
 } from '../../openai/proxy.ts'
 import type { RelayOutcome } from '../../openai/relay.ts'
-import type { VerifiedThroughput } from '../../openai/usage.ts'
+import { tokenBudget, type VerifiedThroughput } from '../../openai/usage.ts'
 import type { RegionalRouter } from '../../routing/node-router.ts'
 import type { PendingTokens } from './admission.ts'
 import { isGroupTarget, type RayGroups } from './groups.ts'
@@ -107,7 +107,7 @@ export class HeadRoute implements ProxyRoute<HeadCall, HeadTarget> {
     // The node may generate from the moment it has the request: its budget is pending from here,
     // not from the first byte, which a slow link delays while tokens are made (an honest node's
     // report then ran ahead of what the head had seen, and it was flagged for a moment).
-    const budget = (call.prepared.maxTokens ?? 4096) * call.prepared.n
+    const budget = tokenBudget(call.prepared)
     call.inFlight = budget
     this.#c.pending.add(target, budget)
     let ended = false

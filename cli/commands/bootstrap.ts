@@ -59,6 +59,7 @@ Options:
   --trusted-engine URL   an OpenAI-compatible engine the coordinator runs (vLLM, or the embedded one)
                          that verifies the policy's models instead of other nodes; its bearer key
                          in --trusted-engine-key-file FILE (0600)
+  --no-direct            lease no nodes to the federation: every request comes through this head
   --allow-private        dial private and loopback addresses (LAN, devnet, tests)
   --data-dir DIR         where the identity key lives (default: $GARAGE_DATA_DIR or the OS's data folder)`
 
@@ -84,6 +85,7 @@ export async function run(argv: string[], ctx: CommandContext): Promise<number> 
     'integrity-rate': { type: 'string' },
     'trusted-engine': { type: 'string' },
     'trusted-engine-key-file': { type: 'string' },
+    'no-direct': { type: 'boolean', default: false },
   })
   if (values.region == null) throw new UsageError('--region is required')
   if (values.cert == null) throw new UsageError('--cert is required')
@@ -162,6 +164,7 @@ export async function run(argv: string[], ctx: CommandContext): Promise<number> 
             logger,
           }),
         federationPeers: splitList(values.federation),
+        directPath: !values['no-direct'],
         node: node.node,
         region: node.region,
         policy,

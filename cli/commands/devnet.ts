@@ -203,9 +203,9 @@ export async function startDevnet(options: {
       logger,
     })
     for (const h of heads) h.allowFederation(federation.peerId.toString())
-    for (const k of federation.keys.list())
-      if (k.name === devnetKeyName && k.revokedAt == null) federation.keys.revoke(k.id)
-    const devKey = federation.keys.create({ name: devnetKeyName })
+    for (const k of await federation.keys.list())
+      if (k.name === devnetKeyName && k.revokedAt == null) await federation.keys.revoke(k.id)
+    const devKey = await federation.keys.create({ name: devnetKeyName })
     const modelPath = join(options.dataDir, 'models', 'garage-tiny.gguf')
     if (!(await exists(modelPath))) {
       await mkdir(join(options.dataDir, 'models'), { recursive: true })

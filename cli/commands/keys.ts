@@ -5,13 +5,20 @@ import {
   authCacheTtlMs,
   type KeyInfo,
 } from '../../federation/keys.ts'
-import { federationDataDir, federationDbPath, openFederationStore } from '../../federation/store.ts'
+import {
+  databaseOption,
+  databaseUrlVar,
+  type FederationStore,
+  FederationStoreUrlError,
+  federationDataDir,
+  openStore,
+} from '../../federation/store.ts'
 import { type CommandContext, parseOptions, print, UsageError } from '../io.ts'
 
 export const usage = `Usage:
-  garage keys create --name NAME [--rpm N] [--tpm N] [--concurrency N] [--data-dir DIR]
-  garage keys list [--json] [--data-dir DIR]
-  garage keys revoke ID|PREFIX|NAME [--data-dir DIR]
+  garage keys create --name NAME [--rpm N] [--tpm N] [--concurrency N] [--data-dir DIR | --database URL]
+  garage keys list [--json] [--data-dir DIR | --database URL]
+  garage keys revoke ID|PREFIX|NAME [--data-dir DIR | --database URL]
 
 API keys of the federation gateway (garage federation). Garage stores only a key's sha256.
   create   makes a key and prints it alone on stdout, once: KEY=$(garage keys create --name ci)
@@ -24,7 +31,9 @@ Options:
   --tpm N            prompt + completion tokens per minute (default: unlimited)
   --concurrency N    requests in flight at once (default: unlimited)
   --json             list as JSON
-  --data-dir DIR     the federation's data dir (default: <data dir>/federation, as garage federation)`
+  --data-dir DIR     the federation's data dir (default: <data dir>/federation, as garage federation)
+  --database URL     the gateways' PostgreSQL, postgres://USER:PASSWORD@HOST:5432/DB
+                     (default: $${databaseUrlVar}; unset: SQLite in the data dir)`
 
 function limitOption(text: string | undefined, option: string): number | null {
   if (text == null) return null
@@ -76,13 +85,31 @@ function keyTable(keys: KeyInfo[]): string {
   ])
 }
 
-/** Opens the store for one command and closes it whatever happens. */
-function withKeys<T>(dataDir: string, create: boolean, fn: (keys: ApiKeyStore) => T): T {
-  const db = openFederationStore(dataDir, { create })
+/** The store options every command shares: --data-dir (SQLite) and --database / $GARAGE_DATABASE_URL (PostgreSQL). */
+export const storeOptions = {
+  'data-dir': { type: 'string' },
+  database: { type: 'string' },
+} as const
+
+/** Opens the store the options name for one command and closes it whatever happens. */
+export async function withStore<T>(
+  values: { 'data-dir'?: string | undefined; database?: string | undefined },
+  ctx: CommandContext,
+  create: boolean,
+  fn: (store: FederationStore) => Promise<T>,
+): Promise<T> {
+  let database: string | undefined
   try {
-    return fn(new ApiKeyStore(db))
+    database = databaseOption(values.database, ctx.env)
+  } catch (err) {
+    if (err instanceof FederationStoreUrlError) throw new UsageError(err.message)
+    throw err
+  }
+  const store = await openStore({ dataDir: federationDataDir(ctx.env, values['data-dir']), database, create })
+  try {
+    return await fn(store)
   } finally {
-    db.close()
+    await store.close()
   }
 }
 
@@ -95,7 +122,7 @@ export async function run(argv: string[], ctx: CommandContext): Promise<number> 
         rpm: { type: 'string' },
         tpm: { type: 'string' },
         concurrency: { type: 'string' },
-        'data-dir': { type: 'string' },
+        ...storeOptions,
       })
       if (values.name == null) throw new UsageError('--name is required')
       const init = {
@@ -104,10 +131,9 @@ export async function run(argv: string[], ctx: CommandContext): Promise<number> 
         tpm: limitOption(values.tpm, '--tpm'),
         concurrency: limitOption(values.concurrency, '--concurrency'),
       }
-      const dataDir = federationDataDir(ctx.env, values['data-dir'])
-      const created = withKeys(dataDir, true, (keys) => {
+      const { created, where } = await withStore(values, ctx, true, async (store) => {
         try {
-          return keys.create(init)
+          return { created: await new ApiKeyStore(store).create(init), where: store.location }
         } catch (err) {
           if (err instanceof ApiKeyNameError || err instanceof ApiKeyLimitError)
             throw new UsageError(err.message)
@@ -117,7 +143,7 @@ export async function run(argv: string[], ctx: CommandContext): Promise<number> 
       print(ctx.stdout, created.key)
       print(
         ctx.stderr,
-        `created key ${created.id} (${created.name}) in ${federationDbPath(dataDir)}.\n` +
+        `created key ${created.id} (${created.name}) in ${where}.\n` +
           'The key is shown only this once and Garage keeps only its hash: store it now.',
       )
       return 0
@@ -125,9 +151,9 @@ export async function run(argv: string[], ctx: CommandContext): Promise<number> 
     case 'list': {
       const { values } = parseOptions(rest, {
         json: { type: 'boolean', default: false },
-        'data-dir': { type: 'string' },
+        ...storeOptions,
       })
-      const keys = withKeys(federationDataDir(ctx.env, values['data-dir']), false, (k) => k.list())
+      const keys = await withStore(values, ctx, false, (store) => new ApiKeyStore(store).list())
       if (values.json) print(ctx.stdout, JSON.stringify(keys.map(describeKey), null, 2))
       else if (keys.length === 0)
         print(ctx.stderr, 'no keys yet; make one with: garage keys create --name NAME')
@@ -135,11 +161,11 @@ export async function run(argv: string[], ctx: CommandContext): Promise<number> 
       return 0
     }
     case 'revoke': {
-      const { values, positionals } = parseOptions(rest, { 'data-dir': { type: 'string' } }, true)
+      const { values, positionals } = parseOptions(rest, storeOptions, true)
       const ref = positionals[0]
       if (ref == null || positionals.length > 1)
         throw new UsageError('revoke takes one key: its id, prefix or name')
-      const revoked = withKeys(federationDataDir(ctx.env, values['data-dir']), false, (k) => k.revoke(ref))
+      const revoked = await withStore(values, ctx, false, (store) => new ApiKeyStore(store).revoke(ref))
       print(ctx.stdout, revoked.id)
       print(
         ctx.stderr,

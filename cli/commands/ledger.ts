@@ -1,11 +1,11 @@
 import { ApiKeyStore } from '../../federation/keys.ts'
 import { LedgerDateError, parseLedgerDay, UsageLedger } from '../../federation/ledger.ts'
-import { federationDataDir, openFederationStore } from '../../federation/store.ts'
+import { databaseUrlVar } from '../../federation/store.ts'
 import { type CommandContext, parseOptions, print, UsageError } from '../io.ts'
-import { formatTable } from './keys.ts'
+import { formatTable, storeOptions, withStore } from './keys.ts'
 
 export const usage = `Usage: garage ledger [--since DATE] [--until DATE] [--key ID|PREFIX|NAME] [--node PEER_ID]
-                     [--json] [--data-dir DIR]
+                     [--json] [--data-dir DIR | --database URL]
 
 The federation gateway's ledger: usage per API key and model (requests, prompt and completion
 tokens), and credits per node, region and model (requests, and the completion tokens the node
@@ -20,7 +20,9 @@ Options:
   --key KEY          one key: its id, prefix or name
   --node PEER_ID     one node
   --json             as JSON: { since, until, usage, credits, totals }
-  --data-dir DIR     the federation's data dir (default: <data dir>/federation, as garage federation)`
+  --data-dir DIR     the federation's data dir (default: <data dir>/federation, as garage federation)
+  --database URL     the gateways' PostgreSQL, postgres://USER:PASSWORD@HOST:5432/DB
+                     (default: $${databaseUrlVar}; unset: SQLite in the data dir)`
 
 function day(text: string | undefined, option: string): string | undefined {
   if (text == null) return undefined
@@ -39,7 +41,7 @@ export async function run(argv: string[], ctx: CommandContext): Promise<number> 
     key: { type: 'string' },
     node: { type: 'string' },
     json: { type: 'boolean', default: false },
-    'data-dir': { type: 'string' },
+    ...storeOptions,
   })
   const since = day(values.since, '--since')
   const until = day(values.until, '--until')
@@ -49,16 +51,15 @@ export async function run(argv: string[], ctx: CommandContext): Promise<number> 
   const showUsage = values.key != null || values.node == null
   const showCredits = values.node != null || values.key == null
 
-  const db = openFederationStore(federationDataDir(ctx.env, values['data-dir']), { create: false })
-  try {
-    const ledger = new UsageLedger(db)
-    const keyId = values.key != null ? new ApiKeyStore(db).find(values.key).id : undefined
-    const usage = showUsage ? ledger.usageByKey({ ...range, ...(keyId != null ? { keyId } : {}) }) : []
+  return withStore(values, ctx, false, async (store) => {
+    const ledger = new UsageLedger(store)
+    const keyId = values.key != null ? (await new ApiKeyStore(store).find(values.key)).id : undefined
+    const usage = showUsage ? await ledger.usageByKey({ ...range, ...(keyId != null ? { keyId } : {}) }) : []
     const credits = showCredits
-      ? ledger.creditsByNode({ ...range, ...(values.node != null ? { node: values.node } : {}) })
+      ? await ledger.creditsByNode({ ...range, ...(values.node != null ? { node: values.node } : {}) })
       : []
     if (values.json) {
-      const totals = values.key == null && values.node == null ? ledger.totals(range) : null
+      const totals = values.key == null && values.node == null ? await ledger.totals(range) : null
       print(
         ctx.stdout,
         JSON.stringify({ since: since ?? null, until: until ?? null, usage, credits, totals }, null, 2),
@@ -135,7 +136,5 @@ export async function run(argv: string[], ctx: CommandContext): Promise<number> 
     }
     print(ctx.stdout, blocks.join('\n'))
     return 0
-  } finally {
-    db.close()
-  }
+  })
 }

@@ -6,7 +6,7 @@ import {
   type RegionDiscoveryEvents,
   type RegionDiscoveryInit,
 } from '../../mesh/discovery.ts'
-import { requestJoin, requestLeave } from '../../mesh/join-protocol.ts'
+import { type DirectGrant, requestJoin, requestLeave } from '../../mesh/join-protocol.ts'
 import { createMeshNode, type MeshNode, type MeshNodeOptions } from '../../mesh/node.ts'
 import type { Assignment, TelemetryReport } from '../../mesh/region-messages.ts'
 import { type IntegrityStanding, sendTelemetry, type TelemetryAck } from '../../mesh/telemetry-protocol.ts'
@@ -38,7 +38,7 @@ export interface NodeComponents {
     node: MeshNode,
     head: PeerId,
     signedReport: Uint8Array,
-    options: { signal: AbortSignal },
+    options: { signal: AbortSignal; onDirect?: (grant: DirectGrant) => void },
   ): Promise<Assignment>
   requestLeave(node: MeshNode, head: PeerId, options: { signal: AbortSignal }): Promise<void>
   sendTelemetry(

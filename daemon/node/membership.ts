@@ -2,10 +2,11 @@ import type { PeerId, PrivateKey } from '@libp2p/interface'
 import type { Logger } from '../../core/logger.ts'
 import { signCapabilityReport } from '../../mesh/capability-report.ts'
 import type { DiscoveredHead } from '../../mesh/discovery.ts'
-import { JoinRefusedError } from '../../mesh/join-protocol.ts'
+import { type DirectGrant, JoinRefusedError } from '../../mesh/join-protocol.ts'
 import type { MeshNode } from '../../mesh/node.ts'
 import { PeerIdCache } from '../../mesh/peer-ids.ts'
 import type { Assignment, CapabilityReport } from '../../mesh/region-messages.ts'
+import { TicketVerifier } from '../../mesh/ticket.ts'
 import type { NodeComponents, RegionFinder } from './components.ts'
 import { NodeJoinError } from './engine.ts'
 
@@ -30,6 +31,8 @@ export class NodeMembership {
   #discovery: RegionFinder | null = null
   #head: DiscoveredHead | null = null
   #assignment: Assignment | null = null
+  /** Checks the direct path's tickets under this join's key; null before a join, or from a head without one. */
+  #tickets: TicketVerifier | null = null
   readonly #headIds = new PeerIdCache(64)
 
   constructor(
@@ -48,6 +51,11 @@ export class NodeMembership {
 
   get assignment(): Assignment | null {
     return this.#assignment
+  }
+
+  /** The ticket check of the current join (requests that do not come through the head). */
+  get tickets(): TicketVerifier | null {
+    return this.#tickets
   }
 
   /** Starts discovery; ensureHead() picks the head to join (the configured region or the lowest RTT). */
@@ -96,9 +104,15 @@ export class NodeMembership {
     if (head.region == null) throw new NodeJoinError(`head ${head.peerId} has no region`, 'NO_REGION')
     const signed = await signCapabilityReport(key, report(head.region))
     let assignment: Assignment
+    let grant: DirectGrant | null = null
+    // The last join's key stops verifying now: a rejoin gets a new one.
+    this.#tickets = null
     try {
       assignment = await this.#c.requestJoin(this.#node, this.#peerId(head.peerId), signed, {
         signal: AbortSignal.timeout(joinTimeoutMs),
+        onDirect: (g) => {
+          grant = g
+        },
       })
     } catch (err) {
       if (err instanceof JoinRefusedError) {
@@ -113,6 +127,13 @@ export class NodeMembership {
       )
     }
     this.#assignment = assignment
+    const direct = grant as DirectGrant | null
+    if (direct != null)
+      this.#tickets = new TicketVerifier({
+        key: direct.key,
+        self: this.#node.peerId.toString(),
+        clockOffsetMs: direct.clockOffsetMs,
+      })
     this.#init.logger.info(
       { region: head.region, head: head.peerId, model: assignment.model },
       'joined the region',

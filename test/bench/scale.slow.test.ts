@@ -38,6 +38,8 @@ describe('the scale bench on the real stack', () => {
     const load = await measureHeadLoad({
       nodes: 6,
       reportsPerNode: 4,
+      warmReportsPerNode: 2,
+      directReports: 20,
       lookupsPerNode: 2,
       refreshPools: [0, 200],
     })
@@ -46,6 +48,11 @@ describe('the scale bench on the real stack', () => {
     expect(load.telemetry.reports).toBe(24)
     expect(load.telemetry.cpuUsPerReport).toBeGreaterThan(0)
     expect(load.memoryKiBPerNode.heap).toBeGreaterThan(0)
+    // The direct path: the head leased every joined node to the gateway and took its reports.
+    expect(load.direct.leases).toBe(6)
+    expect(load.direct.recordsPerReport).toBe(12)
+    expect(load.direct.cpuUsPerEmptyReport).toBeGreaterThan(0)
+    expect(Number.isFinite(load.direct.cpuUsPerRecord)).toBe(true)
     expect(load.dht.requests).toBeGreaterThanOrEqual(12)
     expect(load.dht.cpuUsPerRequest).toBeGreaterThan(0)
     expect(load.refresh.map((r) => r.routerNodes)).toEqual([

@@ -4,7 +4,7 @@ import { join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { ApiKeyStore } from '../../federation/keys.ts'
 import { UsageLedger } from '../../federation/ledger.ts'
-import { openFederationStore } from '../../federation/store.ts'
+import { openFederationStore } from '../../federation/store-sqlite.ts'
 import { garage } from '../helpers/cli.ts'
 
 const node = '12D3KooWNodeNodeNodeNodeNodeNodeNodeNodeNodeNodeNode1'
@@ -33,12 +33,12 @@ describe('garage keys and garage ledger', () => {
     // The gateway's side: the printed key authenticates.
     const db = openFederationStore(dataDir)
     try {
-      expect(new ApiKeyStore(db).authenticate(created.stdout.trim())).toMatchObject({
+      expect(await new ApiKeyStore(db).authenticate(created.stdout.trim())).toMatchObject({
         name: 'ci',
         limits: { rpm: 60, tpm: null, concurrency: null },
       })
     } finally {
-      db.close()
+      await db.close()
     }
 
     const list = await garage(['keys', 'list', '--data-dir', dataDir])
@@ -103,13 +103,13 @@ describe('garage keys and garage ledger', () => {
   it('prints usage per key and credits per node, as tables or JSON, filtered', async () => {
     const db = openFederationStore(dataDir)
     const keys = new ApiKeyStore(db)
-    const ci = keys.list().find((k) => k.name === 'ci')!
+    const ci = (await keys.list()).find((k) => k.name === 'ci')!
     const ledger = new UsageLedger(db)
     const record = { model: 'garage-tiny', region: 'local', node, promptTokens: 12, completionTokens: 30 }
     ledger.record({ ...record, keyId: ci.id, at: Date.parse('2025-03-01T23:59:59Z') })
     ledger.record({ ...record, keyId: ci.id, at: Date.parse('2025-03-02T00:00:01Z') })
-    ledger.close()
-    db.close()
+    await ledger.close()
+    await db.close()
 
     const table = await garage(['ledger', '--data-dir', dataDir])
     expect(table.code).toBe(0)

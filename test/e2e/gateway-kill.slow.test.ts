@@ -5,7 +5,7 @@ import { join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { SseSplitter } from '../../core/sse.ts'
 import { UsageLedger } from '../../federation/ledger.ts'
-import { openFederationStore } from '../../federation/store.ts'
+import { openFederationStore } from '../../federation/store-sqlite.ts'
 import { ProcessCluster, tinyModel } from '../helpers/process-cluster.ts'
 
 const runId = randomBytes(4).toString('hex')
@@ -98,19 +98,19 @@ describe('the gateway SIGKILLed mid-stream', () => {
     const db = openFederationStore(cluster.federation.dir, { create: false })
     try {
       const ledger = new UsageLedger(db)
-      const usage = ledger.usageByKey({ keyId: key.id })
+      const usage = await ledger.usageByKey({ keyId: key.id })
       const billed = usage.reduce((t, u) => t + u.completionTokens, 0)
       const requests = usage.reduce((t, u) => t + u.requests, 0)
-      const credited = ledger.creditsByNode().reduce((t, c) => t + c.completionTokens, 0)
+      const credited = (await ledger.creditsByNode()).reduce((t, c) => t + c.completionTokens, 0)
       console.log(`gateway SIGKILLed mid-stream: client received ${received} tokens, billed ${billed}`)
       expect(requests).toBe(1)
       expect(billed).toBeLessThanOrEqual(received)
       // At most the last turn's writes are lost: a chunk or two at 40 tokens/s.
       expect(received - billed).toBeLessThanOrEqual(2)
       expect(credited).toBe(billed)
-      ledger.close()
+      await ledger.close()
     } finally {
-      db.close()
+      await db.close()
     }
 
     // The gateway comes back on the same store and serves.

@@ -528,7 +528,7 @@ describe('OpenAI client libraries against the federation', () => {
       // Without the store (another key, or a restart), the reference is refused with what to do instead.
       const other = createOpenAI({
         baseURL: base,
-        apiKey: devnet.federation.keys.create({ name: 'second-app' }).key,
+        apiKey: (await devnet.federation.keys.create({ name: 'second-app' })).key,
         fetch: recorder.fetch,
       })
       await expect(
@@ -560,8 +560,8 @@ describe('OpenAI client libraries against the federation', () => {
   })
 
   it('bills exactly what the answers say: tools, structured output, n > 1, responses and embeddings; the honest nodes are not flagged', async () => {
-    const usageTotals = () =>
-      devnet.federation.ledger.usageByKey().reduce(
+    const usageTotals = async () =>
+      (await devnet.federation.ledger.usageByKey()).reduce(
         (t, u) => ({
           prompt: t.prompt + u.promptTokens,
           completion: t.completion + u.completionTokens,
@@ -569,15 +569,13 @@ describe('OpenAI client libraries against the federation', () => {
         }),
         { prompt: 0, completion: 0, requests: 0 },
       )
-    const creditTotals = () =>
-      devnet.federation.ledger
-        .creditsByNode()
-        .reduce(
-          (t, c) => ({ prompt: t.prompt + c.promptTokens, completion: t.completion + c.completionTokens }),
-          { prompt: 0, completion: 0 },
-        )
-    const before = usageTotals()
-    const creditsBefore = creditTotals()
+    const creditTotals = async () =>
+      (await devnet.federation.ledger.creditsByNode()).reduce(
+        (t, c) => ({ prompt: t.prompt + c.promptTokens, completion: t.completion + c.completionTokens }),
+        { prompt: 0, completion: 0 },
+      )
+    const before = await usageTotals()
+    const creditsBefore = await creditTotals()
     const seen = { prompt: 0, completion: 0, requests: 0 }
     const add = (prompt: number, completion: number) => {
       seen.prompt += prompt
@@ -632,17 +630,17 @@ describe('OpenAI client libraries against the federation', () => {
     add(embedded.usage.prompt_tokens, 0)
 
     const deadline = Date.now() + 10_000
-    let after = usageTotals()
+    let after = await usageTotals()
     while (after.requests - before.requests < seen.requests && Date.now() < deadline) {
       await new Promise((r) => setTimeout(r, 25))
-      after = usageTotals()
+      after = await usageTotals()
     }
     expect({
       prompt: after.prompt - before.prompt,
       completion: after.completion - before.completion,
       requests: after.requests - before.requests,
     }).toEqual(seen)
-    const credits = creditTotals()
+    const credits = await creditTotals()
     expect({
       prompt: credits.prompt - creditsBefore.prompt,
       completion: credits.completion - creditsBefore.completion,
@@ -672,6 +670,8 @@ describe('OpenAI client libraries against the federation', () => {
       for (let wait = 0; wait < 100; wait++) {
         const metrics = await (await fetch(`${node.engineUrl}/metrics`)).text()
         reported = Number(/^vllm:generation_tokens_total\{[^}]*\} (\S+)$/m.exec(metrics)?.[1] ?? 0)
+        // The gateway's direct requests reach the head's count with its next report: sent now.
+        await devnet.federation.direct?.flush()
         verified = head.verified.verified(node.peerId)
         if (Number(/^vllm:num_requests_running\{[^}]*\} (\S+)$/m.exec(metrics)?.[1] ?? 1) === 0) break
         await new Promise((r) => setTimeout(r, 50))

@@ -8,7 +8,7 @@ import OpenAI from 'openai'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { freeLoopbackPort } from '../../containers/ports.ts'
 import { UsageLedger } from '../../federation/ledger.ts'
-import { openFederationStore } from '../../federation/store.ts'
+import { openFederationStore } from '../../federation/store-sqlite.ts'
 import { containersOf, requirePodman, standInImage } from '../containers/podman.ts'
 import { fakeGpuMachine } from '../helpers/fake-tools.ts'
 import { ProcessCluster } from '../helpers/process-cluster.ts'
@@ -153,10 +153,10 @@ describe('a pipeline group on the Ray cluster', () => {
     try {
       const ledger = new UsageLedger(db)
       const deadline = Date.now() + 10_000
-      let credits = ledger.creditsByNode().filter((c) => c.model === model)
+      let credits = (await ledger.creditsByNode()).filter((c) => c.model === model)
       while (credits.length < 3 && Date.now() < deadline) {
         await new Promise((r) => setTimeout(r, 200))
-        credits = ledger.creditsByNode().filter((c) => c.model === model)
+        credits = (await ledger.creditsByNode()).filter((c) => c.model === model)
       }
       const byNode = new Map(credits.map((c) => [c.node, c.completionTokens]))
       const total = [...byNode.values()].reduce((a, b) => a + b, 0)
@@ -164,9 +164,9 @@ describe('a pipeline group on the Ray cluster', () => {
       // 'stand-in stand-in-70b says: big hello' is 5 tokens: 27/80, 27/80, 26/80 of them, exactly.
       expect(total).toBe(5)
       expect(members.map((m) => byNode.get(m))).toEqual([2, 2, 1])
-      ledger.close()
+      await ledger.close()
     } finally {
-      db.close()
+      await db.close()
     }
   })
 

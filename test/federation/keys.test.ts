@@ -1,74 +1,71 @@
 import { mkdir, mkdtemp, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import type { DatabaseSync } from 'node:sqlite'
 import { afterEach, beforeEach, describe, expect, it } from 'vitest'
 import { ApiKeyStore, authCacheTtlMs, hashApiKey } from '../../federation/keys.ts'
-import {
-  federationDataDir,
-  federationDbPath,
-  migrations,
-  openFederationStore,
-} from '../../federation/store.ts'
+import { federationDataDir, federationDbPath } from '../../federation/store.ts'
+import { migrations, openFederationStore, type SqliteStore } from '../../federation/store-sqlite.ts'
 
 describe('API keys', () => {
   let dir: string
-  let db: DatabaseSync
+  let store: SqliteStore
+  let db: SqliteStore['db']
   let clock: number
   let keys: ApiKeyStore
 
   beforeEach(async () => {
     dir = await mkdtemp(join(tmpdir(), 'garage-keys-'))
-    db = openFederationStore(dir)
+    store = openFederationStore(dir)
+    db = store.db
     clock = Date.parse('2025-03-01T12:00:00Z')
-    keys = new ApiKeyStore(db, { now: () => clock })
+    keys = new ApiKeyStore(store, { now: () => clock })
   })
   afterEach(async () => {
     if (db.isOpen) db.close()
     await rm(dir, { recursive: true, force: true })
   })
 
-  it('creates a key that authenticates, with its limits, and stops it at revocation', () => {
-    const created = keys.create({ name: 'alice', rpm: 60, tpm: 10_000 })
+  it('creates a key that authenticates, with its limits, and stops it at revocation', async () => {
+    const created = await keys.create({ name: 'alice', rpm: 60, tpm: 10_000 })
     expect(created.key).toMatch(/^gk_[A-Za-z0-9_-]{43}$/)
     expect(created.prefix).toBe(created.key.slice(3, 11))
     expect(created.limits).toEqual({ rpm: 60, tpm: 10_000, concurrency: null })
     expect(created.createdAt.toISOString()).toBe('2025-03-01T12:00:00.000Z')
 
-    const info = keys.authenticate(created.key)
+    const info = await keys.authenticate(created.key)
     expect(info).toMatchObject({ id: created.id, name: 'alice', revokedAt: null })
     expect(info).not.toHaveProperty('key')
-    expect(keys.authenticate(`${created.key.slice(0, -1)}x`)).toBeNull()
-    expect(keys.authenticate('not-a-key')).toBeNull()
-    expect(keys.authenticate('')).toBeNull()
+    expect(await keys.authenticate(`${created.key.slice(0, -1)}x`)).toBeNull()
+    expect(await keys.authenticate('not-a-key')).toBeNull()
+    expect(await keys.authenticate('')).toBeNull()
 
     clock += 1000
-    const revoked = keys.revoke('alice')
+    const revoked = await keys.revoke('alice')
     expect(revoked.revokedAt?.toISOString()).toBe('2025-03-01T12:00:01.000Z')
-    expect(keys.authenticate(created.key)).toBeNull()
+    expect(await keys.authenticate(created.key)).toBeNull()
   })
 
-  it('notices a revocation made by another process within the cache time, or at once after invalidate()', () => {
-    const created = keys.create({ name: 'bob' })
-    expect(keys.authenticate(created.key)?.id).toBe(created.id)
+  it('notices a revocation made by another process within the cache time, or at once after invalidate()', async () => {
+    const created = await keys.create({ name: 'bob' })
+    expect((await keys.authenticate(created.key))?.id).toBe(created.id)
     // What `garage keys revoke` does from another process: another store on the same file.
     const otherDb = openFederationStore(dir)
     const other = new ApiKeyStore(otherDb, { now: () => clock })
-    other.revoke(created.id)
-    expect(keys.authenticate(created.key)?.id).toBe(created.id)
+    await other.revoke(created.id)
+    expect((await keys.authenticate(created.key))?.id).toBe(created.id)
     keys.invalidate()
-    expect(keys.authenticate(created.key)).toBeNull()
+    expect(await keys.authenticate(created.key)).toBeNull()
 
-    const second = keys.create({ name: 'bob' })
-    expect(keys.authenticate(second.key)?.id).toBe(second.id)
-    other.revoke('bob')
+    const second = await keys.create({ name: 'bob' })
+    expect((await keys.authenticate(second.key))?.id).toBe(second.id)
+    await other.revoke('bob')
     clock += authCacheTtlMs
-    expect(keys.authenticate(second.key)).toBeNull()
-    otherDb.close()
+    expect(await keys.authenticate(second.key)).toBeNull()
+    await otherDb.close()
   })
 
   it('stores only the hash of a key', async () => {
-    const created = keys.create({ name: 'carol' })
+    const created = await keys.create({ name: 'carol' })
     db.close()
     // The database and its WAL: the key text must be in neither.
     const files = (await readdir(dir)).filter((f) => f.startsWith('federation.db'))
@@ -78,12 +75,12 @@ describe('API keys', () => {
     expect(bytes.includes(Buffer.from(hashApiKey(created.key)))).toBe(true)
   })
 
-  it('lists keys without their secrets, revoked ones included', () => {
-    const a = keys.create({ name: 'a', concurrency: 2 })
+  it('lists keys without their secrets, revoked ones included', async () => {
+    const a = await keys.create({ name: 'a', concurrency: 2 })
     clock += 1
-    keys.create({ name: 'b' })
-    keys.revoke(a.prefix)
-    const list = keys.list()
+    await keys.create({ name: 'b' })
+    await keys.revoke(a.prefix)
+    const list = await keys.list()
     expect(list.map((k) => [k.name, k.revokedAt != null])).toEqual([
       ['a', true],
       ['b', false],
@@ -94,45 +91,51 @@ describe('API keys', () => {
     expect(Object.keys(list[0]!).sort()).toEqual(['createdAt', 'id', 'limits', 'name', 'prefix', 'revokedAt'])
   })
 
-  it('validates names and limits, and keeps active names unique', () => {
+  it('validates names and limits, and keeps active names unique', async () => {
     for (const name of ['', 'x'.repeat(65), 'tab\there', 'new\nline', ' padded', 'padded ', '\u200b'])
-      expect(() => keys.create({ name }), JSON.stringify(name)).toThrow(
+      await expect(keys.create({ name }), JSON.stringify(name)).rejects.toThrow(
         expect.objectContaining({ name: 'ApiKeyNameError' }),
       )
-    expect(keys.create({ name: 'x'.repeat(64) }).name).toHaveLength(64)
-    expect(keys.create({ name: 'équipe données #2' }).name).toBe('équipe données #2')
+    expect((await keys.create({ name: 'x'.repeat(64) })).name).toHaveLength(64)
+    expect((await keys.create({ name: 'équipe données #2' })).name).toBe('équipe données #2')
     for (const rpm of [0, -1, 1.5, Number.NaN])
-      expect(() => keys.create({ name: `rpm ${rpm}`, rpm })).toThrow(
+      await expect(keys.create({ name: `rpm ${rpm}`, rpm })).rejects.toThrow(
         expect.objectContaining({ name: 'ApiKeyLimitError' }),
       )
 
-    keys.create({ name: 'dup' })
-    expect(() => keys.create({ name: 'dup' })).toThrow(
+    await keys.create({ name: 'dup' })
+    await expect(keys.create({ name: 'dup' })).rejects.toThrow(
       expect.objectContaining({ name: 'ApiKeyNameTakenError' }),
     )
-    keys.revoke('dup')
-    expect(keys.create({ name: 'dup' }).name).toBe('dup')
+    await keys.revoke('dup')
+    expect((await keys.create({ name: 'dup' })).name).toBe('dup')
   })
 
-  it('revokes by id, prefix (with or without gk_) or name, and says when none or several match', () => {
-    const a = keys.create({ name: 'one' })
-    const b = keys.create({ name: 'two' })
-    const c = keys.create({ name: 'three' })
-    expect(keys.revoke(a.id).id).toBe(a.id)
-    expect(keys.revoke(`gk_${b.prefix}`).id).toBe(b.id)
-    expect(keys.revoke(c.prefix).id).toBe(c.id)
-    expect(() => keys.revoke('nobody')).toThrow(expect.objectContaining({ name: 'ApiKeyNotFoundError' }))
-    expect(() => keys.revoke('one')).toThrow(expect.objectContaining({ name: 'ApiKeyAlreadyRevokedError' }))
+  it('revokes by id, prefix (with or without gk_) or name, and says when none or several match', async () => {
+    const a = await keys.create({ name: 'one' })
+    const b = await keys.create({ name: 'two' })
+    const c = await keys.create({ name: 'three' })
+    expect((await keys.revoke(a.id)).id).toBe(a.id)
+    expect((await keys.revoke(`gk_${b.prefix}`)).id).toBe(b.id)
+    expect((await keys.revoke(c.prefix)).id).toBe(c.id)
+    await expect(keys.revoke('nobody')).rejects.toThrow(
+      expect.objectContaining({ name: 'ApiKeyNotFoundError' }),
+    )
+    await expect(keys.revoke('one')).rejects.toThrow(
+      expect.objectContaining({ name: 'ApiKeyAlreadyRevokedError' }),
+    )
 
     // Two keys whose prefix equals another's name: ambiguous, and the message lists both ids.
-    const d = keys.create({ name: 'dee' })
-    const e = keys.create({ name: d.prefix })
-    expect(() => keys.revoke(d.prefix)).toThrow(expect.objectContaining({ name: 'ApiKeyAmbiguousError' }))
-    expect(() => keys.revoke(d.prefix)).toThrow(new RegExp(`${d.id}.*${e.id}|${e.id}.*${d.id}`))
+    const d = await keys.create({ name: 'dee' })
+    const e = await keys.create({ name: d.prefix })
+    await expect(keys.revoke(d.prefix)).rejects.toThrow(
+      expect.objectContaining({ name: 'ApiKeyAmbiguousError' }),
+    )
+    await expect(keys.revoke(d.prefix)).rejects.toThrow(new RegExp(`${d.id}.*${e.id}|${e.id}.*${d.id}`))
   })
 
   it('makes the database file 0600 in <data dir>/federation by default', async () => {
-    keys.create({ name: 'mode' })
+    await keys.create({ name: 'mode' })
     expect((await stat(federationDbPath(dir))).mode & 0o777).toBe(0o600)
     expect((await stat(`${federationDbPath(dir)}-wal`)).mode & 0o777).toBe(0o600)
     expect(federationDataDir({ GARAGE_DATA_DIR: '/srv/garage' })).toBe(join('/srv/garage', 'federation'))

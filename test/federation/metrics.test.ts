@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest'
-import { federationMetrics } from '../../federation/metrics.ts'
+import { errorCodeLabel, federationMetrics, maxKeyLabels, otherKeyLabel } from '../../federation/metrics.ts'
 import type { RegionDirectory } from '../../federation/regions.ts'
 
 describe('federation metrics', () => {
@@ -13,5 +13,29 @@ describe('federation metrics', () => {
     // Every metric is the federation's own.
     const names = [...text.matchAll(/^# TYPE (\S+)/gm)].map((m) => m[1]!)
     expect(names.filter((n) => !n.startsWith('garage_federation_'))).toEqual([])
+  })
+
+  it('labels per-key usage by key name for the first maxKeyLabels names, and "other" after: /metrics stays bounded', async () => {
+    const metrics = federationMetrics({ regions: () => [] } as unknown as RegionDirectory)
+    for (let i = 0; i < maxKeyLabels; i++) expect(metrics.keyLabel(`key-${i}`)).toBe(`key-${i}`)
+    expect(metrics.keyLabel('one-too-many')).toBe(otherKeyLabel)
+    // A name seen before keeps its own series.
+    expect(metrics.keyLabel('key-0')).toBe('key-0')
+    for (let i = 0; i < 3 * maxKeyLabels; i++)
+      metrics.keyTokens.inc({ key: metrics.keyLabel(`more-${i}`), kind: 'completion' }, 1)
+    metrics.keyTokens.inc({ key: metrics.keyLabel('key-1'), kind: 'completion' }, 2)
+    const values = (await metrics.keyTokens.get()).values
+    expect(values.map((v) => [v.labels.key, v.value])).toEqual([
+      [otherKeyLabel, 3 * maxKeyLabels],
+      ['key-1', 2],
+    ])
+  })
+
+  it("labels errors by Garage's own error codes only: a code a head made up is counted as other", () => {
+    expect(errorCodeLabel('no_capacity')).toBe('no_capacity')
+    expect(errorCodeLabel('rate_limit_exceeded')).toBe('rate_limit_exceeded')
+    expect(errorCodeLabel('invalid_api_key')).toBe('invalid_api_key')
+    expect(errorCodeLabel('made_up_by_a_head')).toBe('other')
+    expect(errorCodeLabel('')).toBe('none')
   })
 })

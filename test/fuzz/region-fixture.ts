@@ -154,6 +154,6 @@ export async function startFuzzRegion(mesh: TestMesh): Promise<FuzzRegion> {
     federation.directory.regions().some((r) => r.reachable && (r.models.get(fuzzModel)?.nodes ?? 0) > 0)
   for (let round = 0; round < 10 && !serving(); round++) await federation.directory.refresh()
   if (!serving()) throw new Error(`the federation does not see ${fuzzRegion} serve ${fuzzModel}`)
-  const { key: apiKey } = federation.keys.create({ name: 'fuzz' })
+  const { key: apiKey } = await federation.keys.create({ name: 'fuzz' })
   return { head, federation, apiKey }
 }

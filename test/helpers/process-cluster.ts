@@ -7,7 +7,7 @@ import { fileURLToPath } from 'node:url'
 import { peerIdFromPrivateKey } from '@libp2p/peer-id'
 import { daemonEnv } from '../../daemon/launch.ts'
 import { ApiKeyStore } from '../../federation/keys.ts'
-import { openFederationStore } from '../../federation/store.ts'
+import { openStore } from '../../federation/store.ts'
 import { initAuthority } from '../../mesh/authority.ts'
 import { issueRegionCertificate } from '../../mesh/certificate.ts'
 import { loadOrCreateIdentity } from '../../mesh/identity.ts'
@@ -198,6 +198,10 @@ export interface ProcessClusterOptions {
   rayTrusted?: boolean
   /** More `garage bootstrap` arguments (e.g. --ray-image, --vllm-image). */
   headArgs?: string[]
+  /** Gateways to run (default 1): more need `database`, the PostgreSQL they share. */
+  gateways?: number
+  /** postgres://...: the gateways keep keys, ledger and limits there (--database) instead of SQLite. */
+  database?: string
   /** A node logged that it joined its region (first start, or a rejoin after a loss). */
   onNodeJoined?: (node: string, at: number) => void
   progress?: (message: string) => void
@@ -279,6 +283,8 @@ export class ProcessCluster {
   readonly keys: ClusterKey[] = []
   authority = ''
   federation!: ClusterFederation
+  /** Every gateway: `federation` first, then the others (options.gateways). */
+  readonly gateways: ClusterFederation[] = []
   netns: NetnsLink | null = null
   proxy: LinkProxy | null = null
   private stopped: Promise<CleanupReport> | null = null
@@ -329,17 +335,24 @@ export class ProcessCluster {
     const fedDir = join(o.root, 'federation')
     await mkdir(fedDir, { recursive: true, mode: 0o700 })
     const fedPeerId = peerIdFromPrivateKey(await loadOrCreateIdentity(fedDir)).toString()
-    const db = openFederationStore(fedDir)
+    const store = await openStore({ dataDir: fedDir, database: o.database })
     try {
-      const store = new ApiKeyStore(db)
+      const keys = new ApiKeyStore(store)
       for (const name of o.keyNames) {
-        const made = store.create({ name })
+        const made = await keys.create({ name })
         this.keys.push({ id: made.id, name, key: made.key })
       }
     } finally {
-      db.close()
+      await store.close()
     }
     this.federation = { dir: fedDir, peerId: fedPeerId, port: 0, url: '', adminToken: '', proc: null }
+    this.gateways.push(this.federation)
+    for (let i = 2; i <= (o.gateways ?? 1); i++) {
+      const dir = join(o.root, `federation-${i}`)
+      await mkdir(dir, { recursive: true, mode: 0o700 })
+      const peerId = peerIdFromPrivateKey(await loadOrCreateIdentity(dir)).toString()
+      this.gateways.push({ dir, peerId, port: 0, url: '', adminToken: '', proc: null })
+    }
 
     for (const name of o.regions) {
       const dir = join(o.root, `head-${name}`)
@@ -421,8 +434,8 @@ export class ProcessCluster {
     }
     this.progress(`starting ${this.nodes.size} nodes`)
     await Promise.all([...this.nodes.keys()].map((n) => this.startNode(n)))
-    this.progress('starting the federation gateway')
-    await this.startFederation()
+    this.progress(`starting ${this.gateways.length} federation gateway(s)`)
+    for (const f of this.gateways) await this.startFederation(f)
   }
 
   region(name: string): ClusterRegion {
@@ -452,7 +465,8 @@ export class ProcessCluster {
       ...['--region', name, '--cert', join(r.dir, 'region.cert'), '--authority', this.authority],
       ...['--listen', `/ip4/127.0.0.1/tcp/${r.meshPort}`, '--allow-private'],
       ...['--http', `127.0.0.1:${r.opsPort}`, '--head-http', `127.0.0.1:${r.headPort}`],
-      ...['--policy', join(r.dir, 'policy.json'), '--federation', this.federation.peerId],
+      ...['--policy', join(r.dir, 'policy.json')],
+      ...this.gateways.flatMap((f) => ['--federation', f.peerId]),
       ...others.flatMap((o) => ['--bootstrap', o.addr]),
       ...r.announce.flatMap((a) => ['--announce', a]),
       ...['--data-dir', r.dir],
@@ -514,8 +528,7 @@ export class ProcessCluster {
     await proc.line(/^\s*engine\s/)
   }
 
-  async startFederation(): Promise<void> {
-    const f = this.federation
+  async startFederation(f: ClusterFederation = this.federation): Promise<void> {
     this.refuseAfterStop()
     if (f.proc?.running === true) throw new GarageProcessError('the federation is running')
     const args = [
@@ -525,8 +538,10 @@ export class ProcessCluster {
       ...[...this.regions.values()].flatMap((r) => ['--bootstrap', r.addr]),
       ...['--listen', '/ip4/127.0.0.1/tcp/0', '--allow-private'],
       ...['--http', `127.0.0.1:${f.port}`, '--data-dir', f.dir],
+      ...(this.options.database != null ? ['--database', this.options.database] : []),
     ]
-    const proc = new GarageProcess('federation', [process.execPath, garageBin, ...args], this.env())
+    const name = f === this.federation ? 'federation' : `federation ${this.gateways.indexOf(f) + 1}`
+    const proc = new GarageProcess(name, [process.execPath, garageBin, ...args], this.env())
     this.started.push(proc)
     f.proc = proc
     await proc.line(/admin/)
@@ -586,7 +601,7 @@ export class ProcessCluster {
       )
     }
     // The gateway first (no new requests), nodes next (they leave their heads), heads last.
-    await stopAll([this.federation?.proc ?? null])
+    await stopAll(this.gateways.map((f) => f.proc))
     await stopAll([...this.nodes.values()].map((n) => n.proc))
     await stopAll([...this.regions.values()].map((r) => r.proc))
     await this.proxy?.close()

@@ -61,7 +61,9 @@ function invocations(doc: string, markdown: string): Invocation[] {
       } else if (
         /(^|[/\\"&(])garage(\.cmd)?"?$/.test(token) &&
         tokens[i + 1] != null &&
-        tokens[i + 1] !== 'garage'
+        tokens[i + 1] !== 'garage' &&
+        // `createuser -P garage && ...`: a database role named garage, not the command.
+        !/^-[A-Za-z]$/.test(tokens[i - 1] ?? '')
       ) {
         command = (tokens[i + 1] as string).replace(/[`"'),.]+$/, '')
         start = i + 2
@@ -177,6 +179,7 @@ describe('the user docs agree with the CLI', () => {
       winget: ['--id'],
       launchctl: [],
       vllm: ['--runner', '--distributed-executor-backend'],
+      kubectl: ['--from-file', '--from-literal', '--dry-run'],
     }
     for (const flags of Object.values(otherTools)) for (const f of flags) known.add(f)
     const unknown: string[] = []

@@ -2,6 +2,9 @@ import { once } from 'node:events'
 import { type AddressInfo, connect, createServer, type Socket } from 'node:net'
 import { generateKeyPair } from '@libp2p/crypto/keys'
 import type { Libp2p, MultiaddrConnection, PeerInfo } from '@libp2p/interface'
+import { LengthPrefixedDecoder } from '@libp2p/utils'
+import * as varint from 'uint8-varint'
+import { Uint8ArrayList } from 'uint8arraylist'
 import { afterEach, describe, expect, it, vi } from 'vitest'
 import {
   backOffEmptyWalks,
@@ -9,6 +12,7 @@ import {
   emptyWalkBackoffMs,
   halfWindowUpdates,
   libp2pPatches,
+  quietDecoderEnds,
 } from '../../mesh/libp2p-patches.ts'
 import { createMeshNode } from '../../mesh/node.ts'
 
@@ -144,6 +148,49 @@ describe('halfWindowUpdates', () => {
   })
 })
 
+describe('quietDecoderEnds', () => {
+  /** Length-prefixed frames (varint, as the stock decoder defaults to) of the given sizes. */
+  function frames(sizes: number[]): { wire: Uint8Array; payloads: Uint8Array[] } {
+    const payloads = sizes.map((n, i) => Uint8Array.from({ length: n }, (_, j) => (i * 31 + j) & 0xff))
+    const list = new Uint8ArrayList()
+    for (const p of payloads) list.append(varint.encode(p.byteLength), p)
+    return { wire: list.subarray(), payloads: payloads.filter((p) => p.byteLength > 0) }
+  }
+
+  it('yields the same frames however the bytes are cut, without a RangeError on an empty buffer', () => {
+    quietDecoderEnds()
+    const { wire, payloads } = frames([0, 1, 5, 127, 128, 300, 2, 20_000])
+    for (const cut of [1, 2, 3, 7, 64, 1000, wire.byteLength]) {
+      let emptyCalls = 0
+      const decoder = new LengthPrefixedDecoder({
+        lengthDecoder: (buf) => {
+          if (buf.byteLength === 0) emptyCalls++
+          return varint.decode(buf)
+        },
+      })
+      const got: Uint8Array[] = []
+      for (let i = 0; i < wire.byteLength; i += cut)
+        for (const f of decoder.decode(wire.subarray(i, i + cut))) got.push(f.subarray())
+      expect(got).toEqual(payloads)
+      expect(emptyCalls).toBe(0)
+    }
+  })
+
+  it('keeps the limits and errors of the stock decoder', () => {
+    quietDecoderEnds()
+    const tooLong = new LengthPrefixedDecoder({ maxDataLength: 10 })
+    expect(() => [...tooLong.decode(varint.encode(11))]).toThrow(/Invalid message length/)
+    const tooMuch = new LengthPrefixedDecoder({ maxBufferSize: 4 })
+    expect(() => [...tooMuch.decode(new Uint8Array(5))]).toThrow(/Buffer length limit exceeded/)
+    // A partial length prefix waits for its next byte.
+    const partial = new LengthPrefixedDecoder()
+    expect([...partial.decode(Uint8Array.of(0x80))]).toEqual([])
+    expect([...partial.decode(Uint8Array.of(0x01, ...new Uint8Array(128)))].map((f) => f.byteLength)).toEqual(
+      [128],
+    )
+  })
+})
+
 describe('the patches on real libp2p nodes', () => {
   it('take hold on every connection, stream and router (an upgrade that moves an internal fails here)', async () => {
     const before = { ...libp2pPatches }
@@ -163,6 +210,8 @@ describe('the patches on real libp2p nodes', () => {
       expect(rtt).toBeGreaterThanOrEqual(0)
       expect(libp2pPatches.coalesceWrites).toBeGreaterThanOrEqual(before.coalesceWrites + 2)
       expect(libp2pPatches.halfWindowUpdates).toBeGreaterThan(before.halfWindowUpdates)
+      // noise's reads end on an empty buffer through the patched decoder.
+      expect(libp2pPatches.quietDecoderEnds).toBeGreaterThan(before.quietDecoderEnds)
     } finally {
       await Promise.all([a!.stop(), b!.stop()])
     }

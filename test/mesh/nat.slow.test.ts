@@ -1,4 +1,4 @@
-import { execFileSync, spawn } from 'node:child_process'
+import { spawn } from 'node:child_process'
 import { randomUUID } from 'node:crypto'
 import { createInterface } from 'node:readline'
 import { fileURLToPath } from 'node:url'
@@ -6,7 +6,15 @@ import { generateKeyPair } from '@libp2p/crypto/keys'
 import { multiaddr } from '@multiformats/multiaddr'
 import { afterAll, describe, expect, it } from 'vitest'
 import { createMeshNode, type MeshNode } from '../../mesh/node.ts'
+import { runCommand as run } from '../helpers/fault-netns.ts'
 import { TestMesh } from '../helpers/mesh.ts'
+import {
+  buildNatTopology,
+  type NatTopology,
+  NatUnavailableError,
+  type UndoStep,
+  undoAll,
+} from '../helpers/nat-topology.ts'
 
 /**
  * Topology (all made here, removed in afterAll):
@@ -23,30 +31,6 @@ const repoRoot = fileURLToPath(new URL('../../', import.meta.url))
 const natPeerScript = fileURLToPath(new URL('../helpers/nat-peer.ts', import.meta.url))
 
 const tag = `g${process.pid}`
-const ns = { router: `${tag}r`, home: `${tag}h` }
-const veth = { root: `${tag}a`, routerPublic: `${tag}b`, routerHome: `${tag}c`, home: `${tag}d` }
-
-function run(cmd: string, args: string[], timeout = 10_000): string {
-  try {
-    return execFileSync(cmd, args, { timeout, encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] })
-  } catch (err) {
-    const e = err as { stderr?: string; message: string }
-    throw new Error(`${cmd} ${args.join(' ')}: ${e.stderr?.trim() || e.message}`)
-  }
-}
-
-/** Two free /24s in 10.231.0.0/16, chosen from the pid, skipping any third octet already in use here. */
-function pickSubnets(): { publicNet: string; homeNet: string } {
-  const inUse = `${run('ip', ['-4', '-o', 'addr'])}\n${run('ip', ['-4', 'route'])}`
-  const used = new Set([...inUse.matchAll(/10\.231\.(\d+)\./g)].map((m) => Number(m[1])))
-  for (let i = 0; i < 127; i++) {
-    const base = ((process.pid + i) % 127) * 2
-    if (!used.has(base) && !used.has(base + 1)) {
-      return { publicNet: `10.231.${base}`, homeNet: `10.231.${base + 1}` }
-    }
-  }
-  throw new Error('no free /24 pair in 10.231.0.0/16')
-}
 
 function withTimeout<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
   let timer: NodeJS.Timeout | undefined
@@ -68,82 +52,26 @@ interface NatPeerInfo {
 describe('NAT traversal through the bootstrap relay', () => {
   const mesh = new TestMesh()
   /** Undo steps, run in reverse order in afterAll whatever happened. */
-  const undo: Array<{ what: string; fn: () => void | Promise<void> }> = []
+  const undo: UndoStep[] = []
   let childStderr = ''
 
-  afterAll(async () => {
-    for (const step of undo.splice(0).reverse()) {
-      try {
-        await step.fn()
-      } catch (err) {
-        console.warn(`nat test cleanup: ${step.what} failed: ${(err as Error).message}`)
-      }
-    }
-  })
+  afterAll(() => undoAll(undo, 'nat test'))
 
   it('a node behind MASQUERADE with no inbound route is reached through the relay', async (ctx) => {
     // Only namespace creation decides a skip: everything after it must work where it can be made.
+    let topology: NatTopology
     try {
-      run('ip', ['netns', 'add', ns.router])
+      topology = buildNatTopology(tag, undo)
     } catch (err) {
-      const why = `cannot create network namespaces (needs root / CAP_NET_ADMIN): ${(err as Error).message}`
-      console.warn(`skipping NAT test: ${why}`)
-      ctx.skip(why)
+      if (!(err instanceof NatUnavailableError)) throw err
+      console.warn(`skipping NAT test: ${err.message}`)
+      ctx.skip(err.message)
+      return
     }
     ctx.onTestFailed(() => {
       if (childStderr !== '') console.warn(`nat-peer stderr:\n${childStderr}`)
     })
-    undo.push({ what: `delete netns ${ns.router}`, fn: () => void run('ip', ['netns', 'del', ns.router]) })
-    run('ip', ['netns', 'add', ns.home])
-    undo.push({ what: `delete netns ${ns.home}`, fn: () => void run('ip', ['netns', 'del', ns.home]) })
-
-    const { publicNet, homeNet } = pickSubnets()
-    const relayIp = `${publicNet}.1`
-    const homeIp = `${homeNet}.2`
-
-    // root <-> router: the "internet" side.
-    run('ip', [
-      ...['link', 'add', veth.root, 'type', 'veth'],
-      ...['peer', 'name', veth.routerPublic, 'netns', ns.router],
-    ])
-    undo.push({
-      what: `delete link ${veth.root}`,
-      fn: () => {
-        // Usually gone already with the router namespace; only delete it if it is still there.
-        if (run('ip', ['-o', 'link', 'show']).includes(`${veth.root}@`)) run('ip', ['link', 'del', veth.root])
-      },
-    })
-    run('ip', ['addr', 'add', `${relayIp}/24`, 'dev', veth.root])
-    run('ip', ['link', 'set', veth.root, 'up'])
-    run('ip', ['-n', ns.router, 'addr', 'add', `${publicNet}.2/24`, 'dev', veth.routerPublic])
-    run('ip', ['-n', ns.router, 'link', 'set', veth.routerPublic, 'up'])
-    run('ip', ['-n', ns.router, 'link', 'set', 'lo', 'up'])
-
-    // router <-> home: the private LAN behind the NAT.
-    run('ip', [
-      ...['-n', ns.router, 'link', 'add', veth.routerHome, 'type', 'veth'],
-      ...['peer', 'name', veth.home, 'netns', ns.home],
-    ])
-    run('ip', ['-n', ns.router, 'addr', 'add', `${homeNet}.1/24`, 'dev', veth.routerHome])
-    run('ip', ['-n', ns.router, 'link', 'set', veth.routerHome, 'up'])
-    run('ip', ['-n', ns.home, 'addr', 'add', `${homeIp}/24`, 'dev', veth.home])
-    run('ip', ['-n', ns.home, 'link', 'set', veth.home, 'up'])
-    run('ip', ['-n', ns.home, 'link', 'set', 'lo', 'up'])
-    run('ip', ['-n', ns.home, 'route', 'add', 'default', 'via', `${homeNet}.1`])
-
-    run('ip', ['netns', 'exec', ns.router, 'sysctl', '-q', '-w', 'net.ipv4.ip_forward=1'])
-    run('ip', [
-      ...['netns', 'exec', ns.router, 'iptables', '-t', 'nat', '-A', 'POSTROUTING'],
-      ...['-s', `${homeNet}.0/24`, '-o', veth.routerPublic, '-j', 'MASQUERADE'],
-    ])
-
-    // No inbound: the home LAN is not routable from the root namespace (as a private range on the
-    // internet). Without this the failing dial's SYNs would leave through the host's default route.
-    run('ip', ['route', 'add', 'unreachable', `${homeNet}.0/24`])
-    undo.push({
-      what: `delete unreachable route ${homeNet}.0/24`,
-      fn: () => void run('ip', ['route', 'del', 'unreachable', `${homeNet}.0/24`]),
-    })
+    const { publicNet, publicIp: relayIp, homeIp, ns } = topology
     expect(() => run('ip', ['route', 'get', homeIp])).toThrow(/no route to host/i)
 
     // The relay: a real bootstrap node (DHT, relay server, certified region) on the "public" side.

@@ -1,7 +1,9 @@
 import type { PeerId, Stream } from '@libp2p/interface'
+import { lpStream } from '@libp2p/utils'
 import { encode } from 'cborg'
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it, vi } from 'vitest'
 import { NodeRegistry } from '../../bootstrap/head/registry.ts'
+import { encodeCanonical } from '../../core/cbor.ts'
 import type { MeshNode } from '../../mesh/node.ts'
 import { TELEMETRY_PROTOCOL } from '../../mesh/protocols.ts'
 import type { Assignment, CapabilityReport, TelemetryReport } from '../../mesh/region-messages.ts'
@@ -115,6 +117,30 @@ describe('/garage/telemetry/1.0.0 between two nodes', () => {
     expect(await sendTelemetry(node, headId, telemetry({ seq: 2 }))).toBe('ok')
     expect(registry.get(node.peerId)?.telemetry).toEqual(telemetry({ seq: 2 }))
     expect(registry.get(node.peerId)?.state).toBe('serving')
+  })
+
+  it('keeps one stream for report after report; a head that closes it gets a new stream each time', async () => {
+    const streams = () =>
+      node
+        .getConnections(headId)
+        .flatMap((c) => c.streams)
+        .filter((st) => st.protocol === TELEMETRY_PROTOCOL)
+    for (let seq = 10; seq < 15; seq++)
+      expect(await sendTelemetry(node, headId, telemetry({ seq }))).toBe('ok')
+    // One stream carried all five.
+    expect(streams()).toHaveLength(1)
+    expect(registry.get(node.peerId)?.telemetry?.seq).toBe(14)
+    // An older head answers once and closes: each report still gets through, on a stream of its own.
+    const old = await mesh.node([])
+    await old.handle(TELEMETRY_PROTOCOL, async (stream) => {
+      const lp = lpStream(stream)
+      await lp.read()
+      await lp.write(encodeCanonical({ v: 1, ok: true }))
+      await stream.close()
+    })
+    await node.dial(old.getMultiaddrs()[0]!)
+    for (let seq = 1; seq <= 3; seq++)
+      expect(await sendTelemetry(node, old.peerId, telemetry({ seq }))).toBe('ok')
   })
 
   it("carries the head's verified count and the node's integrity standing", async () => {

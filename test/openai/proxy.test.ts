@@ -257,6 +257,15 @@ describe("the federation's failover (federation/route.ts on openai/proxy.ts)", (
       },
     ])
     expect(rig.limited).toEqual([['key-1', 8]])
+    // The key's usage is on /metrics by its name, as billed: the answered request, not the 404.
+    const usage = await rig.metrics.registry.getMetricsAsJSON()
+    const series = (name: string) =>
+      usage.find((m) => m.name === name)?.values.map((v) => [v.labels, v.value]) ?? []
+    expect(series('garage_federation_key_tokens_total')).toEqual([
+      [{ key: 'acme', kind: 'prompt' }, 5],
+      [{ key: 'acme', kind: 'completion' }, 3],
+    ])
+    expect(series('garage_federation_key_requests_total')).toEqual([[{ key: 'acme', status: '200' }, 1]])
     expect(c.labels.region).toBe('far')
     expect(rig.router.snapshot().every((r) => r.outstanding === 0)).toBe(true)
   })
