@@ -91,6 +91,8 @@ export interface RegionalHead {
   verified: VerifiedThroughput
   /** Result integrity: reputations, quarantines; null when turned off. */
   integrity: IntegrityChecker | null
+  /** The direct path's leases and the gateways' reports; null when the direct path is off. */
+  leases: LeaseDesk | null
   /** The region's pipeline groups on its Ray cluster. */
   groups: RayGroups
   metrics: Registry
@@ -179,7 +181,12 @@ export async function startRegionalHead(options: RegionalHeadOptions): Promise<R
             verified,
             metrics,
             allowed: (peer) => federation.has(peer),
-            usable: (peer) => !verified.flagged(peer) && registry.get(peer)?.state === 'serving',
+            // A node the integrity check quarantined (or is hearing) gets no leases.
+            usable: (peer) =>
+              !verified.flagged(peer) &&
+              registry.get(peer)?.state === 'serving' &&
+              integrity?.standing(peer) == null,
+            integrity,
           },
         )
   registry.addEventListener('node:left', (evt) => leases?.forget(evt.detail.peerId))
@@ -273,6 +280,7 @@ export async function startRegionalHead(options: RegionalHeadOptions): Promise<R
     router,
     verified,
     integrity,
+    leases,
     groups,
     metrics: metrics.registry,
     serve,

@@ -131,6 +131,7 @@ describe('the PostgreSQL store', () => {
     const ledgerB = new UsageLedger(b)
     ledgerA.record(entry('key_a'))
     ledgerA.record(entry('key_a', { node: `${node.slice(0, -1)}2` }))
+    await ledgerA.flush()
     const hold = {
       node,
       region: 'eu-north',
