@@ -4,6 +4,7 @@ import { writeTinyModel } from '../../daemon/engines/llamacpp/tiny-model.ts'
 import { serveInferOverMesh } from '../../daemon/infer-handler.ts'
 import type { NodeDaemon } from '../../daemon/node-daemon.ts'
 import { type Federation, startFederation } from '../../federation/gateway.ts'
+import type { IntegritySample } from '../../openai/integrity.ts'
 import { mixedRequest, startRandomTextEngine } from '../helpers/integrity-cheats.ts'
 import { dialAddr, TestMesh } from '../helpers/mesh.ts'
 import { startTestRegion, type TestRegion, tinyPolicy } from '../helpers/region.ts'
@@ -30,6 +31,8 @@ describe('result integrity on the direct path (slow)', () => {
   let cheat = ''
   const paths = new Map<string, number>()
   const servedBy = new Map<string, number>()
+  /** x-request-id of the answers that came straight from a node. */
+  const directIds = new Set<string>()
 
   async function viaHead(i: number): Promise<void> {
     const { path, body } = mixedRequest(i, model)
@@ -53,6 +56,7 @@ describe('result integrity on the direct path (slow)', () => {
     await res.arrayBuffer()
     const path_ = res.headers.get('x-garage-path') ?? 'none'
     paths.set(path_, (paths.get(path_) ?? 0) + 1)
+    if (path_ === 'direct') directIds.add(res.headers.get('x-request-id') ?? '')
     const node = res.headers.get('x-garage-node')
     if (res.status === 200 && node != null) servedBy.set(node, (servedBy.get(node) ?? 0) + 1)
   }
@@ -127,8 +131,14 @@ describe('result integrity on the direct path (slow)', () => {
 
   it('catches a cheat that serves the gateway directly, from the samples in its lease reports', async () => {
     const integrity = region.head.integrity!
-    const headSamplesBefore = region.head.integrity!.status(cheat).checks
-    expect(headSamplesBefore).toBe(0)
+    expect(integrity.status(cheat).checks).toBe(0)
+    // Every sample the head takes, from its own answers or the gateway's reports.
+    const considered: IntegritySample[] = []
+    const consider = integrity.consider.bind(integrity)
+    integrity.consider = (sample) => {
+      considered.push(sample)
+      return consider(sample)
+    }
     const sent = await traffic(viaFederation, 600, () => integrity.status(cheat).state === 'quarantined')
     console.log(
       'integrity-direct: requests',
@@ -147,6 +157,15 @@ describe('result integrity on the direct path (slow)', () => {
     expect(paths.get('direct') ?? 0).toBeGreaterThan(paths.get('head') ?? 0)
     expect(federation.direct!.counts.samples).toBeGreaterThan(0)
     expect(servedBy.get(cheat) ?? 0).toBeGreaterThan(0)
+    // The cheat's checks came from answers the head never saw: the gateway's samples of direct ones.
+    const fromGateway = considered.filter((s) => s.node === cheat && directIds.has(s.requestId)).length
+    console.log(
+      'integrity-direct: cheat samples from the gateway',
+      fromGateway,
+      'in all',
+      considered.filter((s) => s.node === cheat).length,
+    )
+    expect(fromGateway).toBeGreaterThanOrEqual(integrity.status(cheat).fails)
     for (const n of honest) expect(integrity.status(n.peerId!).fails).toBe(0)
 
     // Quarantined: the head leases it no more; the gateway's leases on it lapse at their renewal,
