@@ -6,7 +6,15 @@ import { formatDuration } from './report.ts'
  */
 
 /** Every benchmark `npm run bench` knows, in the order it runs them. */
-export const benchNames = ['mesh', 'engine', 'mesh-proxy', 'gateway', 'footprint', 'scale'] as const
+export const benchNames = [
+  'mesh',
+  'engine',
+  'mesh-proxy',
+  'gateway',
+  'footprint',
+  'scale',
+  'integrity',
+] as const
 
 const descriptions: Record<string, string> = {
   mesh: "Time from a node's start to its chosen region, 100 nodes joining a two-region mesh on loopback.",
@@ -39,6 +47,30 @@ export interface Goal {
 const engineSays = '`ratio` (HTTP engine over node-llama-cpp called in-process) ≥ 0.9 at every concurrency'
 
 export const goals: readonly Goal[] = [
+  {
+    bench: 'integrity',
+    metric: 'requests_to_quarantine_max',
+    op: '<=',
+    threshold: 100,
+    issue: 19,
+    says: '`requests_to_quarantine_max` ≤ 100 at the default sampling rate (median over simulated cheat nodes, per kind)',
+  },
+  {
+    bench: 'integrity',
+    metric: 'false_positives_per_10k',
+    op: '<=',
+    threshold: 0,
+    issue: 19,
+    says: '`false_positives_per_10k` = 0 (honest nodes quarantined per 10,000 of their requests)',
+  },
+  {
+    bench: 'integrity',
+    metric: 'verification_cost_ratio',
+    op: '<=',
+    threshold: 0.05,
+    issue: 19,
+    says: "`verification_cost_ratio` ≤ 0.05 (the scoring pass's wall-clock over the generation's, per checked answer)",
+  },
   {
     bench: 'mesh',
     metric: 'discovery_ms_p50',

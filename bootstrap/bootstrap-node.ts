@@ -14,7 +14,7 @@ import { allRegionsKey, regionKey } from '../mesh/dht-keys.ts'
 import { loadOrCreateIdentity } from '../mesh/identity.ts'
 import { createMeshNode, type MeshNode, type RelayServerLimits } from '../mesh/node.ts'
 import { KAD_PROTOCOL } from '../mesh/protocols.ts'
-import { handleRegionProtocol } from '../mesh/region-protocol.ts'
+import { handleRegionProtocol, type RegionStatusSummary } from '../mesh/region-protocol.ts'
 import { type OpsServer, startOpsServer } from './http.ts'
 
 export class BootstrapCertificateError extends GarageError {}
@@ -59,6 +59,8 @@ export interface BootstrapNode {
   reloadCertificate(): Promise<RegionCertificate>
   /** Announce the region now; resolves when the provider records are stored. */
   announce(): Promise<void>
+  /** What the region protocol says of the region beside the certificate (the head sets it). */
+  setRegionStatus(status: (() => RegionStatusSummary) | null): void
   stop(): Promise<void>
 }
 
@@ -190,7 +192,9 @@ export async function startBootstrap(options: BootstrapOptions): Promise<Bootstr
     },
   })
 
+  let regionStatus: (() => RegionStatusSummary) | null = null
   await handleRegionProtocol(node, {
+    status: () => regionStatus?.() ?? null,
     certificate: () => {
       regionRequests.inc({ outcome: 'served' })
       return current.bytes
@@ -281,6 +285,9 @@ export async function startBootstrap(options: BootstrapOptions): Promise<Bootstr
       return current.cert
     },
     announce,
+    setRegionStatus(status) {
+      regionStatus = status
+    },
     async stop() {
       if (stopping) return
       stopping = true

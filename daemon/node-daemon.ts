@@ -228,6 +228,7 @@ export class NodeDaemon extends TypedEventEmitter<NodeDaemonEvents> implements C
         model: () => this.membership?.assignment?.model ?? '',
         nvidia: () => this.hardware?.nvidia.status === 'ok',
         ray: () => this.engine.rayState,
+        integrityChanged: () => this.safeDispatchEvent('state', { detail: this.status() }),
         send: async (report, onVerified) => {
           const head = this.membership?.headPeerId()
           if (this.node == null || head == null) return 'ok'
@@ -329,6 +330,7 @@ export class NodeDaemon extends TypedEventEmitter<NodeDaemonEvents> implements C
       tokensPerSecond: this.telemetry.tokensPerSecond,
       tokensToday: this.telemetry.tokensToday(),
       creditsToday: this.telemetry.creditsToday(),
+      integrity: this.telemetry.integrity(),
       uptimeSeconds: Math.round((Date.now() - this.startedAt) / 1000),
     }
   }

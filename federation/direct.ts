@@ -1,4 +1,5 @@
 import { multiaddr } from '@multiformats/multiaddr'
+import { encodeCanonical } from '../core/cbor.ts'
 import type { Logger } from '../core/logger.ts'
 import {
   InferConnectError,
@@ -8,12 +9,19 @@ import {
   type InferResponse,
   sendInferRequest,
 } from '../mesh/infer-protocol.ts'
-import type { Lease, LeaseDone, LeaseInflight } from '../mesh/lease-protocol.ts'
-import { requestLeases } from '../mesh/lease-protocol.ts'
+import type { Lease, LeaseDone, LeaseInflight, LeaseRequest } from '../mesh/lease-protocol.ts'
+import { encodeLeaseRequest, requestLeases } from '../mesh/lease-protocol.ts'
 import type { MeshNode } from '../mesh/node.ts'
 import { PeerIdCache } from '../mesh/peer-ids.ts'
-import { leaseMaxRecords, leaseReportIntervalMs } from '../mesh/protocols.ts'
+import {
+  leaseMaxRecords,
+  leaseMaxSamples,
+  leaseReportIntervalMs,
+  leaseRequestMaxBytes,
+} from '../mesh/protocols.ts'
 import { ticketHeader } from '../mesh/ticket.ts'
+import type { ProxiedKind } from '../openai/endpoints.ts'
+import { AnswerCapture, buildSample, type IntegritySample, sampleDecision } from '../openai/integrity.ts'
 import { RegionalRouter, type RequestTicket } from '../routing/node-router.ts'
 
 /**
@@ -31,6 +39,10 @@ const fallbackStatuses: ReadonlySet<number> = new Set([429, 500, 502, 503, 504])
 const directConnectTimeoutMs = 3_000
 /** A model nobody asked for in this long stops being leased. */
 const modelIdleMs = 60_000
+/** Integrity samples waiting for a report (the head unreachable): past it the oldest go. */
+const maxQueuedSamples = 4 * leaseMaxSamples
+/** Room a report keeps for the samples list's own framing (its key and length). */
+const samplesFramingBytes = 16
 
 export interface DirectPathInit {
   logger: Logger
@@ -52,6 +64,12 @@ export interface DirectAttempt {
   budget: number
   ticket: RequestTicket
   firstByteAt: number | null
+  /** The share of the node's answers the head wants checked (its lease's rate; 0 when none). */
+  rate: number
+  /** The answer's status (a sample is taken from a whole 200 answer only). */
+  status: number
+  /** The answer is sampled for the head's integrity check: what the sample needs, and its text. */
+  sampled: { capture: AnswerCapture; init: Omit<IntegritySample, 'v' | 'output' | 'at'> } | null
 }
 
 interface RegionLeases {
@@ -61,6 +79,8 @@ interface RegionLeases {
   /** model → when it was last asked for. */
   wanted: Map<string, number>
   done: LeaseDone[]
+  /** Sampled answers for the head's integrity check, with their encoded size, oldest first. */
+  samples: Array<{ sample: IntegritySample; bytes: number }>
   inflight: Map<string, { requests: number; budget: number }>
   /** A report is on its way; `settled` resolves when it is done. */
   busy: boolean
@@ -80,7 +100,7 @@ export class DirectPath {
   readonly #intervalMs: number
   #timer: ReturnType<typeof setInterval> | null = null
   /** Requests sent straight to nodes, and those that fell back to the head. */
-  readonly counts = { direct: 0, fallback: 0, dropped: 0 }
+  readonly counts = { direct: 0, fallback: 0, dropped: 0, samples: 0, samplesDropped: 0 }
 
   constructor(init: DirectPathInit, components: DirectPathComponents) {
     this.#init = init
@@ -142,7 +162,16 @@ export class DirectPath {
     }
     const lease = r.leases.get(nodeId)!
     const ticket = r.router.begin(nodeId)
-    const attempt: DirectAttempt = { region, node: nodeId, budget, ticket, firstByteAt: null }
+    const attempt: DirectAttempt = {
+      region,
+      node: nodeId,
+      budget,
+      ticket,
+      firstByteAt: null,
+      rate: lease.rate ?? 0,
+      status: 0,
+      sampled: null,
+    }
     this.#inflight(r, nodeId, 1, budget)
     let response: InferResponse
     try {
@@ -177,10 +206,37 @@ export class DirectPath {
       return null
     }
     this.counts.direct++
+    attempt.status = response.status
     // What the node says of itself never names who served: the gateway knows, from the lease.
     const headers = response.headers.filter(([k]) => !k.toLowerCase().startsWith('x-garage-'))
     headers.push(['x-garage-node', nodeId])
     return { response: { ...response, headers }, attempt }
+  }
+
+  /**
+   * Whether to check this answer, at the rate the node's head put in its lease (decided before it
+   * is relayed): a capture to feed as it passes, or null. The head sees no direct answer, so the
+   * gateway samples them for it and ships the samples in its next report.
+   */
+  capture(
+    attempt: DirectAttempt,
+    call: { kind: ProxiedKind; model: string; body: Record<string, unknown>; requestId: string },
+  ): AnswerCapture | null {
+    if (call.kind !== 'chat' && call.kind !== 'completion') return null
+    if (!sampleDecision(call.kind, call.body, attempt.rate)) return null
+    const capture = new AnswerCapture()
+    attempt.sampled = {
+      capture,
+      init: {
+        model: call.model,
+        node: attempt.node,
+        operator: attempt.node,
+        endpoint: call.kind,
+        request: call.body,
+        requestId: call.requestId,
+      },
+    }
+    return capture
   }
 
   /** The attempt's answer began reaching the client. */
@@ -206,6 +262,57 @@ export class DirectPath {
       decodeMs: attempt.firstByteAt == null ? 0 : performance.now() - attempt.firstByteAt,
       unseen: ok ? 0 : Math.max(0, attempt.budget - completionTokens),
     })
+    if (ok && attempt.status === 200) this.#sample(r, attempt)
+  }
+
+  /** A sampled answer that came whole: its sample waits for the next report. */
+  #sample(r: RegionLeases, attempt: DirectAttempt): void {
+    const sampled = attempt.sampled
+    attempt.sampled = null
+    const output = sampled?.capture.output()
+    if (sampled == null || output == null) return
+    const sample = buildSample({ ...sampled.init, output, at: Date.now() })
+    if (sample == null) return
+    let bytes: number
+    try {
+      bytes = encodeCanonical(sample).byteLength
+    } catch {
+      return
+    }
+    if (r.samples.length >= maxQueuedSamples) {
+      r.samples.shift()
+      this.counts.samplesDropped++
+    }
+    r.samples.push({ sample, bytes })
+  }
+
+  /**
+   * The samples that go with a report: the oldest that fit, at most leaseMaxSamples, within
+   * leaseRequestMaxBytes beside the records (which are never left out for them). A sample too big
+   * to ever fit beside an empty report is dropped; the others wait for the next report.
+   */
+  #samplesFor(r: RegionLeases, request: LeaseRequest): Array<{ sample: IntegritySample; bytes: number }> {
+    if (r.samples.length === 0) return []
+    const room = leaseRequestMaxBytes - encodeLeaseRequest(request).byteLength - samplesFramingBytes
+    const emptyRoom =
+      leaseRequestMaxBytes -
+      encodeLeaseRequest({ models: [], done: [], inflight: [] }).byteLength -
+      samplesFramingBytes
+    const taken: Array<{ sample: IntegritySample; bytes: number }> = []
+    const kept: Array<{ sample: IntegritySample; bytes: number }> = []
+    let used = 0
+    for (const s of r.samples) {
+      if (s.bytes > emptyRoom) {
+        this.counts.samplesDropped++
+        continue
+      }
+      if (taken.length < leaseMaxSamples && used + s.bytes <= room) {
+        taken.push(s)
+        used += s.bytes
+      } else kept.push(s)
+    }
+    r.samples = kept
+    return taken
   }
 
   /** Leased nodes per region (for /health). */
@@ -233,6 +340,7 @@ export class DirectPath {
         leases: new Map(),
         wanted: new Map(),
         done: [],
+        samples: [],
         inflight: new Map(),
         busy: false,
         settled: Promise.resolve(),
@@ -302,7 +410,15 @@ export class DirectPath {
       const renew = [...r.leases.values()].some((l) => l.exp - now < l.ttlHalf)
       // While it holds leases the gateway reports at every tick, empty or not: the head checks its
       // nodes' claims once two reports after them are in.
-      if (r.leases.size === 0 && r.done.length === 0 && r.inflight.size === 0 && !r.urgent && !renew) continue
+      if (
+        r.leases.size === 0 &&
+        r.done.length === 0 &&
+        r.samples.length === 0 &&
+        r.inflight.size === 0 &&
+        !r.urgent &&
+        !renew
+      )
+        continue
       void this.#report(region).catch(() => {})
     }
   }
@@ -322,18 +438,23 @@ export class DirectPath {
     const now = performance.now()
     const renew = r.urgent || [...r.leases.values()].some((l) => l.exp - now < l.ttlHalf)
     r.urgent = false
+    const request: LeaseRequest = { models: renew ? [...r.wanted.keys()].slice(0, 64) : [], done, inflight }
+    const samples = this.#samplesFor(r, request)
     try {
       const grant = await requestLeases(this.#c.node, this.#peerIds.get(r.head), {
-        models: renew ? [...r.wanted.keys()].slice(0, 64) : [],
-        done,
-        inflight,
+        ...request,
+        ...(samples.length > 0
+          ? { samples: samples.map((s) => s.sample as unknown as Record<string, unknown>) }
+          : {}),
       })
+      this.counts.samples += samples.length
       r.failures = 0
       r.nextAt = 0
       if (renew) await this.#take(r, grant.leases, grant.ttlMs)
     } catch (err) {
       // Kept for the next report; a head that is down is asked less often.
       r.done = done.concat(r.done).slice(-leaseMaxRecords)
+      r.samples = samples.concat(r.samples).slice(-maxQueuedSamples)
       r.failures++
       r.nextAt = performance.now() + Math.min(5_000, this.#intervalMs * 2 ** r.failures)
       if (renew) r.urgent = true

@@ -102,6 +102,13 @@ export async function startFederation(options: FederationOptions): Promise<Feder
   for (const type of ['region:updated', 'region:unreachable', 'region:added', 'region:removed'] as const) {
     directory.addEventListener(type, sync)
   }
+  // A head's quarantines (docs/integrity.md): the ledger holds those nodes' unverified credits.
+  directory.addEventListener('region:updated', (evt) => {
+    if (evt.detail.held.length === 0) return
+    ledger.recordHolds(evt.detail.region, evt.detail.held).catch((err: unknown) => {
+      log.error({ err, region: evt.detail.region }, 'could not record credit holds')
+    })
+  })
 
   const metrics = federationMetrics(directory)
   const firstByteTimeoutMs = options.firstByteTimeoutMs ?? defaultFirstByteTimeoutMs

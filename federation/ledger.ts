@@ -3,17 +3,18 @@ import { setTimeout as sleep } from 'node:timers/promises'
 import { GarageError } from '../core/errors.ts'
 import { type Logger, silentLogger } from '../core/logger.ts'
 import type {
+  CreditHold,
   CreditSum,
   FederationStore,
   KeyUsage,
   LedgerBatch,
   LedgerFilter,
   LedgerTotals,
-  NodeCredit,
+  NodeCredit as StoredNodeCredit,
   UsageSum,
 } from './store.ts'
 
-export type { KeyUsage, LedgerTotals, NodeCredit } from './store.ts'
+export type { CreditHold, KeyUsage, LedgerTotals } from './store.ts'
 
 /**
  * How long a record may wait in memory before it is written. 0: at the end of the event-loop turn
@@ -72,6 +73,12 @@ export interface LedgerRange {
   until?: Date | string
 }
 
+/** A node's credits, with its latest hold in the region when a head quarantined it. */
+export interface NodeCredit extends StoredNodeCredit {
+  /** The node's latest hold in this region, when a head quarantined it: why, since when, how much. */
+  held: { since: string; reason: string; tokens: number } | null
+}
+
 export interface UsageLedgerOptions {
   now?: () => number
   flushIntervalMs?: number
@@ -126,7 +133,10 @@ function sortedSums<T extends object>(sums: Iterable<T>, key: (t: T) => string):
  * added to, never replaced, so several gateway processes can share the store.
  */
 export class UsageLedger {
-  private readonly store: Pick<FederationStore, 'writeLedger' | 'usageByKey' | 'creditsByNode' | 'totals'>
+  private readonly store: Pick<
+    FederationStore,
+    'writeLedger' | 'usageByKey' | 'creditsByNode' | 'totals' | 'recordHolds' | 'holds'
+  >
   private readonly now: () => number
   private readonly flushIntervalMs: number
   private readonly retryIntervalMs: number
@@ -146,7 +156,10 @@ export class UsageLedger {
   private dayStartMs = Number.NaN
 
   constructor(
-    store: Pick<FederationStore, 'writeLedger' | 'usageByKey' | 'creditsByNode' | 'totals'>,
+    store: Pick<
+      FederationStore,
+      'writeLedger' | 'usageByKey' | 'creditsByNode' | 'totals' | 'recordHolds' | 'holds'
+    >,
     options: UsageLedgerOptions = {},
   ) {
     this.store = store
@@ -305,11 +318,35 @@ export class UsageLedger {
     return this.store.usageByKey({ ...filter, ...(query.keyId != null ? { keyId: query.keyId } : {}) })
   }
 
-  /** Credits per node, region and model over the range (pending records included). */
+  /** Records the holds a region's head reports now (again and again: each is kept once, updated). */
+  async recordHolds(region: string, holds: readonly CreditHold[], now = Date.now()): Promise<void> {
+    await this.store.recordHolds(region, holds, now)
+  }
+
+  /** Every hold recorded, newest first (for one node when given). */
+  async holds(query: { node?: string } = {}): Promise<CreditHold[]> {
+    return this.store.holds(query)
+  }
+
+  /** Credits per node, region and model over the range (pending records included), with any hold. */
   async creditsByNode(query: LedgerRange & { node?: string } = {}): Promise<NodeCredit[]> {
     const filter = filterOf(query)
     await this.flush()
-    return this.store.creditsByNode({ ...filter, ...(query.node != null ? { node: query.node } : {}) })
+    const credits = await this.store.creditsByNode({
+      ...filter,
+      ...(query.node != null ? { node: query.node } : {}),
+    })
+    const latest = new Map<string, CreditHold>()
+    for (const h of await this.holds(query.node != null ? { node: query.node } : {}))
+      if (!latest.has(`${h.node}\u0000${h.region}`)) latest.set(`${h.node}\u0000${h.region}`, h)
+    return credits.map((c) => {
+      const h = latest.get(`${c.node}\u0000${c.region}`)
+      return {
+        ...c,
+        held:
+          h == null ? null : { since: new Date(h.since).toISOString(), reason: h.reason, tokens: h.tokens },
+      }
+    })
   }
 
   /** Everything over the range: what keys used and what nodes were credited. */

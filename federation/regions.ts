@@ -24,6 +24,7 @@ import { type DiscoveredHead, parseAuthority, RegionDiscovery } from '../mesh/di
 import { sendInferRequest } from '../mesh/infer-protocol.ts'
 import type { MeshNode } from '../mesh/node.ts'
 import type { RegionModelLoad, RoutableRegion } from '../routing/region-router.ts'
+import type { CreditHold } from './ledger.ts'
 
 export const defaultRefreshIntervalMs = 3_000
 export const defaultDiscoveryIntervalMs = 30_000
@@ -49,6 +50,8 @@ export class RegionStatusTimeoutError extends GarageError {}
 
 /** What one region reports for one model it serves. */
 export interface RegionStatus extends RoutableRegion {
+  /** Nodes the head quarantined (docs/integrity.md), their unverified credits to hold. */
+  held: CreditHold[]
   /** Certificate expiry of the head, ms since the epoch. */
   expiresAt: number | null
   /** Last successful status answer, ms since the epoch (directory clock); null before the first. */
@@ -175,6 +178,30 @@ export function parseRegionModels(body: unknown, region: string): Map<string, Re
     models.set(id, { nodes, capacityTokensPerSecond, inflight, slots })
   }
   return models
+}
+
+/** The most holds one status answer may carry (a region quarantining more is under attack). */
+const statusMaxHolds = 1024
+
+/**
+ * The quarantined nodes a head lists beside its models (`garage.held`, docs/integrity.md), for the
+ * ledger. Entries that do not parse are ignored; none when the head sends none (an older head).
+ */
+export function parseRegionHolds(body: unknown, region: string): CreditHold[] {
+  if (!isPlainObject(body) || !isPlainObject(body.garage) || body.garage.region !== region) return []
+  const held = body.garage.held
+  if (!Array.isArray(held)) return []
+  const out: CreditHold[] = []
+  for (const h of held.slice(0, statusMaxHolds)) {
+    if (!isPlainObject(h)) continue
+    const { node, since, reason, tokens } = h
+    if (typeof node !== 'string' || node.length === 0 || node.length > 128) continue
+    if (typeof reason !== 'string' || reason.length > 1024) continue
+    const whole = (x: unknown): x is number => Number.isSafeInteger(x) && (x as number) >= 0
+    if (!whole(since) || !whole(tokens)) continue
+    out.push({ node, region, since, reason, tokens })
+  }
+  return out
 }
 
 function isCount(value: unknown): value is number {
@@ -390,6 +417,7 @@ export class RegionDirectory extends TypedEventEmitter<RegionDirectoryEvents> {
         rttMs: head.rttMs,
         expiresAt: head.expiresAt?.getTime() ?? null,
         models: new Map(),
+        held: [],
         updatedAt: null,
         reachable: false,
         error: null,
@@ -407,8 +435,9 @@ export class RegionDirectory extends TypedEventEmitter<RegionDirectoryEvents> {
 
   async #ask(entry: RegionStatus, outer: AbortSignal | undefined): Promise<void> {
     let models: Map<string, RegionModelLoad>
+    let held: CreditHold[]
     try {
-      models = await this.#fetchModels(entry, outer)
+      ;({ models, held } = await this.#fetchModels(entry, outer))
     } catch (err) {
       if (outer?.aborted) return
       const current = this.#entries.get(entry.region)
@@ -433,7 +462,14 @@ export class RegionDirectory extends TypedEventEmitter<RegionDirectoryEvents> {
     const current = this.#entries.get(entry.region)
     if (current == null || current.head !== entry.head) return
     if (!current.reachable) this.#log.info({ region: entry.region }, 'region reachable')
-    const next: RegionStatus = { ...current, models, updatedAt: this.#now(), reachable: true, error: null }
+    const next: RegionStatus = {
+      ...current,
+      models,
+      held,
+      updatedAt: this.#now(),
+      reachable: true,
+      error: null,
+    }
     this.#entries.set(entry.region, next)
     this.#emit('region:updated', next)
   }
@@ -441,7 +477,7 @@ export class RegionDirectory extends TypedEventEmitter<RegionDirectoryEvents> {
   async #fetchModels(
     entry: RegionStatus,
     outer: AbortSignal | undefined,
-  ): Promise<Map<string, RegionModelLoad>> {
+  ): Promise<{ models: Map<string, RegionModelLoad>; held: CreditHold[] }> {
     const timeout = AbortSignal.timeout(this.#statusTimeoutMs)
     const signal = outer != null ? AbortSignal.any([timeout, outer]) : timeout
     try {
@@ -484,7 +520,7 @@ export class RegionDirectory extends TypedEventEmitter<RegionDirectoryEvents> {
           'REGION_STATUS',
         )
       }
-      return parseRegionModels(body, entry.region)
+      return { models: parseRegionModels(body, entry.region), held: parseRegionHolds(body, entry.region) }
     } catch (err) {
       if (timeout.aborted && outer?.aborted !== true) {
         throw new RegionStatusTimeoutError(

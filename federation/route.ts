@@ -4,6 +4,8 @@ import type { Logger } from '../core/logger.ts'
 import { type InferResponse, sendInferRequest } from '../mesh/infer-protocol.ts'
 import type { MeshNode } from '../mesh/node.ts'
 import { PeerIdCache } from '../mesh/peer-ids.ts'
+import { proxiedKind } from '../openai/endpoints.ts'
+import type { AnswerCapture } from '../openai/integrity.ts'
 import { type ProxyCall, type ProxyRoute, type ProxyTicket, proxyRequest, readText } from '../openai/proxy.ts'
 import type { RelayOutcome } from '../openai/relay.ts'
 import { tokenBudget } from '../openai/usage.ts'
@@ -159,6 +161,21 @@ export class RegionRoute implements ProxyRoute<FederationCall> {
       ...(servedBy !== '' ? { 'x-garage-node': servedBy } : {}),
       ...(shares !== '' ? { 'x-garage-node-shares': shares } : {}),
     }
+  }
+
+  /**
+   * A direct answer is sampled for the head's integrity check at its lease's rate (the head never
+   * sees it); an answer through the head is the head's to sample.
+   */
+  capture(call: FederationCall): AnswerCapture | null {
+    const kind = proxiedKind(call.path)
+    if (call.direct == null || kind == null || this.#c.direct == null) return null
+    return this.#c.direct.capture(call.direct, {
+      kind,
+      model: call.model,
+      body: call.prepared.body,
+      requestId: call.requestId,
+    })
   }
 
   answering(call: FederationCall, region: string): void {

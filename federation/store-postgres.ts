@@ -11,6 +11,7 @@ import {
   type RateLimitedKey,
 } from './rate-limit.ts'
 import {
+  type CreditHold,
   type FederationStore,
   FederationStoreError,
   FederationStoreUnavailableError,
@@ -241,6 +242,18 @@ export const postgresMigrations: readonly string[] = [
     DELETE FROM rate_slots WHERE expires_at <= v_now_ms;
     DELETE FROM ledger_batches WHERE written_at < now() - interval '24 hours';
   END $$;
+  `,
+  // A head quarantined a node (docs/integrity.md): the credits it had not yet had verified are held.
+  `
+  CREATE TABLE node_credit_holds (
+    node        TEXT NOT NULL,
+    region      TEXT NOT NULL,
+    since       BIGINT NOT NULL,
+    reason      TEXT NOT NULL,
+    tokens      BIGINT NOT NULL,
+    seen_at     BIGINT NOT NULL,
+    PRIMARY KEY (node, region, since)
+  );
   `,
 ]
 
@@ -670,6 +683,46 @@ export class PostgresStore implements FederationStore {
       requests: r.requests,
       promptTokens: r.prompt_tokens,
       completionTokens: r.completion_tokens,
+    }))
+  }
+
+  async recordHolds(region: string, holds: readonly CreditHold[], at: number): Promise<void> {
+    if (holds.length === 0) return
+    // One statement for every hold: atomic without a transaction of its own.
+    await this.query(
+      `INSERT INTO node_credit_holds (node, region, since, reason, tokens, seen_at)
+       SELECT h.node, $1, h.since, h.reason, h.tokens, $2
+       FROM unnest($3::TEXT[], $4::BIGINT[], $5::TEXT[], $6::BIGINT[]) AS h(node, since, reason, tokens)
+       ON CONFLICT (node, region, since) DO UPDATE SET reason = excluded.reason, tokens = excluded.tokens, seen_at = excluded.seen_at`,
+      [
+        region,
+        at,
+        holds.map((h) => h.node),
+        holds.map((h) => h.since),
+        holds.map((h) => h.reason),
+        holds.map((h) => h.tokens),
+      ],
+    )
+  }
+
+  async holds(filter: { node?: string }): Promise<CreditHold[]> {
+    const { rows } = await this.query<{
+      node: string
+      region: string
+      since: number
+      reason: string
+      tokens: number
+    }>(
+      `SELECT node, region, since, reason, tokens FROM node_credit_holds
+       ${filter.node != null ? 'WHERE node = $1' : ''} ORDER BY since DESC, node, region`,
+      filter.node != null ? [filter.node] : [],
+    )
+    return rows.map((r) => ({
+      node: r.node,
+      region: r.region,
+      since: r.since,
+      reason: r.reason,
+      tokens: r.tokens,
     }))
   }
 

@@ -3,6 +3,7 @@ import { DatabaseSync, type SQLInputValue, type SQLOutputValue, type StatementSy
 import { GarageError } from '../core/errors.ts'
 import { type KeyLimiter, RateLimiter } from './rate-limit.ts'
 import {
+  type CreditHold,
   type CreditSum,
   type FederationStore,
   FederationStoreError,
@@ -68,6 +69,18 @@ export const migrations: readonly string[] = [
   // Nodes are credited for the prompt tokens they processed too (an embedding node serves nothing else).
   `
   ALTER TABLE node_credits_daily ADD COLUMN prompt_tokens INTEGER NOT NULL DEFAULT 0;
+  `,
+  // A head quarantined a node (docs/integrity.md): the credits it had not yet had verified are held.
+  `
+  CREATE TABLE node_credit_holds (
+    node        TEXT NOT NULL,
+    region      TEXT NOT NULL,
+    since       INTEGER NOT NULL,
+    reason      TEXT NOT NULL,
+    tokens      INTEGER NOT NULL,
+    seen_at     INTEGER NOT NULL,
+    PRIMARY KEY (node, region, since)
+  ) STRICT, WITHOUT ROWID;
   `,
 ]
 
@@ -354,6 +367,32 @@ export class SqliteStore implements FederationStore {
         requests: num(r.requests),
         promptTokens: num(r.prompt_tokens),
         completionTokens: num(r.completion_tokens),
+      }))
+  }
+
+  async recordHolds(region: string, holds: readonly CreditHold[], at: number): Promise<void> {
+    const upsert = this.db.prepare(
+      `INSERT INTO node_credit_holds (node, region, since, reason, tokens, seen_at) VALUES (?, ?, ?, ?, ?, ?)
+       ON CONFLICT (node, region, since) DO UPDATE SET reason = excluded.reason, tokens = excluded.tokens, seen_at = excluded.seen_at`,
+    )
+    inTransaction(this.db, () => {
+      for (const h of holds) upsert.run(h.node, region, h.since, h.reason, h.tokens, at)
+    })
+  }
+
+  async holds(filter: { node?: string }): Promise<CreditHold[]> {
+    return this.db
+      .prepare(
+        `SELECT node, region, since, reason, tokens FROM node_credit_holds
+         ${filter.node != null ? 'WHERE node = ?' : ''} ORDER BY since DESC, node, region`,
+      )
+      .all(...(filter.node != null ? [filter.node] : []))
+      .map((r) => ({
+        node: String(r.node),
+        region: String(r.region),
+        since: num(r.since),
+        reason: String(r.reason),
+        tokens: num(r.tokens),
       }))
   }
 

@@ -117,6 +117,17 @@ export interface NodeCredit {
   completionTokens: number
 }
 
+/** A quarantine a head reported (docs/integrity.md): the node's credits not yet verified are held. */
+export interface CreditHold {
+  node: string
+  region: string
+  /** When the head quarantined the node (ms since the epoch). */
+  since: number
+  reason: string
+  /** Completion tokens credited since the node's last passed check, held back. */
+  tokens: number
+}
+
 export interface LedgerTotals {
   requests: number
   promptTokens: number
@@ -164,6 +175,10 @@ export interface FederationStore {
   usageByKey(filter: LedgerFilter): Promise<KeyUsage[]>
   creditsByNode(filter: LedgerFilter): Promise<NodeCredit[]>
   totals(filter: LedgerFilter): Promise<LedgerTotals>
+  /** Records the holds a region's head reports (each kept once per node, region and since; updated). */
+  recordHolds(region: string, holds: readonly CreditHold[], at: number): Promise<void>
+  /** Every hold recorded, newest first (for one node when given). */
+  holds(filter: { node?: string }): Promise<CreditHold[]>
 
   /** The per-key limiter that matches the store: in memory beside SQLite, shared through PostgreSQL. */
   createLimiter(options?: LimiterOptions): KeyLimiter

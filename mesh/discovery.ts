@@ -10,7 +10,7 @@ import {
 } from './certificate.ts'
 import { allRegionsKey, regionKey } from './dht-keys.ts'
 import type { MeshNode } from './node.ts'
-import { fetchRegionCertificate } from './region-protocol.ts'
+import { fetchRegionInfo, type RegionStatusSummary } from './region-protocol.ts'
 
 /** One head found in the DHT, valid or not, with why. */
 export interface DiscoveredHead {
@@ -25,6 +25,8 @@ export interface DiscoveredHead {
   /** Named error when invalid: RegionCertificateExpiredError, HeadUnreachableError, ... */
   reason: { name: string; message: string } | null
   certificate: RegionCertificate | null
+  /** What the head says of its region (nodes, quarantined ones); null when it says nothing. */
+  status: RegionStatusSummary | null
 }
 
 export interface RegionDiscoveryEvents {
@@ -297,10 +299,13 @@ export class RegionDiscovery extends TypedEventEmitter<RegionDiscoveryEvents> {
       valid: false,
       reason: null,
       certificate: null,
+      status: null,
     }
     let bytes: Uint8Array
     try {
-      bytes = await fetchRegionCertificate(this.node, peer, { signal })
+      const info = await fetchRegionInfo(this.node, peer, { signal })
+      bytes = info.cert
+      head.status = info.status
     } catch (err) {
       const e = new HeadUnreachableError(
         `cannot fetch certificate from ${head.peerId}: ${(err as Error).message}`,

@@ -10,6 +10,7 @@ import {
   leaseMaxModels,
   leaseMaxOutboundStreams,
   leaseMaxRecords,
+  leaseMaxSamples,
   leaseRequestMaxBytes,
   leaseResponseMaxBytes,
 } from './protocols.ts'
@@ -53,6 +54,12 @@ export interface LeaseRequest {
   models: string[]
   done: LeaseDone[]
   inflight: LeaseInflight[]
+  /**
+   * Answers the holder sampled for the head's integrity check (openai/integrity.ts's
+   * IntegritySample, checked by the head with parseSample): at most leaseMaxSamples, and only as
+   * many as fit in leaseRequestMaxBytes beside the records (optional; absent when none).
+   */
+  samples?: Record<string, unknown>[]
 }
 
 export interface Lease {
@@ -62,6 +69,11 @@ export interface Lease {
   ticket: string
   /** Where the holder may dial the node (its direct and relayed addresses as the head knows them). */
   addrs: string[]
+  /**
+   * The share of the node's answers the holder samples for the head's integrity check, 0-1
+   * (docs/integrity.md); absent when the head checks nothing (the holder then samples nothing).
+   */
+  rate?: number
 }
 
 export interface LeaseGrant {
@@ -95,13 +107,22 @@ function list(v: unknown, what: string, max: number): unknown[] {
 }
 
 export function parseLeaseRequest(value: unknown): LeaseRequest {
+  const keys = isPlainObject(value) ? Object.keys(value).sort().join(',') : ''
   if (
     !isPlainObject(value) ||
     value.v !== 1 ||
-    Object.keys(value).sort().join(',') !== 'done,inflight,models,v'
+    (keys !== 'done,inflight,models,v' && keys !== 'done,inflight,models,samples,v')
   )
-    bad('a lease request is { v: 1, models, done, inflight }')
+    bad('a lease request is { v: 1, models, done, inflight [, samples] }')
+  const samples =
+    value.samples === undefined
+      ? null
+      : list(value.samples, 'samples', leaseMaxSamples).map((x) => {
+          if (!isPlainObject(x)) bad('a sample must be a map')
+          return x
+        })
   return {
+    ...(samples != null ? { samples } : {}),
     models: list(value.models, 'models', leaseMaxModels).map((m) => text(m, 'a model', maxIdChars)),
     done: list(value.done, 'done', leaseMaxRecords).map((r) => {
       const f = list(r, 'a done record', 5)
@@ -133,6 +154,7 @@ export function encodeLeaseRequest(r: LeaseRequest): Uint8Array {
     models: r.models,
     done: r.done.map((d) => [d.node, d.ok ? 1 : 0, d.completionTokens, Math.round(d.decodeMs), d.unseen]),
     inflight: r.inflight.map((i) => [i.node, i.requests, i.budget]),
+    ...(r.samples != null && r.samples.length > 0 ? { samples: r.samples } : {}),
   })
 }
 
@@ -142,11 +164,15 @@ export function parseLeaseGrant(value: unknown): LeaseGrant {
   return {
     ttlMs: uint(value.ttl, 'ttl'),
     leases: list(value.leases, 'leases', leaseMaxRecords).map((l) => {
-      const f = list(l, 'a lease', 5)
-      if (f.length !== 5) bad('a lease is [node, model, slots, ticket, addrs]')
+      const f = list(l, 'a lease', 6)
+      if (f.length !== 5 && f.length !== 6) bad('a lease is [node, model, slots, ticket, addrs [, rate]]')
       const slots = uint(f[2], 'slots')
       if (slots < 1) bad("a lease's slots must be at least 1")
+      const rate = f[5]
+      if (f.length === 6 && (typeof rate !== 'number' || !(rate >= 0 && rate <= 1)))
+        bad("a lease's rate must be a number from 0 to 1")
       return {
+        ...(f.length === 6 ? { rate: rate as number } : {}),
         node: text(f[0], 'node', maxIdChars),
         model: text(f[1], 'model', maxIdChars),
         slots,
@@ -161,7 +187,14 @@ export function encodeLeaseGrant(g: LeaseGrant): Uint8Array {
   return encodeCanonical({
     v: 1,
     ttl: g.ttlMs,
-    leases: g.leases.map((l) => [l.node, l.model, l.slots, l.ticket, l.addrs.slice(0, maxAddrs)]),
+    leases: g.leases.map((l) => [
+      l.node,
+      l.model,
+      l.slots,
+      l.ticket,
+      l.addrs.slice(0, maxAddrs),
+      ...(l.rate != null ? [l.rate] : []),
+    ]),
   })
 }
 

@@ -74,6 +74,8 @@ export const inferIdleStreamsPerPeer = 64
 export const LEASE_PROTOCOL = '/garage/lease/1.0.0'
 /** Done and in-flight records per report, and leases per grant. */
 export const leaseMaxRecords = 4_096
+/** Integrity samples one lease request may carry (each up to 256 KiB, all within leaseRequestMaxBytes). */
+export const leaseMaxSamples = 16
 /** Models one lease request may ask for. */
 export const leaseMaxModels = 64
 /** 4,096 done records of ~80 bytes, with room. */

@@ -21,9 +21,19 @@ export class RegionProtocolError extends Error {
   override name = 'RegionProtocolError'
 }
 
+/** What a head says of its region beside its certificate (`garage regions` shows it). */
+export interface RegionStatusSummary {
+  /** Joined nodes. */
+  nodes: number
+  /** Nodes held back by the integrity check (quarantined or appealing: docs/integrity.md). */
+  quarantined: number
+}
+
 export interface RegionHandlerInit {
   /** The current certificate bytes (read per request so a renewed certificate is served at once). */
   certificate: () => Uint8Array
+  /** The region's numbers now, when this node runs its head (absent: none sent). */
+  status?: () => RegionStatusSummary | null
   onBadRequest?: (err: Error, peer: PeerId) => void
   /** Whole exchange; a peer that stalls is reset after this. */
   timeoutMs?: number
@@ -35,7 +45,11 @@ async function answer(stream: Stream, init: RegionHandlerInit, options: AbortOpt
   if (!isPlainObject(request) || request.v !== 1 || Object.keys(request).length !== 1) {
     throw new RegionProtocolError('region request must be the map { v: 1 }')
   }
-  await lp.write(encodeCanonical({ v: 1, cert: init.certificate() }), options)
+  const status = init.status?.() ?? null
+  await lp.write(
+    encodeCanonical({ v: 1, cert: init.certificate(), ...(status != null ? { status } : {}) }),
+    options,
+  )
   await stream.close(options)
 }
 
@@ -61,12 +75,31 @@ export async function handleRegionProtocol(node: MeshNode, init: RegionHandlerIn
   )
 }
 
+function parseStatus(value: unknown): RegionStatusSummary | null {
+  if (!isPlainObject(value)) return null
+  const { nodes, quarantined } = value
+  const count = (x: unknown): x is number => Number.isSafeInteger(x) && (x as number) >= 0
+  return count(nodes) && count(quarantined) ? { nodes, quarantined } : null
+}
+
 /** Fetches a peer's region certificate bytes (unverified: pass them to verifyRegionCertificate). */
 export async function fetchRegionCertificate(
   node: MeshNode,
   peer: PeerId,
   options: AbortOptions = {},
 ): Promise<Uint8Array> {
+  return (await fetchRegionInfo(node, peer, options)).cert
+}
+
+/**
+ * The certificate bytes (unverified) and the region's status when the head sends one (a claim of
+ * the head's, shown as such; an older head sends none).
+ */
+export async function fetchRegionInfo(
+  node: MeshNode,
+  peer: PeerId,
+  options: AbortOptions = {},
+): Promise<{ cert: Uint8Array; status: RegionStatusSummary | null }> {
   const signal = AbortSignal.any([
     AbortSignal.timeout(regionExchangeTimeoutMs),
     ...(options.signal != null ? [options.signal] : []),
@@ -80,7 +113,7 @@ export async function fetchRegionCertificate(
       throw new RegionProtocolError('region response must be the map { v: 1, cert: bytes }')
     }
     await stream.close({ signal })
-    return response.cert
+    return { cert: response.cert, status: parseStatus(response.status) }
   } catch (err) {
     stream.abort(err as Error)
     throw err

@@ -120,14 +120,40 @@ export interface TelemetryHandlerInit {
   timeoutMs?: number
 }
 
+/**
+ * The head quarantined the node (its answers failed integrity checks, docs/integrity.md) or is
+ * hearing its appeal: sent with every 'ok' while it lasts, so the gamer sees it.
+ */
+export interface IntegrityStanding {
+  state: 'quarantined' | 'appeal'
+  /** At most integrityReasonMaxLength characters. */
+  reason: string
+}
+
+export const integrityReasonMaxLength = 400
+
 /** An 'ok' answer that also carries the head's verified token count for the node. */
 export interface VerifiedAck {
   ack: 'ok'
   verified: number
+  integrity?: IntegrityStanding | null
 }
 
 function ackMessage(ack: TelemetryAck | VerifiedAck): Record<string, unknown> {
-  if (typeof ack === 'object') return { v: 1, ok: true, verified: Math.max(0, Math.floor(ack.verified)) }
+  if (typeof ack === 'object')
+    return {
+      v: 1,
+      ok: true,
+      verified: Math.max(0, Math.floor(ack.verified)),
+      ...(ack.integrity != null
+        ? {
+            integrity: {
+              state: ack.integrity.state,
+              reason: ack.integrity.reason.slice(0, integrityReasonMaxLength),
+            },
+          }
+        : {}),
+    }
   return ack === 'ok' ? { v: 1, ok: true } : { v: 1, ok: false, code: ack }
 }
 
@@ -163,28 +189,45 @@ export async function handleTelemetryProtocol(node: MeshNode, init: TelemetryHan
   )
 }
 
-function parseAck(value: unknown): { ack: TelemetryAck; verified: number | null } {
+function parseIntegrity(value: unknown): IntegrityStanding | null {
+  if (
+    isPlainObject(value) &&
+    Object.keys(value).sort().join(',') === 'reason,state' &&
+    (value.state === 'quarantined' || value.state === 'appeal') &&
+    typeof value.reason === 'string' &&
+    value.reason.length <= integrityReasonMaxLength
+  )
+    return { state: value.state, reason: value.reason }
+  return null
+}
+
+function parseAck(value: unknown): {
+  ack: TelemetryAck
+  verified: number | null
+  integrity: IntegrityStanding | null
+} {
   if (isPlainObject(value) && value.v === 1) {
     const keys = Object.keys(value).sort().join(',')
-    if (keys === 'ok,v' && value.ok === true) return { ack: 'ok', verified: null }
+    if (keys === 'ok,v' && value.ok === true) return { ack: 'ok', verified: null, integrity: null }
+    const integrity = keys === 'integrity,ok,v,verified' ? parseIntegrity(value.integrity) : null
     if (
-      keys === 'ok,v,verified' &&
+      (keys === 'ok,v,verified' || integrity != null) &&
       value.ok === true &&
       Number.isSafeInteger(value.verified) &&
       (value.verified as number) >= 0
     ) {
-      return { ack: 'ok', verified: value.verified as number }
+      return { ack: 'ok', verified: value.verified as number, integrity }
     }
     if (
       keys === 'code,ok,v' &&
       value.ok === false &&
       (value.code === 'not_joined' || value.code === 'reassign')
     ) {
-      return { ack: value.code, verified: null }
+      return { ack: value.code, verified: null, integrity: null }
     }
   }
   throw new TelemetryProtocolError(
-    'telemetry answer must be { v: 1, ok: true [, verified] } or { v: 1, ok: false, code: "not_joined" | "reassign" }',
+    'telemetry answer must be { v: 1, ok: true [, verified [, integrity]] } or { v: 1, ok: false, code: "not_joined" | "reassign" }',
   )
 }
 
@@ -200,7 +243,10 @@ export async function sendTelemetry(
   node: MeshNode,
   head: PeerId,
   report: TelemetryReport,
-  options: AbortOptions & { onVerified?: (tokens: number) => void } = {},
+  options: AbortOptions & {
+    /** The head's verified count, and the node's integrity standing (null: in good standing). */
+    onVerified?: (tokens: number, integrity: IntegrityStanding | null) => void
+  } = {},
 ): Promise<TelemetryAck> {
   const bytes = encodeCanonical(parseTelemetryReport(report))
   if (bytes.byteLength > telemetryReportMaxBytes) {
@@ -223,7 +269,7 @@ export async function sendTelemetry(
       }),
     ),
   )
-  if (answer.verified != null) options.onVerified?.(answer.verified)
+  if (answer.verified != null) options.onVerified?.(answer.verified, answer.integrity)
   return answer.ack
 }
 

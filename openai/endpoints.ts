@@ -7,6 +7,7 @@ export type GenerationKind = 'chat' | 'completion'
 
 export const modelsPath = '/v1/models'
 export const chatCompletionsPath = '/v1/chat/completions'
+export const completionsPath = '/v1/completions'
 export const embeddingsPath = '/v1/embeddings'
 export const responsesPath = '/v1/responses'
 
@@ -23,7 +24,7 @@ export function modelIdOf(path: string): string | null {
 /** POST endpoints that generate, and which kind of request each takes. */
 export const generationEndpoints: Readonly<Record<string, GenerationKind>> = Object.freeze({
   [chatCompletionsPath]: 'chat',
-  '/v1/completions': 'completion',
+  [completionsPath]: 'completion',
 })
 
 /** The generation kind a path serves, or null. */

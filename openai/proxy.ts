@@ -1,6 +1,7 @@
 import type { PeerId } from '@libp2p/interface'
 import { type ApiError, apiError, type HttpErrorCodeName } from '../core/errors.ts'
 import { InferConnectError, type InferResponse } from '../mesh/infer-protocol.ts'
+import type { AnswerCapture } from './integrity.ts'
 import { type AnswerSink, type RelayOutcome, relayAnswer } from './relay.ts'
 import type { PreparedRequest } from './request.ts'
 
@@ -60,6 +61,11 @@ export interface ProxyRoute<C extends ProxyCall = ProxyCall, A = PeerId> {
   refusal(call: C, target: string, response: InferResponse): Promise<ApiError>
   /** Headers the asker gets with the answer. */
   answerHeaders(call: C, target: string, response: InferResponse): Record<string, string>
+  /**
+   * The answer is about to be relayed: a capture when an integrity check sampled it (its text is
+   * kept as it passes), null otherwise (optional; openai/integrity.ts).
+   */
+  capture?(call: C, target: string, response: InferResponse): AnswerCapture | null
   /** The answer starts: its head arrived. */
   answering(call: C, target: string, response: InferResponse): void
   /** A streamed answer was written on: `completionTokens` relayed so far (optional). */
@@ -143,6 +149,7 @@ export async function proxyWithFailover<C extends ProxyCall, A = PeerId>(
         route.answerHeaders(call, target, response),
         ticket.firstByte,
         route.streamed != null ? (tokens) => route.streamed!(call, target, response, tokens) : undefined,
+        route.capture?.(call, target, response) ?? null,
       )
     } catch (err) {
       ticket.end(false, 0)

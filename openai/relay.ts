@@ -2,6 +2,7 @@ import type { ServerResponse } from 'node:http'
 import { type ApiError, apiError } from '../core/errors.ts'
 import { SseSplitter } from '../core/sse.ts'
 import { type InferReply, InferReplyError, type InferResponse } from '../mesh/infer-protocol.ts'
+import type { AnswerCapture } from './integrity.ts'
 import type { PreparedRequest } from './request.ts'
 import { countNonStreamed, StreamTokenCounter } from './usage.ts'
 
@@ -147,7 +148,8 @@ export interface RelayOutcome {
  * the hop added is dropped when the asker did not ask for it); a stream that breaks after its first
  * byte ends with an OpenAI-style SSE error event and [DONE]. `onDecodeStart` marks when a stream's
  * head arrived (the router times a node's speed from there); `onStreamed` follows a stream write by
- * write with the completion tokens relayed so far (never more than the outcome's).
+ * write with the completion tokens relayed so far (never more than the outcome's). `capture`, given
+ * only for answers an integrity check sampled, keeps the answer's text (openai/integrity.ts).
  */
 export async function relayAnswer(
   response: InferResponse,
@@ -156,6 +158,7 @@ export async function relayAnswer(
   headers: Record<string, string>,
   onDecodeStart: () => void = () => {},
   onStreamed: (completionTokens: number) => void = () => {},
+  capture: AnswerCapture | null = null,
 ): Promise<RelayOutcome> {
   const contentType = response.headers.find(([k]) => k.toLowerCase() === 'content-type')?.[1] ?? ''
   const out: Record<string, string> = { ...headers, 'content-type': contentType || 'application/json' }
@@ -173,6 +176,7 @@ export async function relayAnswer(
     if (response.status === 200) {
       try {
         const json = JSON.parse(text.toString('utf8')) as { usage?: { prompt_tokens?: number } }
+        capture?.feedBody(json)
         completionTokens = countNonStreamed(
           json,
           prepared.maxTokens,
@@ -205,6 +209,7 @@ export async function relayAnswer(
       let text = ''
       for (const event of splitter.push(chunk)) {
         if (counter.feed(event.data)) text += event.raw
+        capture?.feedEvent(event.data)
       }
       if (text.length > 0) {
         await sink.write(text)

@@ -136,6 +136,8 @@ export class RegionalRouter {
   readonly #random: () => number
   readonly #nodes = new Map<string, NodeRecord>()
   readonly #pools = new Map<string, Pool>()
+  /** Nodes the integrity check quarantined: never picked, kept across a leave and a rejoin. */
+  readonly #held = new Set<string>()
 
   constructor(init: RegionalRouterInit = {}) {
     this.#now = init.now ?? (() => performance.now())
@@ -195,6 +197,16 @@ export class RegionalRouter {
     return true
   }
 
+  /** Holds a node back from every pick (quarantine), or lets it serve again. */
+  hold(peerId: string, held: boolean): void {
+    if (held) this.#held.add(peerId)
+    else this.#held.delete(peerId)
+  }
+
+  held(peerId: string): boolean {
+    return this.#held.has(peerId)
+  }
+
   /** Load signals from the node's telemetry; false for a node the router does not know. */
   updateTelemetry(peerId: string, load: NodeLoad): boolean {
     const node = this.#nodes.get(peerId)
@@ -215,7 +227,7 @@ export class RegionalRouter {
     const candidates: Array<{ node: NodeRecord; score: number }> = []
     let best = Number.POSITIVE_INFINITY
     for (const node of pool.nodes) {
-      if (node.state !== 'serving' || exclude?.has(node.peerId)) continue
+      if (node.state !== 'serving' || exclude?.has(node.peerId) || this.#held.has(node.peerId)) continue
       if (!node.breaker.admits(now)) continue
       const score = (node.inflight + node.outside + 1) / this.#capacity(node, pool)
       candidates.push({ node, score })
@@ -325,7 +337,7 @@ export class RegionalRouter {
     const out: Array<{ model: string; nodes: number }> = []
     for (const [model, pool] of this.#pools) {
       let serving = 0
-      for (const node of pool.nodes) if (node.state === 'serving') serving++
+      for (const node of pool.nodes) if (node.state === 'serving' && !this.#held.has(node.peerId)) serving++
       if (serving > 0) out.push({ model, nodes: serving })
     }
     return out.sort((a, b) => (a.model < b.model ? -1 : a.model > b.model ? 1 : 0))

@@ -3,7 +3,7 @@ import { handleJoinProtocol, JoinRefusedError } from '../../mesh/join-protocol.t
 import type { MeshNode } from '../../mesh/node.ts'
 import { JOIN_PROTOCOL, TELEMETRY_PROTOCOL } from '../../mesh/protocols.ts'
 import type { RayCredentials } from '../../mesh/region-messages.ts'
-import { handleTelemetryProtocol } from '../../mesh/telemetry-protocol.ts'
+import { handleTelemetryProtocol, type IntegrityStanding } from '../../mesh/telemetry-protocol.ts'
 import type { VerifiedThroughput } from '../../openai/usage.ts'
 import type { RegionalRouter } from '../../routing/node-router.ts'
 import { chooseAssignment } from './assign.ts'
@@ -46,6 +46,8 @@ export interface HeadAdmissionComponents {
   pending: PendingTokens
   /** The region's pipeline groups: a node may be given a stage instead of a model of its own. */
   groups?: RayGroups | null
+  /** Result integrity: a quarantined or appealing node is told so in its telemetry answers. */
+  integrity?: { standing(node: string): IntegrityStanding | null } | null
   /** The direct path: ticket keys at join, and telemetry checks that wait for its reports. */
   leases?: LeaseDesk | null
 }
@@ -66,7 +68,7 @@ export class HeadAdmission {
 
   async start(): Promise<void> {
     const { region, policy, logger: log } = this.#init
-    const { node, registry, router, verified, pending, groups, leases } = this.#c
+    const { node, registry, router, verified, pending, groups, integrity, leases } = this.#c
     const self = node.peerId.toString()
     // Nodes that serve a model of their own, between onJoin and the answer: they get a ticket key.
     const serving = new Set<string>()
@@ -136,7 +138,8 @@ export class HeadAdmission {
         const outcome = registry.report(id, report)
         if (outcome === 'not_joined') return outcome
         // Reordered, or from before the node's latest join: its numbers are not this entry's.
-        if (outcome === 'stale') return { ack: 'ok', verified: verified.verified(id) }
+        if (outcome === 'stale')
+          return { ack: 'ok', verified: verified.verified(id), integrity: integrity?.standing(id) ?? null }
         router.updateTelemetry(id, {
           running: report.running,
           waiting: report.waiting,
@@ -161,8 +164,8 @@ export class HeadAdmission {
         else check()
         // A spare a pipeline group wants (or a member whose stage changed) joins again.
         if (groups?.telemetry(id, report, registry.get(id)?.report ?? null) === 'reassign') return 'reassign'
-        // The node shows what the head verified as its credits.
-        return { ack: 'ok', verified: verified.verified(id) }
+        // The node shows what the head verified as its credits, and a quarantine's reason.
+        return { ack: 'ok', verified: verified.verified(id), integrity: integrity?.standing(id) ?? null }
       },
       onBadRequest(err, peer) {
         log.debug({ node: peer.toString(), err: err.message }, 'bad telemetry report')

@@ -34,6 +34,7 @@ import { VerifiedThroughput } from '../../openai/usage.ts'
 import { RegionalRouter } from '../../routing/node-router.ts'
 import { HeadAdmission, PendingTokens } from './admission.ts'
 import { type GroupEngine, type GroupEngineInit, RayGroups } from './groups.ts'
+import { IntegrityChecker, type IntegrityCheckerInit } from './integrity.ts'
 import { LeaseDesk } from './leases.ts'
 import { type HeadMetrics, headMetrics } from './metrics.ts'
 import type { RegionPolicy } from './policy.ts'
@@ -73,6 +74,11 @@ export interface RegionalHeadOptions {
   /** Timeouts of one hop to a node (tests shorten them). */
   firstByteTimeoutMs?: number
   idleTimeoutMs?: number
+  /**
+   * Result integrity (docs/integrity.md): sampling rates, a trusted engine, the statistic's
+   * options; `false` turns the checks off. Default: on, with the defaults there.
+   */
+  integrity?: Omit<IntegrityCheckerInit, 'region' | 'logger'> | false
 }
 
 export interface RegionalHead {
@@ -83,6 +89,10 @@ export interface RegionalHead {
   registry: NodeRegistry
   router: RegionalRouter
   verified: VerifiedThroughput
+  /** Result integrity: reputations, quarantines; null when turned off. */
+  integrity: IntegrityChecker | null
+  /** The direct path's leases and the gateways' reports; null when the direct path is off. */
+  leases: LeaseDesk | null
   /** The region's pipeline groups on its Ray cluster. */
   groups: RayGroups
   metrics: Registry
@@ -121,6 +131,19 @@ export async function startRegionalHead(options: RegionalHeadOptions): Promise<R
     router,
   )
   const metrics = headMetrics(registry, router, verified, groups)
+  const integrity =
+    options.integrity === false
+      ? null
+      : new IntegrityChecker(
+          {
+            region,
+            logger: log,
+            vocabularySize: (model) => policy.models.find((m) => m.name === model)?.vocabularySize,
+            ...options.integrity,
+          },
+          { node, registry, router, verified, checks: metrics.integrityChecks },
+        )
+  integrity?.start()
   const route = new HeadRoute(
     {
       region,
@@ -129,7 +152,7 @@ export async function startRegionalHead(options: RegionalHeadOptions): Promise<R
       ...(options.firstByteTimeoutMs != null ? { firstByteTimeoutMs: options.firstByteTimeoutMs } : {}),
       ...(options.idleTimeoutMs != null ? { idleTimeoutMs: options.idleTimeoutMs } : {}),
     },
-    { node, router, verified, pending, metrics, groups },
+    { node, router, verified, pending, metrics, groups, integrity },
   )
 
   // Registry → router: the registry is the truth about membership, the router follows it.
@@ -158,21 +181,26 @@ export async function startRegionalHead(options: RegionalHeadOptions): Promise<R
             verified,
             metrics,
             allowed: (peer) => federation.has(peer),
-            usable: (peer) => !verified.flagged(peer) && registry.get(peer)?.state === 'serving',
+            // A node the integrity check quarantined (or is hearing) gets no leases.
+            usable: (peer) =>
+              !verified.flagged(peer) &&
+              registry.get(peer)?.state === 'serving' &&
+              integrity?.standing(peer) == null,
+            integrity,
           },
         )
   registry.addEventListener('node:left', (evt) => leases?.forget(evt.detail.peerId))
   await leases?.start()
   const admission = new HeadAdmission(
     { region, policy, ray: options.ray ?? null, logger: log },
-    { node, registry, router, verified, pending, groups, leases },
+    { node, registry, router, verified, pending, groups, integrity, leases },
   )
   await admission.start()
   registry.start()
 
   const api = new HeadApi(
     { region, self: node.peerId.toString(), logger: log },
-    { registry, router, verified, route, groups, requests: metrics.requests },
+    { registry, router, verified, route, groups, requests: metrics.requests, integrity },
   )
 
   const serve = async (req: IncomingMessage, res: ServerResponse): Promise<void> => {
@@ -236,6 +264,7 @@ export async function startRegionalHead(options: RegionalHeadOptions): Promise<R
     url = await listen(server, options.httpPort ?? defaultHeadHttpPort, host, { what: 'the head' })
   } catch (err) {
     registry.stop()
+    integrity?.stop()
     await unhandleInfer()
     await admission.stop()
     await leases?.stop()
@@ -250,6 +279,8 @@ export async function startRegionalHead(options: RegionalHeadOptions): Promise<R
     registry,
     router,
     verified,
+    integrity,
+    leases,
     groups,
     metrics: metrics.registry,
     serve,
@@ -260,6 +291,7 @@ export async function startRegionalHead(options: RegionalHeadOptions): Promise<R
       if (stopped) return
       stopped = true
       registry.stop()
+      integrity?.stop()
       await unhandleInfer().catch(() => {})
       await admission.stop()
       await leases?.stop()
@@ -285,6 +317,7 @@ export class HeadApi {
   private readonly route: HeadRoute
   private readonly groups: RayGroups
   private readonly requests: HeadMetrics['requests']
+  private readonly integrity: IntegrityChecker | null
   /** Output items of answers given, for Responses item_reference. */
   private readonly items = new OutputItemStore()
 
@@ -297,6 +330,7 @@ export class HeadApi {
       route: HeadRoute
       groups: RayGroups
       requests: HeadMetrics['requests']
+      integrity?: IntegrityChecker | null
     },
   ) {
     this.region = init.region
@@ -308,6 +342,7 @@ export class HeadApi {
     this.route = components.route
     this.groups = components.groups
     this.requests = components.requests
+    this.integrity = components.integrity ?? null
   }
 
   /** One OpenAI request: routes, answers, counts; errors become OpenAI errors. */
@@ -411,6 +446,16 @@ export class HeadApi {
     const snapshot = this.router.snapshot()
     return {
       object: 'list',
+      // Nodes the integrity check quarantined: the federation's ledger holds their unverified credits.
+      garage: {
+        region: this.region,
+        held: (this.integrity?.quarantined() ?? []).map((e) => ({
+          node: e.node,
+          since: e.since,
+          reason: e.reason ?? 'quarantined',
+          tokens: e.heldTokens,
+        })),
+      },
       data: this.router
         .models()
         .map((m) => {
@@ -467,6 +512,16 @@ export class HeadApi {
         .flatMap((n) => (n.report.engineFailures ?? []).map((f) => ({ node: n.peerId, ...f }))),
       // Pipeline groups on the region's Ray cluster: members, state, time to form, tokens.
       groups: this.groups.views(),
+      // Nodes whose answers failed integrity checks beyond chance: no traffic, credits held back.
+      quarantined: (this.integrity?.quarantined() ?? []).map((e) => ({
+        node: e.node,
+        state: e.state,
+        since: new Date(e.since).toISOString(),
+        reason: e.reason,
+        heldTokens: e.heldTokens,
+        checks: e.checks,
+        fails: e.fails,
+      })),
     }
   }
 }

@@ -11,6 +11,7 @@ import {
 import type { MeshNode } from '../../mesh/node.ts'
 import { leaseReportIntervalMs, leaseTtlMs } from '../../mesh/protocols.ts'
 import { issueTicket, ticketKeyBytes } from '../../mesh/ticket.ts'
+import { type IntegritySample, parseSample } from '../../openai/integrity.ts'
 import {
   abandonedStreamAllowanceTokens,
   directCutStreamAllowanceTokens,
@@ -56,8 +57,17 @@ export interface LeaseDeskComponents {
   metrics: Pick<HeadMetrics, 'regionTokens' | 'requests'>
   /** Whether a holder may have leases (the head's trusted federation gateways). */
   allowed(peer: string): boolean
-  /** Nodes the head would not send to: flagged, leaving, unknown. */
+  /** Nodes the head would not send to: flagged, quarantined, leaving, unknown. */
   usable(node: string): boolean
+  /**
+   * Result integrity (docs/integrity.md): each lease says the node's sample rate, the holders'
+   * samples are checked and their done records credited as the head's own answers are. Null: off.
+   */
+  integrity?: {
+    rateFor(node: string): number
+    credited(node: string, tokens: number): void
+    consider(sample: IntegritySample): boolean
+  } | null
 }
 
 /**
@@ -193,10 +203,11 @@ export class LeaseDesk {
       this.#holders.set(instance, holder)
     }
     holder.lastAt = now
-    const { router, verified, metrics } = this.#c
+    const { router, verified, metrics, integrity } = this.#c
     for (const d of request.done) {
       if (!this.#keys.has(d.node)) continue
       verified.add(d.node, d.completionTokens)
+      integrity?.credited(d.node, d.completionTokens)
       if (d.unseen > 0) verified.abandoned(d.node, d.unseen, directCutStreamAllowanceTokens)
       router.observed(d.node, { ok: d.ok, completionTokens: d.completionTokens, decodeMs: d.decodeMs })
       const model = holder.leases.has(d.node) ? this.#modelOf(d.node) : null
@@ -213,11 +224,32 @@ export class LeaseDesk {
       touched.add(i.node)
     }
     for (const node of touched) this.#countOutside(node)
+    if (integrity != null) this.#consider(request.samples ?? [], holderId, integrity)
     holder.reports++
     this.#runCoveredChecks()
     return {
       ttlMs: this.#ttlMs,
       leases: request.models.length > 0 ? this.#grant(holderId, holder, request.models, now) : [],
+    }
+  }
+
+  /** The holder's samples of its direct answers, each checked like one the head relayed itself. */
+  #consider(
+    samples: readonly Record<string, unknown>[],
+    holderId: string,
+    integrity: NonNullable<LeaseDeskComponents['integrity']>,
+  ): void {
+    for (const raw of samples) {
+      let sample: IntegritySample
+      try {
+        sample = parseSample(raw)
+      } catch (err) {
+        this.#init.logger.debug({ holder: holderId, err: (err as Error).message }, 'bad integrity sample')
+        continue
+      }
+      // Only answers of nodes this head keys (and so leased) are its to check.
+      if (!this.#keys.has(sample.node)) continue
+      integrity.consider(sample)
     }
   }
 
@@ -262,6 +294,7 @@ export class LeaseDesk {
         slots,
         ticket: lease.ticket,
         addrs: this.#addrsOf(n.peerId),
+        ...(this.#c.integrity != null ? { rate: this.#c.integrity.rateFor(n.peerId) } : {}),
       })
     }
     return out

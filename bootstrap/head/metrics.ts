@@ -13,6 +13,8 @@ export interface HeadMetrics {
   ttft: Histogram<'model'>
   duration: Histogram<'model'>
   regionTokens: Counter<'model'>
+  /** Integrity checks by what they counted: pass, fail, inconclusive, no_verifier, dropped. */
+  integrityChecks: Counter<'result'>
 }
 
 export function headMetrics(
@@ -61,6 +63,12 @@ export function headMetrics(
       labelNames: ['model'] as const,
       registers: [metrics],
     }),
+    integrityChecks: new Counter({
+      name: 'garage_head_integrity_checks_total',
+      help: 'Answers re-scored by a verifier, by result (pass, fail, inconclusive, no_verifier, dropped)',
+      labelNames: ['result'] as const,
+      registers: [metrics],
+    }),
   }
   new Gauge({
     name: 'garage_head_nodes',
@@ -95,6 +103,11 @@ export function headMetrics(
   )
   perNode('garage_head_node_flagged', '1 when the node claims over 10% more tokens than verified', (p) =>
     verified.flagged(p) ? 1 : 0,
+  )
+  perNode(
+    'garage_head_node_quarantined',
+    '1 while the node is quarantined (its answers failed integrity checks) or appealing',
+    (p) => (router.held(p) ? 1 : 0),
   )
   perNode('garage_head_node_capacity_tokens_per_second', 'Capacity the head measured', (p) =>
     router.capacity(p),

@@ -37,6 +37,8 @@ export interface ModelPolicy {
   tensorParallel?: number
   /** The model's layers, when known: a group's credits are split by the layers each stage holds. */
   layers?: number
+  /** Tokens the model knows, when known: the integrity check's bound at temperatures above 1 tightens with it. */
+  vocabularySize?: number
 }
 
 export interface RayPolicy {
@@ -113,6 +115,7 @@ function parseModel(m: unknown, field: string): ModelPolicy {
     'pipelineParallel',
     'tensorParallel',
     'layers',
+    'vocabularySize',
   ])
   const name = text(m.name, `${field}.name`, maxModelNameLength)
   if (!modelNamePattern.test(name)) {
@@ -183,6 +186,8 @@ function parseModel(m: unknown, field: string): ModelPolicy {
     model.tensorParallel = integer(m.tensorParallel, at('tensorParallel'), 1, 8)
   }
   if (m.layers !== undefined) model.layers = integer(m.layers, at('layers'), 1, 10_000)
+  if (m.vocabularySize !== undefined)
+    model.vocabularySize = integer(m.vocabularySize, at('vocabularySize'), 2, 16_777_216)
   return model
 }
 

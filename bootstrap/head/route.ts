@@ -5,6 +5,8 @@ import type { Logger } from '../../core/logger.ts'
 import { InferConnectError, type InferResponse, sendInferRequest } from '../../mesh/infer-protocol.ts'
 import type { MeshNode } from '../../mesh/node.ts'
 import { PeerIdCache } from '../../mesh/peer-ids.ts'
+import { chatCompletionsPath as chatPath, proxiedKind } from '../../openai/endpoints.ts'
+import { AnswerCapture, buildSample, sampleDecision } from '../../openai/integrity.ts'
 import {
   drainQuietly,
   type ProxyCall,
@@ -17,6 +19,7 @@ import { tokenBudget, type VerifiedThroughput } from '../../openai/usage.ts'
 import type { RegionalRouter } from '../../routing/node-router.ts'
 import type { PendingTokens } from './admission.ts'
 import { isGroupTarget, type RayGroups } from './groups.ts'
+import type { IntegrityChecker } from './integrity.ts'
 import type { HeadMetrics } from './metrics.ts'
 
 /** A group's vLLM answers its first byte within this, as a node does over the mesh. */
@@ -44,11 +47,15 @@ export interface HeadRouteComponents {
   verified: VerifiedThroughput
   pending: PendingTokens
   metrics: HeadMetrics
+  /** Result integrity: which answers to sample, and where samples go; null: nothing is checked. */
+  integrity?: IntegrityChecker | null
 }
 
 /** Per request: the tokens it may still produce, held against its node's telemetry check. */
 interface HeadCall extends ProxyCall {
   inFlight?: number
+  /** The answer's text, kept only when an integrity check sampled it. */
+  capture?: AnswerCapture
 }
 
 /** Where a target is reached: a node over the mesh, or a pipeline group's vLLM on this machine. */
@@ -207,6 +214,16 @@ export class HeadRoute implements ProxyRoute<HeadCall, HeadTarget> {
     return { 'x-request-id': call.requestId, 'x-garage-node': target, 'x-garage-region': this.#init.region }
   }
 
+  /** Samples the answer for an integrity check at the node's rate (decided before it is relayed). */
+  capture(call: HeadCall, target: string): AnswerCapture | null {
+    const integrity = this.#c.integrity
+    const kind = proxiedKind(call.path)
+    if (integrity == null || kind == null || isGroupTarget(target)) return null
+    if (!sampleDecision(kind, call.prepared.body, integrity.rateFor(target))) return null
+    call.capture = new AnswerCapture()
+    return call.capture
+  }
+
   answering(call: HeadCall, _target: string): void {
     this.#c.metrics.ttft.observe({ model: call.model }, (performance.now() - call.started) / 1000)
   }
@@ -230,10 +247,36 @@ export class HeadRoute implements ProxyRoute<HeadCall, HeadTarget> {
           )
       }
       metrics.requests.inc({ model: call.model, status: String(response.status) })
+      try {
+        this.#sampled(call, target, response, outcome)
+      } catch (err) {
+        // A check is the head's own business: it never fails the answer it looks at.
+        this.#init.logger.warn({ err, requestId: call.requestId }, 'integrity sample failed')
+      }
     }
     // Relaying it threw: nothing was counted, and the node may have generated up to the reset.
     if (outcome == null) this.#c.verified.abandoned(target, call.inFlight ?? 0)
     metrics.duration.observe({ model: call.model }, (performance.now() - call.started) / 1000)
+  }
+
+  /** Hands a sampled, whole answer to the integrity check; counts what the node was credited. */
+  #sampled(call: HeadCall, target: string, response: InferResponse, outcome: RelayOutcome): void {
+    const integrity = this.#c.integrity
+    if (integrity == null || isGroupTarget(target)) return
+    integrity.credited(target, outcome.completionTokens)
+    const output = call.capture?.output()
+    if (output == null || outcome.interrupted != null || response.status !== 200) return
+    const sample = buildSample({
+      model: call.model,
+      node: target,
+      operator: target,
+      endpoint: call.path === chatPath ? 'chat' : 'completion',
+      request: call.prepared.body,
+      output,
+      requestId: call.requestId,
+      at: Date.now(),
+    })
+    if (sample != null) integrity.consider(sample)
   }
 
   noCapacity(call: HeadCall): ApiError {

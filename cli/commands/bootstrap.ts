@@ -1,10 +1,17 @@
 import { defaultBootstrapHttpPort, startBootstrap } from '../../bootstrap/bootstrap-node.ts'
-import { defaultHeadHttpPort, type RegionalHead, startRegionalHead } from '../../bootstrap/head/head.ts'
-import { loadRegionPolicy } from '../../bootstrap/head/policy.ts'
+import {
+  defaultHeadHttpPort,
+  type RegionalHead,
+  type RegionalHeadOptions,
+  startRegionalHead,
+} from '../../bootstrap/head/head.ts'
+import type { TrustedEngine } from '../../bootstrap/head/integrity.ts'
+import { loadRegionPolicy, type RegionPolicy } from '../../bootstrap/head/policy.ts'
 import { RayHead } from '../../bootstrap/head/ray-head.ts'
 import { vllmImage } from '../../containers/images.ts'
 import { createLogger } from '../../core/logger.ts'
 import { defaultDataDir } from '../../core/paths.ts'
+import { readSecretIfPresent } from '../../core/secret-file.ts'
 import { VllmEngine } from '../../daemon/engines/vllm/engine.ts'
 import {
   type CommandContext,
@@ -47,6 +54,11 @@ Options:
                          rayproject/ray build)
   --vllm-image IMAGE     the image of the pipeline groups' vLLM (default the pinned vllm/vllm-openai)
   --federation PEER_ID   a federation gateway allowed to send requests to this head, repeatable
+  --integrity-rate R     share of an established node's answers re-scored (default 0.02; 0 turns
+                         result integrity checks off: docs/integrity.md)
+  --trusted-engine URL   an OpenAI-compatible engine the coordinator runs (vLLM, or the embedded one)
+                         that verifies the policy's models instead of other nodes; its bearer key
+                         in --trusted-engine-key-file FILE (0600)
   --no-direct            lease no nodes to the federation: every request comes through this head
   --allow-private        dial private and loopback addresses (LAN, devnet, tests)
   --data-dir DIR         where the identity key lives (default: $GARAGE_DATA_DIR or the OS's data folder)`
@@ -70,6 +82,9 @@ export async function run(argv: string[], ctx: CommandContext): Promise<number> 
     'head-http': { type: 'string' },
     'ray-address': { type: 'string' },
     federation: { type: 'string', multiple: true },
+    'integrity-rate': { type: 'string' },
+    'trusted-engine': { type: 'string' },
+    'trusted-engine-key-file': { type: 'string' },
     'no-direct': { type: 'boolean', default: false },
   })
   if (values.region == null) throw new UsageError('--region is required')
@@ -84,6 +99,7 @@ export async function run(argv: string[], ctx: CommandContext): Promise<number> 
   if (policy != null && policy.region !== values.region) {
     throw new UsageError(`the policy ${values.policy} is for region ${policy.region}, not ${values.region}`)
   }
+  const integrity = await integrityOptions(values, policy)
   const listen = splitList(values.listen)
   const announce = splitList(values.announce)
   const logger = createLogger()
@@ -155,8 +171,15 @@ export async function run(argv: string[], ctx: CommandContext): Promise<number> 
         dataDir,
         httpHost: headHttp.host,
         httpPort: headHttp.port,
+        integrity,
         logger,
       })
+      const started = head
+      // `garage regions` shows each region's nodes and the ones the integrity check holds back.
+      node.setRegionStatus(() => ({
+        nodes: started.registry.size,
+        quarantined: started.integrity?.quarantined().length ?? 0,
+      }))
     } catch (err) {
       await ray?.stop()
       await node.stop()
@@ -186,4 +209,29 @@ export async function run(argv: string[], ctx: CommandContext): Promise<number> 
   await ray?.stop()
   await node.stop()
   return 0
+}
+
+/** The head's result integrity checks from the command line: the rate, a trusted engine. */
+async function integrityOptions(
+  values: { 'integrity-rate'?: string; 'trusted-engine'?: string; 'trusted-engine-key-file'?: string },
+  policy: RegionPolicy | null,
+): Promise<RegionalHeadOptions['integrity']> {
+  const rateText = values['integrity-rate']
+  const rate = rateText != null ? Number(rateText) : null
+  if (rateText != null && (!/^\d*\.?\d+$/.test(rateText) || rate == null || !(rate >= 0 && rate <= 1)))
+    throw new UsageError(`--integrity-rate must be a number from 0 to 1, not ${JSON.stringify(rateText)}`)
+  if (rate === 0) return false
+  const url = values['trusted-engine']
+  const keyFile = values['trusted-engine-key-file']
+  if ((url == null) !== (keyFile == null))
+    throw new UsageError('--trusted-engine and --trusted-engine-key-file go together')
+  let trusted: TrustedEngine | null = null
+  if (url != null && keyFile != null) {
+    if (!/^https?:\/\/[^\s]+$/.test(url))
+      throw new UsageError(`--trusted-engine must be an http(s) URL, not ${url}`)
+    const apiKey = await readSecretIfPresent(keyFile, 'the trusted engine key', (m) => new UsageError(m))
+    if (apiKey == null) throw new UsageError(`--trusted-engine-key-file ${keyFile} is missing or empty`)
+    trusted = { url, apiKey, models: (policy?.models ?? []).map((m) => m.name) }
+  }
+  return { ...(rate != null ? { sampleRate: rate } : {}), ...(trusted != null ? { trusted } : {}) }
 }

@@ -9,7 +9,9 @@ export const usage = `Usage: garage ledger [--since DATE] [--until DATE] [--key 
 
 The federation gateway's ledger: usage per API key and model (requests, prompt and completion
 tokens), and credits per node, region and model (requests, and the completion tokens the node
-served as its head and the gateway counted them). Days are UTC; both ends are included.
+served as its head and the gateway counted them). A node a region's head quarantined (its answers
+failed integrity checks) is listed as held: its unverified credits, since when, and why. Days are
+UTC; both ends are included.
 With --key only, it shows usage; with --node only, credits.
 
 Options:
@@ -123,6 +125,14 @@ export async function run(argv: string[], ctx: CommandContext): Promise<number> 
               ],
             ]),
       )
+      // Nodes a head quarantined: their credits not yet verified are held, and why.
+      const held = [
+        ...new Map(credits.filter((c) => c.held != null).map((c) => [`${c.node} ${c.region}`, c])).values(),
+      ]
+      for (const c of held)
+        blocks.push(
+          `  held: ${c.node} (${c.region}) since ${c.held!.since}, ${c.held!.tokens} unverified tokens: ${c.held!.reason}`,
+        )
     }
     print(ctx.stdout, blocks.join('\n'))
     return 0

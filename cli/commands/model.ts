@@ -20,7 +20,7 @@ import { type CommandContext, parseDuration, parseOptions, print, UsageError } f
 
 export const usage = `Usage:
   garage model tiny --out FILE [--seed N] [--embd N] [--layers N] [--heads N] [--kv-heads N]
-                    [--ff N] [--ctx N] [--no-chat-template] [--embedding] [--force]
+                    [--ff N] [--ctx N] [--logit-scale X] [--no-chat-template] [--embedding] [--force]
   garage model pull SOURCE [--dir DIR] [--timeout D]
   garage model info FILE [--json]
 
@@ -41,6 +41,8 @@ Options (tiny):
   --ff N              feed-forward length (default ${tinyModelDefaults.feedForwardLength})
   --ctx N             context length (default ${tinyModelDefaults.contextLength})
   --no-chat-template  leave out tokenizer.chat_template (completions only)
+  --logit-scale X     sharpen the next-token distribution (default 1, nearly flat; 16 peaks it like
+                      a trained model's, which the integrity check needs: docs/integrity.md)
   --embedding         an embedding model (mean pooling): what /v1/embeddings serves
   --force             replace FILE if it exists
 Options (pull):
@@ -71,6 +73,7 @@ async function tiny(argv: string[], ctx: CommandContext): Promise<number> {
     ...Object.fromEntries(Object.keys(sizeFlags).map((f) => [f, { type: 'string' as const }])),
     'no-chat-template': { type: 'boolean', default: false },
     embedding: { type: 'boolean', default: false },
+    'logit-scale': { type: 'string' },
     force: { type: 'boolean', default: false },
   })
   const flags = values as Record<string, string | boolean | undefined>
@@ -79,6 +82,15 @@ async function tiny(argv: string[], ctx: CommandContext): Promise<number> {
   for (const [flag, option] of Object.entries(sizeFlags)) {
     const text = flags[flag]
     if (typeof text === 'string') options[option] = parseCount(text, flag)
+  }
+  const scale = values['logit-scale']
+  if (scale != null) {
+    const x = Number(scale)
+    if (!/^\d+(\.\d+)?$/.test(scale) || !(x > 0 && x <= 1000))
+      throw new UsageError(
+        `--logit-scale must be a number above 0 and at most 1000, not ${JSON.stringify(scale)}`,
+      )
+    options.logitScale = x
   }
   const out = resolve(values.out)
   let written: Awaited<ReturnType<typeof writeTinyModel>>

@@ -15,7 +15,8 @@ export const usage = `Usage: garage regions --authority ID --bootstrap MULTIADDR
 
 Joins the mesh with a throw-away identity, finds every regional head announced in the DHT, fetches
 and verifies its certificate against the pinned authority, measures RTT (median of 3 pings) and
-prints region, head, RTT, expiry and valid/invalid with the reason. The head a node would choose
+prints region, head, RTT, expiry, the nodes the head says it has (and how many its integrity check
+quarantined) and valid/invalid with the reason. The head a node would choose
 is marked with *. Exits 1 when no valid head is found.
 
 Options:
@@ -36,6 +37,9 @@ export interface RegionsReport {
     valid: boolean
     reason: string | null
     message: string | null
+    /** What the head says of its region: joined nodes, and those quarantined by the integrity check. */
+    nodes: number | null
+    quarantined: number | null
   }>
 }
 
@@ -51,12 +55,14 @@ export function toReport(heads: DiscoveredHead[], region?: string): RegionsRepor
       valid: h.valid,
       reason: h.reason?.name ?? null,
       message: h.reason?.message ?? null,
+      nodes: h.status?.nodes ?? null,
+      quarantined: h.status?.quarantined ?? null,
     })),
   }
 }
 
 function table(report: RegionsReport): string {
-  const rows = [['', 'REGION', 'HEAD', 'RTT', 'EXPIRES', 'STATUS']]
+  const rows = [['', 'REGION', 'HEAD', 'RTT', 'EXPIRES', 'NODES', 'STATUS']]
   for (const h of report.heads) {
     rows.push([
       h.head === report.chosen ? '*' : '',
@@ -64,6 +70,7 @@ function table(report: RegionsReport): string {
       h.head,
       h.rttMs == null ? '-' : `${h.rttMs} ms`,
       h.expiresAt ?? '-',
+      h.nodes == null ? '-' : `${h.nodes}${h.quarantined ? ` (${h.quarantined} quarantined)` : ''}`,
       h.valid ? 'valid' : `invalid: ${h.reason}`,
     ])
   }

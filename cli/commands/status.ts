@@ -56,6 +56,16 @@ export function formatStatus(s: NodeStatus): string {
     ['peer id', s.peerId ?? '-'],
     ['speed', `${s.tokensPerSecond} tok/s`],
     ['today', `${s.tokensToday} tokens, ${s.creditsToday} credits`],
+    ...(s.integrity != null
+      ? [
+          [
+            'checks',
+            s.integrity.state === 'quarantined'
+              ? `QUARANTINED by the head: ${s.integrity.reason}. No traffic, credits held back; restart the node to appeal (docs/integrity.md)`
+              : `appealing: ${s.integrity.reason}`,
+          ] as [string, string],
+        ]
+      : []),
     ['uptime', duration(s.uptimeSeconds)],
   ]
   return rows.map(([k, v]) => `${k.padEnd(8)} ${v}`).join('\n')

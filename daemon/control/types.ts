@@ -30,6 +30,12 @@ export interface NodeStatus {
   tokensToday: number
   /** Credits today: the tokens the head verified for this node today (what the ledger will credit). */
   creditsToday: number
+  /**
+   * The head holds this node back because its answers failed integrity checks (docs/integrity.md):
+   * `quarantined` (no traffic, credits held back; restart the node to appeal) or `appeal` (the head
+   * is checking a burst of its answers). null: in good standing.
+   */
+  integrity: { state: 'quarantined' | 'appeal'; reason: string } | null
   uptimeSeconds: number
 }
 

@@ -9,7 +9,7 @@ import {
 import { type DirectGrant, requestJoin, requestLeave } from '../../mesh/join-protocol.ts'
 import { createMeshNode, type MeshNode, type MeshNodeOptions } from '../../mesh/node.ts'
 import type { Assignment, TelemetryReport } from '../../mesh/region-messages.ts'
-import { sendTelemetry, type TelemetryAck } from '../../mesh/telemetry-protocol.ts'
+import { type IntegrityStanding, sendTelemetry, type TelemetryAck } from '../../mesh/telemetry-protocol.ts'
 import type { RayWorker } from '../engines/ray/worker.ts'
 import type { Engine } from '../engines/types.ts'
 import { probeHardware } from '../hardware/probe.ts'
@@ -45,7 +45,10 @@ export interface NodeComponents {
     node: MeshNode,
     head: PeerId,
     report: TelemetryReport,
-    options: { signal: AbortSignal; onVerified: (tokens: number) => void },
+    options: {
+      signal: AbortSignal
+      onVerified: (tokens: number, integrity: IntegrityStanding | null) => void
+    },
   ): Promise<TelemetryAck>
   serveInfer(node: MeshNode, options: InferForwardingOptions): Promise<InferMeshServer>
   /** The engine an assignment names (daemon/node/engines.ts makes the real ones). */

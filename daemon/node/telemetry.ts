@@ -1,7 +1,11 @@
 import type { Logger } from '../../core/logger.ts'
 import { runTool } from '../../core/tools.ts'
 import type { GpuTelemetry, NodeServingState, TelemetryReport } from '../../mesh/region-messages.ts'
-import { type TelemetryAck, TelemetryReporter } from '../../mesh/telemetry-protocol.ts'
+import {
+  type IntegrityStanding,
+  type TelemetryAck,
+  TelemetryReporter,
+} from '../../mesh/telemetry-protocol.ts'
 import type { EngineMetrics } from '../engines/types.ts'
 import { nvidiaGpuArgs, parseNvidiaGpus } from '../hardware/nvidia.ts'
 
@@ -46,8 +50,13 @@ export interface NodeTelemetrySource {
   nvidia(): boolean
   /** The node's Ray worker, when its assignment gave it one. */
   ray?(): 'ready' | 'starting' | null
+  /** The head's integrity standing for this node changed (the gamer's status shows it). */
+  integrityChanged?(): void
   /** Sends one numbered report to the head; resolves with its answer. */
-  send(report: TelemetryReport, onVerified: (tokens: number) => void): Promise<TelemetryAck>
+  send(
+    report: TelemetryReport,
+    onVerified: (tokens: number, integrity: IntegrityStanding | null) => void,
+  ): Promise<TelemetryAck>
 }
 
 /**
@@ -64,6 +73,7 @@ export class NodeTelemetry {
   #lastRate = { at: 0, tokens: 0, perSecond: 0 }
   readonly #tokensToday = new DailyTotal()
   readonly #creditsToday = new DailyTotal()
+  #integrity: IntegrityStanding | null = null
   #reporter: TelemetryReporter | null = null
 
   constructor(source: NodeTelemetrySource, logger: Logger) {
@@ -77,6 +87,11 @@ export class NodeTelemetry {
 
   tokensToday(): number {
     return this.#tokensToday.value()
+  }
+
+  /** The head's integrity standing for this node: null in good standing, else quarantined or appealing. */
+  integrity(): IntegrityStanding | null {
+    return this.#integrity
   }
 
   creditsToday(): number {
@@ -157,9 +172,15 @@ export class NodeTelemetry {
 
   #send(report: TelemetryBody): Promise<TelemetryAck> {
     // This count, not the reporter's: it starts again from 1 at each join, as the head expects.
-    return this.#source.send({ v: 1, ...report, seq: ++this.#seq }, (tokens) =>
-      this.#creditsToday.feed(tokens),
-    )
+    return this.#source.send({ v: 1, ...report, seq: ++this.#seq }, (tokens, integrity) => {
+      this.#creditsToday.feed(tokens)
+      if (integrity?.state !== this.#integrity?.state) {
+        if (integrity != null)
+          this.#log.warn({ integrity }, 'the head holds this node back: its answers failed integrity checks')
+        else if (this.#integrity != null) this.#log.info('the head lets this node serve again')
+      }
+      this.#integrity = integrity
+    })
   }
 
   /** Utilisation, temperature and power of the first NVIDIA GPU, when there is one. */

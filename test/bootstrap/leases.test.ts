@@ -160,4 +160,68 @@ describe('LeaseDesk: the head side of the direct path', () => {
     s.verified.compare(s.a, 2 * abandonedStreamAllowanceTokens + 100)
     expect(s.verified.flagged(s.a)).toBe(true)
   })
+
+  it('integrity: each lease carries the node rate; done records are credited and samples considered', async () => {
+    const s = await setup()
+    const credited: Array<[string, number]> = []
+    const considered: string[] = []
+    const integrity = {
+      rateFor: (node: string) => (node === s.a ? 0.5 : 0.02),
+      credited: (node: string, tokens: number) => credited.push([node, tokens]),
+      consider: (sample: { requestId: string }) => {
+        considered.push(sample.requestId)
+        return true
+      },
+    }
+    const desk = new LeaseDesk(
+      { logger: silentLogger, ttlMs: 10_000, now: s.now },
+      {
+        node: fakeNode,
+        router: s.router,
+        verified: s.verified,
+        metrics: { regionTokens: { inc: () => {} }, requests: { inc: () => {} } } as never,
+        allowed: () => true,
+        usable: () => true,
+        integrity,
+      },
+    )
+    desk.keyFor(s.a)
+    desk.keyFor(s.b)
+    const grant = desk.exchange({ models: ['m'], done: [], inflight: [] }, 'gw1')
+    expect(Object.fromEntries(grant.leases.map((l) => [l.node, l.rate]))).toEqual({ [s.a]: 0.5, [s.b]: 0.02 })
+    const sample = (node: string, requestId: string, over: Record<string, unknown> = {}) => ({
+      v: 1,
+      model: 'm',
+      node,
+      endpoint: 'chat',
+      request: { messages: [{ role: 'user', content: 'hi' }] },
+      output: { text: 'hello', finishReason: 'stop' },
+      requestId,
+      at: 1,
+      ...over,
+    })
+    desk.exchange(
+      {
+        models: [],
+        done: [
+          { node: s.a, ok: true, completionTokens: 7, decodeMs: 5, unseen: 0 },
+          { node: 'unknown-node', ok: true, completionTokens: 9, decodeMs: 5, unseen: 0 },
+        ],
+        inflight: [],
+        samples: [
+          sample(s.a, 'good'),
+          // Malformed, a request that cannot be checked, a node this head does not key: dropped alone.
+          sample(s.a, 'bad', { output: { text: '' } }),
+          sample(s.a, 'tools', { request: { messages: [], tools: [{ type: 'function' }] } }),
+          sample('unknown-node', 'stranger'),
+          sample(s.b, 'good-b'),
+        ],
+      },
+      'gw1',
+    )
+    expect(credited).toEqual([[s.a, 7]])
+    expect(considered).toEqual(['good', 'good-b'])
+    // A head with the checks off puts no rate in its leases (the holder samples nothing).
+    expect(s.ask('gw2').leases.every((l) => l.rate === undefined)).toBe(true)
+  })
 })

@@ -184,14 +184,22 @@ describe('garage CLI', () => {
     const report = JSON.parse(regions.stdout)
     expect(report.chosen).toBe(head)
     expect(report.heads).toEqual([
-      expect.objectContaining({ region: 'eu-north', head, valid: true, reason: null }),
+      // A bootstrap node without a head says nothing of nodes.
+      expect.objectContaining({
+        region: 'eu-north',
+        head,
+        valid: true,
+        reason: null,
+        nodes: null,
+        quarantined: null,
+      }),
     ])
     expect(report.heads[0].rttMs).toBeGreaterThanOrEqual(0)
 
     const table = await garage(['regions', '--allow-private', '--bootstrap', address], {
       GARAGE_AUTHORITY: authorityId,
     })
-    expect(table.stdout).toMatch(/^\*\s+eu-north\s+12D3KooW\S+\s+\d+ ms\s+\S+\s+valid$/m)
+    expect(table.stdout).toMatch(/^\*\s+eu-north\s+12D3KooW\S+\s+\d+ ms\s+\S+\s+-\s+valid$/m)
     const pinnedElsewhere = await garage([
       'regions',
       '--allow-private',
@@ -270,6 +278,22 @@ describe('garage CLI', () => {
     ])
     expect(fast.code).toBe(1)
     expect(fast.stderr).toContain('announce interval must be between 10 s and 30 min')
+    // The head's integrity options, checked before anything starts.
+    for (const [args, message] of [
+      [['--integrity-rate', '2'], '--integrity-rate must be a number from 0 to 1, not "2"'],
+      [
+        ['--trusted-engine', 'http://127.0.0.1:9'],
+        '--trusted-engine and --trusted-engine-key-file go together',
+      ],
+      [
+        ['--trusted-engine', 'http://127.0.0.1:9', '--trusted-engine-key-file', join(dir, 'none')],
+        'is missing or empty',
+      ],
+    ] as const) {
+      const r = await garage(['bootstrap', '--region', 'eu-north', '--cert', cert, ...args])
+      expect(r.code, r.stderr).toBe(2)
+      expect(r.stderr).toContain(message)
+    }
 
     // garage node: what it needs, said in one line each
     const noAuthority = await garage(['node', '--bootstrap', '/ip4/127.0.0.1/tcp/1'])

@@ -135,7 +135,7 @@ describe('garage keys and garage ledger', () => {
       since: '2025-03-02',
       until: '2025-03-02',
       usage: [{ keyId: ci.id, keyName: 'ci', requests: 1, promptTokens: 12, completionTokens: 30 }],
-      credits: [{ node, region: 'local', requests: 1, promptTokens: 12, completionTokens: 30 }],
+      credits: [{ node, region: 'local', held: null, requests: 1, promptTokens: 12, completionTokens: 30 }],
       totals: { requests: 1, creditedTokens: 30 },
     })
 

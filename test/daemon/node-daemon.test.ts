@@ -109,6 +109,7 @@ function head(peerId: string): DiscoveredHead {
     valid: true,
     reason: null,
     certificate: null,
+    status: null,
   }
 }
 

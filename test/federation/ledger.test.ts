@@ -12,7 +12,7 @@ import {
   UsageLedger,
   type UsageRecord,
 } from '../../federation/ledger.ts'
-import type { LedgerBatch } from '../../federation/store.ts'
+import type { CreditHold, LedgerBatch } from '../../federation/store.ts'
 import { openFederationStore, type SqliteStore } from '../../federation/store-sqlite.ts'
 
 const nodeA = '12D3KooWAaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa'
@@ -135,6 +135,31 @@ describe('UsageLedger', () => {
     ])
   })
 
+  it("holds a quarantined node's unverified credits, and says why", async () => {
+    ledger.record(entry({ node: nodeA }))
+    ledger.record(entry({ node: nodeB }))
+    const hold = {
+      node: nodeA,
+      region: 'eu-north',
+      since: Date.parse('2025-03-01T12:00:00Z'),
+      reason: '3 of 5 checked answers were unlikely under garage-tiny',
+      tokens: 120,
+    }
+    // The head reports it on every status answer while it lasts: one hold, updated.
+    await ledger.recordHolds('eu-north', [hold])
+    await ledger.recordHolds('eu-north', [{ ...hold, tokens: 130 }])
+    expect(await ledger.holds()).toEqual([{ ...hold, tokens: 130 }])
+    const credits = await ledger.creditsByNode()
+    expect(credits.find((c) => c.node === nodeA)!.held).toEqual({
+      since: '2025-03-01T12:00:00.000Z',
+      reason: hold.reason,
+      tokens: 130,
+    })
+    expect(credits.find((c) => c.node === nodeB)!.held).toBeNull()
+    // Kept across a reopen.
+    expect(await new UsageLedger(open()).holds({ node: nodeA })).toHaveLength(1)
+  })
+
   it('writes the records of one event-loop turn together, right after that turn', async () => {
     ledger.record(entry())
     ledger.record(entry({ completionTokens: 5 }))
@@ -170,6 +195,7 @@ describe('UsageLedger', () => {
         node: nodeA,
         region: 'eu-north',
         model: 'garage-tiny',
+        held: null,
         requests: 1,
         promptTokens: 10,
         completionTokens: 5,
@@ -216,6 +242,7 @@ describe('UsageLedger', () => {
         node: nodeA,
         region: 'eu-north',
         model: 'garage-tiny',
+        held: null,
         requests: 2,
         promptTokens: 20,
         completionTokens: 40,
@@ -224,6 +251,7 @@ describe('UsageLedger', () => {
         node: nodeB,
         region: 'us-east',
         model: 'garage-tiny',
+        held: null,
         requests: 1,
         promptTokens: 3,
         completionTokens: 4,
@@ -307,6 +335,10 @@ class FlakyStore {
     return []
   }
   async creditsByNode(): Promise<NodeCredit[]> {
+    return []
+  }
+  async recordHolds(): Promise<void> {}
+  async holds(): Promise<CreditHold[]> {
     return []
   }
   async totals(): Promise<LedgerTotals> {

@@ -8,6 +8,7 @@ import { capabilityFromHardware } from '../../daemon/node-daemon.ts'
 import {
   defaultDiscoveryIntervalMs,
   headPerRegion,
+  parseRegionHolds,
   parseRegionModels,
   RegionDirectory,
   type RegionStatus,
@@ -432,6 +433,18 @@ describe('RegionDirectory: two certified heads for one region', () => {
   })
 })
 
+describe('parseRegionHolds', () => {
+  it("reads a head's quarantines beside its models, ignoring what does not parse", () => {
+    const hold = { node: '12D3KooWx', since: 1_796_586_721_967, reason: 'answers unlikely', tokens: 40 }
+    const body = (held: unknown, region = 'r') => ({ object: 'list', data: [], garage: { region, held } })
+    expect(parseRegionHolds(body([hold, { ...hold, tokens: -1 }, 'x', { ...hold, node: '' }]), 'r')).toEqual([
+      { ...hold, region: 'r' },
+    ])
+    expect(parseRegionHolds(body([hold], 'other'), 'r')).toEqual([])
+    expect(parseRegionHolds({ object: 'list', data: [] }, 'r')).toEqual([])
+  })
+})
+
 describe('headPerRegion and parseRegionModels', () => {
   const head = (peerId: string, over: Partial<DiscoveredHead>): DiscoveredHead => ({
     peerId,
@@ -442,6 +455,7 @@ describe('headPerRegion and parseRegionModels', () => {
     valid: true,
     reason: null,
     certificate: null,
+    status: null,
     ...over,
   })
 

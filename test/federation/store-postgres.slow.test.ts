@@ -124,6 +124,35 @@ describe('the PostgreSQL store', () => {
     expect(await a.usageByKey({ since: '2025-03-02', keyId: 'key_b' })).toEqual([])
   })
 
+  it("holds a quarantined node's credits as SQLite does: one hold per quarantine, updated, seen by every gateway", async () => {
+    const url = await database('holds_test')
+    const [a, b] = [await open(url), await open(url)]
+    const ledgerA = new UsageLedger(a)
+    const ledgerB = new UsageLedger(b)
+    ledgerA.record(entry('key_a'))
+    ledgerA.record(entry('key_a', { node: `${node.slice(0, -1)}2` }))
+    await ledgerA.flush()
+    const hold = {
+      node,
+      region: 'eu-north',
+      since: Date.parse('2025-03-01T12:00:00Z'),
+      reason: '3 of 5 checked answers were unlikely under garage-tiny',
+      tokens: 120,
+    }
+    // Two gateways hear the same head: the hold is kept once, with the newest count.
+    await ledgerA.recordHolds('eu-north', [hold])
+    await ledgerB.recordHolds('eu-north', [{ ...hold, tokens: 130 }])
+    expect(await ledgerA.holds()).toEqual([{ ...hold, tokens: 130 }])
+    expect(await ledgerB.holds({ node: 'someone-else' })).toEqual([])
+    const credits = await ledgerB.creditsByNode()
+    expect(credits.find((c) => c.node === node)!.held).toEqual({
+      since: '2025-03-01T12:00:00.000Z',
+      reason: hold.reason,
+      tokens: 130,
+    })
+    expect(credits.find((c) => c.node !== node)!.held).toBeNull()
+  })
+
   it('holds rpm and concurrency for two gateways together, and frees a dead gateway’s slots after the lease', async () => {
     const url = await database('limits_test')
     const [a, b, c] = [await open(url), await open(url), await open(url)]

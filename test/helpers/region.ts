@@ -1,7 +1,7 @@
 import { mkdir } from 'node:fs/promises'
 import { join } from 'node:path'
 import type { BootstrapNode } from '../../bootstrap/bootstrap-node.ts'
-import { type RegionalHead, startRegionalHead } from '../../bootstrap/head/head.ts'
+import { type RegionalHead, type RegionalHeadOptions, startRegionalHead } from '../../bootstrap/head/head.ts'
 import { parseRegionPolicy, type RegionPolicy } from '../../bootstrap/head/policy.ts'
 import { writeTinyModel } from '../../daemon/engines/llamacpp/tiny-model.ts'
 import { probeHardware } from '../../daemon/hardware/probe.ts'
@@ -49,7 +49,11 @@ export interface TestRegion {
 export async function startTestRegion(
   mesh: TestMesh,
   region: string,
-  headOptions: { policy?: RegionPolicy; telemetryDeadlineMs?: number } = {},
+  headOptions: {
+    policy?: RegionPolicy
+    telemetryDeadlineMs?: number
+    integrity?: RegionalHeadOptions['integrity']
+  } = {},
 ): Promise<TestRegion> {
   const authority = await mesh.authority()
   const bootstrap = await mesh.bootstrap(authority, region)
@@ -62,6 +66,7 @@ export async function startTestRegion(
     ...(headOptions.telemetryDeadlineMs != null
       ? { telemetryDeadlineMs: headOptions.telemetryDeadlineMs }
       : {}),
+    ...(headOptions.integrity != null ? { integrity: headOptions.integrity } : {}),
   })
   mesh.track(() => head.stop())
   const modelsDir = join(await mesh.tempDir('garage-models-'), 'models')

@@ -1,9 +1,10 @@
 import { generateKeyPair } from '@libp2p/crypto/keys'
 import { lpStream } from '@libp2p/utils'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { encodeCanonical } from '../../core/cbor.ts'
+import { decodeCanonical, encodeCanonical } from '../../core/cbor.ts'
 import {
   encodeLeaseGrant,
+  encodeLeaseRequest,
   handleLeaseProtocol,
   LeaseProtocolError,
   type LeaseRequest,
@@ -12,7 +13,7 @@ import {
   requestLeases,
 } from '../../mesh/lease-protocol.ts'
 import { createMeshNode, type MeshNode } from '../../mesh/node.ts'
-import { LEASE_PROTOCOL, leaseMaxRecords } from '../../mesh/protocols.ts'
+import { LEASE_PROTOCOL, leaseMaxRecords, leaseMaxSamples } from '../../mesh/protocols.ts'
 
 describe('/garage/lease/1.0.0', () => {
   let head: MeshNode
@@ -99,5 +100,48 @@ describe('/garage/lease/1.0.0', () => {
       parseLeaseGrant(JSON.parse(JSON.stringify({ v: 1, ttl: 5, leases: [['n', 'm', 1, 't', []]] }))),
     ).toEqual(grant)
     expect(encodeLeaseGrant(grant).byteLength).toBeGreaterThan(0)
+  })
+
+  it("carries the integrity fields: a lease's sample rate, a report's samples; both optional and strict", () => {
+    const sample = {
+      v: 1,
+      model: 'm',
+      node: 'n',
+      endpoint: 'chat',
+      request: { messages: [{ role: 'user', content: 'hi' }], temperature: 0.7 },
+      output: { text: 'hello', finishReason: 'stop' },
+      requestId: 'r1',
+      at: 1_700_000_000_000,
+    }
+    // A report with samples, and one without: what is encoded is read back as it was.
+    const withSamples: LeaseRequest = { models: ['m'], done: [], inflight: [], samples: [sample] }
+    expect(parseLeaseRequest(decodeCanonical(encodeLeaseRequest(withSamples)))).toEqual(withSamples)
+    const without: LeaseRequest = { models: ['m'], done: [], inflight: [] }
+    expect(parseLeaseRequest(decodeCanonical(encodeLeaseRequest(without)))).toEqual(without)
+    // An empty list is not sent at all.
+    expect(
+      Object.keys(decodeCanonical(encodeLeaseRequest({ ...without, samples: [] })) as object),
+    ).not.toContain('samples')
+    const ok = { v: 1, models: [], done: [], inflight: [] }
+    expect(() => parseLeaseRequest({ ...ok, samples: 'all' })).toThrow(/samples must be a list/)
+    expect(() => parseLeaseRequest({ ...ok, samples: [1] })).toThrow(/a sample must be a map/)
+    expect(() => parseLeaseRequest({ ...ok, samples: Array(leaseMaxSamples + 1).fill(sample) })).toThrow(
+      /at most 16/,
+    )
+    // A lease's rate: present (0-1) or absent; anything else is refused.
+    const lease = { node: 'n', model: 'm', slots: 1, ticket: 't', addrs: [] }
+    const rated = { ttlMs: 5, leases: [{ ...lease, rate: 0.02 }] }
+    expect(parseLeaseGrant(decodeCanonical(encodeLeaseGrant(rated)))).toEqual(rated)
+    expect(parseLeaseGrant(decodeCanonical(encodeLeaseGrant({ ttlMs: 5, leases: [lease] })))).toEqual({
+      ttlMs: 5,
+      leases: [lease],
+    })
+    for (const rate of [-0.1, 1.5, '0.5', null, Number.NaN])
+      expect(() => parseLeaseGrant({ v: 1, ttl: 1, leases: [['n', 'm', 1, 't', [], rate]] })).toThrow(
+        /rate must be a number from 0 to 1/,
+      )
+    expect(() => parseLeaseGrant({ v: 1, ttl: 1, leases: [['n', 'm', 1, 't', [], 0.5, 'x']] })).toThrow(
+      /at most 6/,
+    )
   })
 })

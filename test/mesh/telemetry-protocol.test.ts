@@ -93,6 +93,7 @@ describe('/garage/telemetry/1.0.0 between two nodes', () => {
   let node: MeshNode
   let headId: PeerId
   const badRequests: string[] = []
+  let standing: { state: 'quarantined' | 'appeal'; reason: string } | null = null
 
   beforeAll(async () => {
     head = await mesh.node([])
@@ -100,7 +101,8 @@ describe('/garage/telemetry/1.0.0 between two nodes', () => {
     await handleTelemetryProtocol(head, {
       onReport: (report, peer) => {
         const outcome = registry.report(peer, report)
-        return outcome === 'stale' ? 'ok' : outcome
+        if (outcome === 'not_joined') return outcome
+        return { ack: 'ok', verified: 7, integrity: standing }
       },
       onBadRequest: (err) => badRequests.push(err.name),
     })
@@ -139,6 +141,21 @@ describe('/garage/telemetry/1.0.0 between two nodes', () => {
     await node.dial(old.getMultiaddrs()[0]!)
     for (let seq = 1; seq <= 3; seq++)
       expect(await sendTelemetry(node, old.peerId, telemetry({ seq }))).toBe('ok')
+  })
+
+  it("carries the head's verified count and the node's integrity standing", async () => {
+    const seen: unknown[] = []
+    const onVerified = (tokens: number, integrity: unknown): void => {
+      seen.push([tokens, integrity])
+    }
+    standing = { state: 'quarantined', reason: 'answers unlikely under garage-tiny' }
+    expect(await sendTelemetry(node, headId, telemetry({ seq: 20 }), { onVerified })).toBe('ok')
+    standing = null
+    expect(await sendTelemetry(node, headId, telemetry({ seq: 21 }), { onVerified })).toBe('ok')
+    expect(seen).toEqual([
+      [7, { state: 'quarantined', reason: 'answers unlikely under garage-tiny' }],
+      [7, null],
+    ])
   })
 
   it('refuses to send a malformed report', async () => {

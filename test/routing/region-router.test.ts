@@ -40,6 +40,7 @@ function status(
     rttMs: 10,
     expiresAt: null,
     models: new Map(Object.entries(models)),
+    held: [],
     updatedAt: 0,
     reachable: true,
     error: null,

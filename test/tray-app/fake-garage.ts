@@ -27,6 +27,7 @@ const api = await startStubControlApi({
     tokensPerSecond: 3,
     tokensToday: 0,
     creditsToday: 0,
+    integrity: null,
     uptimeSeconds: 0,
   },
 })

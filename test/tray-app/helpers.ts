@@ -18,6 +18,7 @@ export function statusOf(state: NodeStatus['state'], patch: Partial<NodeStatus> 
     tokensPerSecond: 0,
     tokensToday: 0,
     creditsToday: 0,
+    integrity: null,
     uptimeSeconds: 1,
     ...patch,
   }

@@ -137,6 +137,15 @@ function renderStatus(status) {
   $('engine').textContent = engine != null ? [engine.kind, ...notes].join(' · ') : '–'
   $('region').textContent = status.region ?? '–'
   $('uptime').textContent = formatDuration(status.uptimeSeconds)
+  // The head holds the node back: its answers failed integrity checks (docs/integrity.md).
+  const integrity = $('integrity')
+  integrity.hidden = status.integrity == null
+  integrity.textContent =
+    status.integrity == null
+      ? ''
+      : status.integrity.state === 'quarantined'
+        ? `Quarantined by the region: ${status.integrity.reason}. No requests come and credits are held back; restart Garage to appeal.`
+        : `Appealing: ${status.integrity.reason}.`
   renderNumbers(status)
   $('pause').disabled = ['stopped', 'stopping', 'draining'].includes(status.state)
   $('resume').disabled = status.state !== 'paused'

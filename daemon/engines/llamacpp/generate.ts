@@ -82,6 +82,7 @@ export class Generator {
   }
 
   async generate(req: GenerationRequest, res: ServerResponse, clientGone: AbortSignal): Promise<void> {
+    if (req.promptLogprobs != null) return this.score(req, res, clientGone)
     const prepared = await this.prepare(req)
     const { sequenceContext } = this.init
     // Room for BOS and one answer token: node-llama-cpp would otherwise cut the prompt's head.
@@ -146,6 +147,79 @@ export class Generator {
       this.init.pool.release(slot)
       this.init.onRequestDone()
     }
+  }
+
+  /**
+   * vLLM's scoring form (`prompt_logprobs`): every prompt token after the BOS gets its logprob, its
+   * rank and the top alternatives, from one prefill pass; nothing is generated. With chat's
+   * `continue_final_message` the last assistant message is read as the model's own answer: the
+   * prompt rendered as for generating it, then its text's tokens, exactly the sequence a node that
+   * generated it had in its context. A token outside the top k gets rank k + 1 (a lower bound: the
+   * pass computes only the top k and the token itself).
+   */
+  private async score(req: GenerationRequest, res: ServerResponse, clientGone: AbortSignal): Promise<void> {
+    const { model } = this.init
+    const answer = req.continueFinalMessage ? req.messages.at(-1)! : null
+    const prepared = await this.prepare(
+      answer == null ? req : { ...req, messages: req.messages.slice(0, -1) },
+    )
+    const tokens =
+      answer == null ? prepared.tokens : [...prepared.tokens, ...model.tokenize(answer.content, false)]
+    const bos = model.tokens.bos
+    const withBos = model.tokens.shouldPrependBosToken && bos != null
+    const all = withBos ? [bos, ...tokens] : tokens
+    if (all.length > this.init.sequenceContext)
+      throw apiError(
+        'context_length_exceeded',
+        `the text to score is ${all.length} tokens; this engine's context is ${this.init.sequenceContext}`,
+        { param: req.kind === 'chat' ? 'messages' : 'prompt' },
+      )
+    const slot = await this.init.pool.acquire(clientGone)
+    let scored: Array<TokenLogprob | null>
+    try {
+      await slot.value.clearHistory()
+      scored = await scoreTokens(slot.value, all, req.promptLogprobs!)
+    } finally {
+      this.init.pool.release(slot)
+      this.init.onRequestDone()
+    }
+    this.init.metrics.prompted.inc(all.length)
+    const k = req.promptLogprobs!
+    const decoded = (t: Token): string => Buffer.from(this.init.bytes(t)).toString('utf8')
+    const promptLogprobs = scored.map((s) => {
+      if (s == null) return null
+      const entry: Record<string, { logprob: number; rank: number; decoded_token: string }> = {}
+      for (const [i, [t, lp]] of s.top.entries())
+        entry[String(t)] = { logprob: lp, rank: i + 1, decoded_token: decoded(t) }
+      const rank = s.top.findIndex(([t]) => t === s.token)
+      entry[String(s.token)] = {
+        logprob: s.logprob,
+        rank: rank >= 0 ? rank + 1 : k + 1,
+        decoded_token: decoded(s.token),
+      }
+      return entry
+    })
+    const chat = req.kind === 'chat'
+    const body = {
+      id: `${chat ? 'chatcmpl' : 'cmpl'}-${randomUUID()}`,
+      object: chat ? 'chat.completion' : 'text_completion',
+      created: Math.floor(Date.now() / 1000),
+      model: this.init.servedModelName,
+      choices: [
+        chat
+          ? {
+              index: 0,
+              message: { role: 'assistant', content: '', refusal: null },
+              logprobs: null,
+              finish_reason: 'length',
+            }
+          : { index: 0, text: '', logprobs: null, finish_reason: 'length' },
+      ],
+      usage: { prompt_tokens: all.length, completion_tokens: 0, total_tokens: all.length },
+      prompt_logprobs: promptLogprobs,
+      prompt_token_ids: all,
+    }
+    res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify(body))
   }
 
   /** The prompt as tokens, what ends the answer, and the grammar or tools that shape it. */

@@ -62,6 +62,13 @@ export interface GenerationRequest {
   /** Alternatives per token (chat: top_logprobs; completions: the `logprobs` number). */
   topLogprobs: number
   echo: boolean
+  /**
+   * vLLM's `prompt_logprobs`: score the prompt in one prefill pass, this many alternatives per
+   * token, and generate nothing (the integrity check's verifier call). null: not asked.
+   */
+  promptLogprobs: number | null
+  /** Chat: vLLM's `continue_final_message`: the last (assistant) message is the text to score. */
+  continueFinalMessage: boolean
   suffix: string | null
   tools: FunctionTool[]
   toolChoice: ToolChoice
@@ -116,6 +123,9 @@ const common = new Set([
   'frequency_penalty',
   'logit_bias',
   'logprobs',
+  // vLLM's extensions for scoring a prompt without generating (docs/integrity.md).
+  'prompt_logprobs',
+  'return_token_ids',
 ])
 const chatOnly = new Set([
   'messages',
@@ -126,6 +136,8 @@ const chatOnly = new Set([
   'parallel_tool_calls',
   'response_format',
   'modalities',
+  'continue_final_message',
+  'add_generation_prompt',
 ])
 const completionOnly = new Set(['prompt', 'echo', 'suffix', 'best_of'])
 /** Refused with the reason: what they ask for, this engine does not do. */
@@ -440,10 +452,11 @@ export function parseGenerationRequest(
   if (kind === 'completion' && b.echo != null && typeof b.echo !== 'boolean')
     throw bad('echo must be a boolean', 'echo', 'invalid_type')
   const echo = kind === 'completion' && b.echo === true
-  if (maxTokens === 0 && !echo)
-    throw bad('max_tokens 0 needs echo: true (it scores the prompt only)', 'max_tokens')
+  if (maxTokens === 0 && !echo && b.prompt_logprobs == null)
+    throw bad('max_tokens 0 needs echo: true or prompt_logprobs (it scores the prompt only)', 'max_tokens')
   if (b.suffix != null && typeof b.suffix !== 'string')
     throw bad('suffix must be a string', 'suffix', 'invalid_type')
+  const promptLogprobs = parseScoring(kind, b, maxTokens)
 
   const tools = kind === 'chat' ? parseTools(b) : []
   const toolChoice = kind === 'chat' ? parseToolChoice(b, tools) : 'none'
@@ -473,6 +486,8 @@ export function parseGenerationRequest(
     logprobs,
     topLogprobs,
     echo,
+    promptLogprobs,
+    continueFinalMessage: b.continue_final_message === true,
     suffix: typeof b.suffix === 'string' && b.suffix !== '' ? b.suffix : null,
     tools,
     toolChoice,
@@ -481,7 +496,64 @@ export function parseGenerationRequest(
   }
   if (kind === 'chat') req.messages = parseMessages(b.messages)
   else req.prompt = parsePrompt(b.prompt, limits)
+  if (req.continueFinalMessage) {
+    const last = req.messages.at(-1)
+    if (last?.role !== 'assistant' || last.toolCalls.length > 0 || last.content === '')
+      throw bad(
+        'continue_final_message needs the last message to be an assistant message with text content',
+        'messages',
+      )
+  }
   return req
+}
+
+/**
+ * vLLM's scoring form: `prompt_logprobs` (0-20 alternatives per prompt token), with chat's
+ * `continue_final_message` (and `add_generation_prompt: false`) to score an answer as the model's
+ * own turn, and `return_token_ids`. This engine then only scores: `max_tokens` 0 or 1 (vLLM needs
+ * at least 1), one choice, not streamed, no tools or format.
+ */
+function parseScoring(
+  kind: 'chat' | 'completion',
+  b: Record<string, unknown>,
+  maxTokens: number | null,
+): number | null {
+  const k = number(b, 'prompt_logprobs', 0, 20, true)
+  if (b.return_token_ids != null && typeof b.return_token_ids !== 'boolean')
+    throw bad('return_token_ids must be a boolean', 'return_token_ids', 'invalid_type')
+  for (const key of ['continue_final_message', 'add_generation_prompt'])
+    if (b[key] != null && typeof b[key] !== 'boolean')
+      throw bad(`${key} must be a boolean`, key, 'invalid_type')
+  const continues = kind === 'chat' && b.continue_final_message === true
+  if (continues && b.add_generation_prompt !== false)
+    throw bad(
+      'continue_final_message needs add_generation_prompt: false (the answer continues the last message)',
+      'add_generation_prompt',
+    )
+  if (!continues && b.add_generation_prompt === false)
+    throw bad(
+      'add_generation_prompt: false is only supported with continue_final_message',
+      'add_generation_prompt',
+      'unsupported_value',
+    )
+  if (continues && k == null)
+    throw bad(
+      'continue_final_message is only supported with prompt_logprobs on this engine (it scores, it does not generate)',
+      'continue_final_message',
+      'unsupported_value',
+    )
+  if (k == null) return null
+  if (maxTokens == null || maxTokens > 1)
+    throw bad('prompt_logprobs scores only on this engine: max_tokens must be 0 or 1', 'max_tokens')
+  if (b.stream === true) throw bad('prompt_logprobs cannot stream', 'stream', 'unsupported_value')
+  if (b.n != null && b.n !== 1) throw bad('prompt_logprobs takes one choice (n 1)', 'n', 'unsupported_value')
+  if (b.echo === true || b.suffix != null || b.tools != null || b.response_format != null)
+    throw bad(
+      'prompt_logprobs does not combine with echo, suffix, tools or response_format',
+      'prompt_logprobs',
+      'unsupported_value',
+    )
+  return k
 }
 
 /** Validates an OpenAI embeddings body. */

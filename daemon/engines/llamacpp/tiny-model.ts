@@ -32,6 +32,12 @@ export interface TinyModelOptions {
    * one vector (without it, a llama model embeds with its last token); default false.
    */
   embedding?: boolean
+  /**
+   * Multiplies output.weight's random part: 1 (the default) leaves the next-token distribution
+   * nearly flat over the printable tokens (about 4.6 nats); 16 makes it peaked like a trained
+   * model's (about 1.5 nats at temperature 1), which the integrity tests need to tell models apart.
+   */
+  logitScale?: number
 }
 
 export type ResolvedTinyModelOptions = Required<TinyModelOptions>
@@ -45,9 +51,10 @@ export const tinyModelDefaults: Readonly<Omit<ResolvedTinyModelOptions, 'kvHeads
   contextLength: 4096,
   chatTemplate: true,
   embedding: false,
+  logitScale: 1,
 })
 
-type SizeOption = Exclude<keyof TinyModelOptions, 'chatTemplate' | 'embedding'>
+type SizeOption = Exclude<keyof TinyModelOptions, 'chatTemplate' | 'embedding' | 'logitScale'>
 
 /** Inclusive bounds for each size; the parameter count is capped too (maxTinyModelParameters). */
 export const tinyModelLimits: Readonly<Record<SizeOption, readonly [number, number]>> = Object.freeze({
@@ -110,6 +117,8 @@ export function resolveTinyModelOptions(options: TinyModelOptions = {}): Resolve
     throw new TinyModelOptionsError('kvHeads', `(${o.kvHeads}) must divide heads (${o.heads})`)
   if (typeof o.chatTemplate !== 'boolean') throw new GarageError('chatTemplate must be a boolean')
   if (typeof o.embedding !== 'boolean') throw new GarageError('embedding must be a boolean')
+  if (typeof o.logitScale !== 'number' || !(o.logitScale > 0 && o.logitScale <= 1000))
+    throw new GarageError(`logitScale must be a number above 0 and at most 1000, not ${o.logitScale}`)
   const parameters = tinyModelParameterCount(o)
   if (parameters > maxTinyModelParameters)
     throw new TinyModelOptionsError(
@@ -292,12 +301,12 @@ const biasLogitWeight = 20
  * Residual dimension 0 is a bias channel: every token embeds the same constant there, no layer
  * writes to it, and output.weight reads it as a per-token logit bias (+ for favoured tokens).
  */
-function randomWeights(seed: number, spec: TensorSpec): Float32Array {
+function randomWeights(seed: number, spec: TensorSpec, logitScale = 1): Float32Array {
   const [fanIn, rows = 1] = spec.dims
   const out = new Float32Array(fanIn * rows)
   if (spec.norm) return out.fill(1)
   const next = seededUint32((seed ^ fnv1a(spec.name)) >>> 0)
-  const bound = 0.5 / Math.sqrt(fanIn)
+  const bound = (0.5 / Math.sqrt(fanIn)) * (spec.name === 'output.weight' ? logitScale : 1)
   for (let i = 0; i < out.length; i++) out[i] = (next() / 0x1_0000_0000) * 2 * bound - bound
   if (spec.name === 'token_embd.weight') for (let r = 0; r < rows; r++) out[r * fanIn] = biasChannelValue
   else if (spec.name === 'output.weight')
@@ -354,7 +363,7 @@ export function tinyModelGguf(options: TinyModelOptions = {}): GgufFile {
     name: spec.name,
     dims: spec.dims,
     type: 'F32',
-    data: () => randomWeights(o.seed, spec),
+    data: () => randomWeights(o.seed, spec, o.logitScale),
   }))
   return { metadata, tensors, alignment: 32 }
 }

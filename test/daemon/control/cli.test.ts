@@ -42,6 +42,25 @@ describe('garage status, pause, resume, settings, logs', () => {
     expect(JSON.parse(json.stdout)).toEqual(target.status())
   })
 
+  it('status tells the gamer when the head quarantined the node, and why', async () => {
+    expect((await g('status')).stdout).not.toContain('checks')
+    const reason =
+      "3 of 5 checked answers were unlikely under garage-tiny (last: 20 of 24 tokens outside the verifier's top 5)"
+    target.current.integrity = { state: 'quarantined', reason }
+    try {
+      const human = await g('status')
+      expect(human.stdout).toContain(
+        `checks   QUARANTINED by the head: ${reason}. No traffic, credits held back`,
+      )
+      expect(JSON.parse((await g('status', '--json')).stdout).integrity).toEqual({
+        state: 'quarantined',
+        reason,
+      })
+    } finally {
+      target.current.integrity = null
+    }
+  })
+
   it('pause takes --minutes or --until; resume lifts it', async () => {
     const paused = await g('pause', '--minutes', '30')
     expect(paused.code).toBe(0)

@@ -74,6 +74,15 @@ describe('dashboard in headless Chromium', () => {
     expect(await page.locator('#reason').textContent()).toBe('game: cs2.exe')
     target.setState({ state: 'serving', reason: null })
     await page.locator('#state[data-state="serving"]').waitFor()
+    // The head quarantined the node: a banner says so, with the reason, until it is lifted.
+    expect(await page.locator('#integrity').isVisible()).toBe(false)
+    target.setState({ integrity: { state: 'quarantined', reason: '3 of 5 checked answers were unlikely' } })
+    await page.locator('#integrity').waitFor({ state: 'visible' })
+    expect(await page.locator('#integrity').textContent()).toBe(
+      'Quarantined by the region: 3 of 5 checked answers were unlikely. No requests come and credits are held back; restart Garage to appeal.',
+    )
+    target.setState({ integrity: null })
+    await page.locator('#integrity').waitFor({ state: 'hidden' })
   })
 
   it('updates tok/s and the chart from stats events', async () => {

@@ -17,6 +17,7 @@ export class StandInTarget extends TypedEventEmitter<ControlEvents> implements C
     tokensPerSecond: 0,
     tokensToday: 1_200,
     creditsToday: 1_100,
+    integrity: null,
     uptimeSeconds: 3_725,
   }
   currentSettings: NodeSettings

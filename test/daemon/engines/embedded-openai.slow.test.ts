@@ -381,6 +381,49 @@ describe('embedded engine: tools, structured output, sampling parameters, embedd
     expect(texts).toEqual(two.choices.map((c) => c.message.content))
   })
 
+  it("scores a chat answer in vLLM's form exactly as it was generated (the integrity check's verifier call)", async () => {
+    const greedy = await client.chat.completions.create({
+      model,
+      messages,
+      max_tokens: 24,
+      temperature: 0,
+      logprobs: true,
+    })
+    const generated = greedy.choices[0]!.logprobs!.content!
+    const answer = greedy.choices[0]!.message.content!
+    // The same answer as the final assistant message, continued: one prefill pass, nothing generated.
+    const scored = (await client.post('/chat/completions', {
+      body: {
+        model,
+        messages: [...messages, { role: 'assistant', content: answer }],
+        continue_final_message: true,
+        add_generation_prompt: false,
+        max_tokens: 1,
+        prompt_logprobs: 5,
+        return_token_ids: true,
+      },
+    })) as {
+      prompt_logprobs: Array<Record<string, { logprob: number; rank: number; decoded_token: string }> | null>
+      prompt_token_ids: number[]
+      usage: { completion_tokens: number; prompt_tokens: number }
+    }
+    expect(scored.usage.completion_tokens).toBe(0)
+    expect(scored.prompt_logprobs[0]).toBeNull()
+    expect(scored.prompt_logprobs).toHaveLength(scored.prompt_token_ids.length)
+    // The last tokens are the answer's: the same tokens, the same log-probabilities, each the top one.
+    const tail = scored.prompt_token_ids.slice(-generated.length).map((id, i) => {
+      const entry = scored.prompt_logprobs[scored.prompt_token_ids.length - generated.length + i]!
+      return entry[String(id)]!
+    })
+    expect(tail.map((t) => t.decoded_token)).toEqual(generated.map((g) => g.token))
+    for (const [i, t] of tail.entries()) {
+      expect(t.rank).toBe(1)
+      expect(t.logprob).toBeCloseTo(generated[i]!.logprob, 3)
+    }
+    // The prompt before it is the chat template's rendering, as for generating.
+    expect(scored.usage.prompt_tokens).toBe(greedy.usage!.prompt_tokens + generated.length)
+  })
+
   it('applies logit_bias, presence and frequency penalties', async () => {
     // The tiny model's tokenizer is byte-level: printable ASCII characters are the tokens of their code.
     const idOf = (token: string): number | null =>

@@ -139,6 +139,8 @@ describe('garage model', () => {
       [['--layers', '0'], '--layers must be an integer from 1 to 256, not 0'],
       [['--ctx', 'lots'], '--ctx must be a whole number, not "lots"'],
       [['--seed', '-1'], '--seed'],
+      [['--logit-scale', '0'], '--logit-scale must be a number above 0 and at most 1000, not "0"'],
+      [['--logit-scale', 'sharp'], '--logit-scale must be a number above 0'],
       [['--frobnicate'], "Unknown option '--frobnicate'"],
     ]
     for (const [args, message] of cases) {

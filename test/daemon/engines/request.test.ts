@@ -119,3 +119,53 @@ describe('OpenAI request validation', () => {
     })
   })
 })
+
+describe("vLLM's scoring form (prompt_logprobs, continue_final_message)", () => {
+  const scoring = (extra: Record<string, unknown>) =>
+    chat({
+      messages: [
+        { role: 'user', content: 'hi' },
+        { role: 'assistant', content: 'hello there' },
+      ],
+      max_tokens: 1,
+      prompt_logprobs: 5,
+      return_token_ids: true,
+      continue_final_message: true,
+      add_generation_prompt: false,
+      ...extra,
+    })
+
+  it('takes the verifier call as the integrity check sends it', () => {
+    const r = parseGenerationRequest('chat', scoring({}), limits)
+    expect(r).toMatchObject({ promptLogprobs: 5, continueFinalMessage: true, maxTokens: 1 })
+    const c = parseGenerationRequest(
+      'completion',
+      { model: 'm', prompt: 'ab', max_tokens: 1, prompt_logprobs: 0, return_token_ids: true },
+      limits,
+    )
+    expect(c).toMatchObject({ promptLogprobs: 0, continueFinalMessage: false })
+    // Without it, nothing changes.
+    expect(parseGenerationRequest('chat', chat({}), limits).promptLogprobs).toBeNull()
+  })
+
+  it('refuses what the scoring form cannot do, naming the field', () => {
+    expect(refusal('chat', scoring({ max_tokens: 2 }))).toMatchObject({ param: 'max_tokens', status: 400 })
+    expect(refusal('chat', scoring({ stream: true }))).toMatchObject({ param: 'stream' })
+    expect(refusal('chat', scoring({ n: 2 }))).toMatchObject({ param: 'n' })
+    expect(refusal('chat', scoring({ prompt_logprobs: 21 }))).toMatchObject({ param: 'prompt_logprobs' })
+    expect(refusal('chat', scoring({ add_generation_prompt: true }))).toMatchObject({
+      param: 'add_generation_prompt',
+    })
+    expect(refusal('chat', scoring({ prompt_logprobs: undefined }))).toMatchObject({
+      param: 'continue_final_message',
+      code: 'unsupported_value',
+    })
+    expect(refusal('chat', scoring({ messages: [{ role: 'user', content: 'hi' }] }))).toMatchObject({
+      param: 'messages',
+    })
+    expect(refusal('chat', scoring({ return_token_ids: 'yes' }))).toMatchObject({
+      param: 'return_token_ids',
+      code: 'invalid_type',
+    })
+  })
+})
