@@ -17,6 +17,8 @@ export const benchNames = [
 ] as const
 
 const descriptions: Record<string, string> = {
+  integrity:
+    'Result integrity: cheating nodes (another seed, a smaller model, random text, cheating on 20 %) and honest ones under mixed traffic; requests until quarantine, false positives, the re-scoring cost.',
   mesh: "Time from a node's start to its chosen region, 100 nodes joining a two-region mesh on loopback.",
   engine:
     'The embedded engine over HTTP (its own process) against node-llama-cpp in-process, same model and threads.',

@@ -26,7 +26,7 @@ function fixture(name: string): Record<string, unknown> {
   return JSON.parse(readFileSync(new URL(`${name}.json`, fixtures), 'utf8')) as Record<string, unknown>
 }
 
-const measuredBenches = ['mesh', 'engine', 'mesh-proxy', 'gateway', 'footprint', 'scale']
+const measuredBenches = ['mesh', 'engine', 'mesh-proxy', 'gateway', 'footprint', 'scale', 'integrity']
 
 const run: RunInfo = {
   date: '2026-11-24T10:00:00.000Z',
@@ -58,10 +58,10 @@ describe('the goals table', () => {
     },
   )
 
-  it('has a goal from issues 2, 4, 7, 15, 18 and 20 for each measured benchmark, none twice', () => {
+  it('has a goal from issues 2, 4, 7, 15, 18, 19 and 20 for each measured benchmark, none twice', () => {
     expect(new Set(goals.map((g) => g.bench))).toEqual(new Set(measuredBenches))
     // Issue 18 set the mesh-proxy and gateway goals anew (warm, against nginx), in place of 5's and 6's.
-    expect(new Set(goals.map((g) => g.issue))).toEqual(new Set([2, 4, 7, 15, 18, 20]))
+    expect(new Set(goals.map((g) => g.issue))).toEqual(new Set([2, 4, 7, 15, 18, 19, 20]))
     const keys = goals.map((g) => `${g.bench} ${g.metric}`)
     expect(new Set(keys).size).toBe(keys.length)
     for (const g of goals) expect(benchNames).toContain(g.bench)
@@ -70,6 +70,9 @@ describe('the goals table', () => {
   it('says what each issue set, as thresholds', () => {
     const table = goals.map((g) => `${g.bench} ${g.metric} ${g.op} ${g.threshold}`)
     expect(table).toEqual([
+      'integrity requests_to_quarantine_max <= 100',
+      'integrity false_positives_per_10k <= 0',
+      'integrity verification_cost_ratio <= 0.05',
       'mesh discovery_ms_p50 <= 1000',
       'engine results[concurrency=1].ratio >= 0.9',
       'engine results[concurrency=4].ratio >= 0.9',
@@ -241,7 +244,7 @@ describe('buildSummary', () => {
 
   it('states what ran, what did not, and fails the run on an error', () => {
     expect(summary.ran).toEqual(['mesh', 'engine', 'mesh-proxy', 'gateway', 'scale'])
-    expect(summary.not_run).toEqual(['footprint'])
+    expect(summary.not_run).toEqual(['footprint', 'integrity'])
     expect(summary.benchmarks.footprint).toEqual({ status: 'not run' })
     expect(summary.ok).toBe(false)
     expect(summary.errors).toEqual([{ bench: 'engine', error: 'EngineStartError: engine exited with 1' }])
@@ -349,7 +352,7 @@ describe('buildSummary', () => {
       '- command: `npm run bench` (12m34s)',
       '- machine: 2 × AMD EPYC, 24 GiB, Node v22.23.3, Debian GNU/Linux 12 (bookworm), Linux 6.1.0 x64',
       '- load average (1, 5, 15 min): 0.16, 0.35, 0.88 at start; 1.9, 1.5, 1.1 at end',
-      '- ran: mesh, engine, mesh-proxy, gateway, scale; not run: footprint',
+      '- ran: mesh, engine, mesh-proxy, gateway, scale; not run: footprint, integrity',
     ])
     expect(md.indexOf('## Missed goals')).toBeLessThan(md.indexOf('## mesh\n'))
     expect(lines).toContain(
@@ -389,7 +392,7 @@ describe('buildSummary', () => {
 - command: \`npm run bench -- mesh\` (1m11s)
 - machine: 2 × AMD EPYC, 24 GiB, Node v22.23.3, Debian GNU/Linux 12 (bookworm), Linux 6.1.0 x64
 - load average (1, 5, 15 min): 0.16, 0.35, 0.88 at start; 1.9, 1.5, 1.1 at end
-- ran: mesh; not run: engine, mesh-proxy, gateway, footprint, scale
+- ran: mesh; not run: engine, mesh-proxy, gateway, footprint, scale, integrity
 
 > These machines are shared and noisy (other jobs run beside the benchmarks): absolute figures move from run to run. The side-by-side pairs were measured in the same run, alternating, so their ratios hold better.
 
@@ -407,6 +410,7 @@ None among the benchmarks that ran.
 | gateway    | not run | —        | —         |
 | footprint  | not run | —        | —         |
 | scale      | not run | —        | —         |
+| integrity  | not run | —        | —         |
 
 ## mesh
 
@@ -461,6 +465,12 @@ Not run in this run.
 ## scale
 
 The scale argument (docs/scale.md): kad-dht lookups modelled at 10^4 and 10^5 servers and checked against real nodes, the real routers timed per pick, the cost per node of the real head.
+
+Not run in this run.
+
+## integrity
+
+Result integrity: cheating nodes (another seed, a smaller model, random text, cheating on 20 %) and honest ones under mixed traffic; requests until quarantine, false positives, the re-scoring cost.
 
 Not run in this run.
 `)
