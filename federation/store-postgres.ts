@@ -501,6 +501,44 @@ export class PostgresStore implements FederationStore {
 
   /** Brings the schema up to date, under an advisory lock so that gateways starting together migrate once. */
   async migrate(): Promise<void> {
+    await this.inTransaction(
+      async (client) => {
+        await client.query('SELECT pg_advisory_xact_lock($1)', [migrationLockId.toString()])
+        await client.query('CREATE TABLE IF NOT EXISTS garage_schema (version INTEGER NOT NULL)')
+        const { rows } = await client.query<{ version: number }>('SELECT version FROM garage_schema')
+        const from = rows[0]?.version ?? 0
+        if (from > postgresMigrations.length)
+          throw new FederationStoreVersionError(
+            `${this.location} has schema version ${from}, newer than this Garage knows (${postgresMigrations.length}); upgrade Garage`,
+            'FEDERATION_DB_VERSION',
+          )
+        for (let v = from; v < postgresMigrations.length; v++)
+          await client.query(postgresMigrations[v] as string)
+        if (rows.length === 0)
+          await client.query('INSERT INTO garage_schema (version) VALUES ($1)', [postgresMigrations.length])
+        else await client.query('UPDATE garage_schema SET version = $1', [postgresMigrations.length])
+      },
+      (err) => {
+        if (err instanceof GarageError) return err
+        const translated = this.translate(err)
+        if (translated instanceof GarageError) return translated
+        return new FederationStoreError(
+          `cannot set up the schema in ${this.location}: ${(err as Error).message}`,
+          'FEDERATION_DB_INVALID',
+          { cause: err },
+        )
+      },
+    )
+  }
+
+  /**
+   * Runs `work` in one transaction on a client of the pool: committed when it resolves, rolled back
+   * when it throws (the error goes through `failed`, by default the store's translation).
+   */
+  private async inTransaction<T>(
+    work: (client: pg.PoolClient) => Promise<T>,
+    failed: (err: unknown) => Error = (err) => this.translate(err),
+  ): Promise<T> {
     let client: pg.PoolClient
     try {
       client = await this.pool.connect()
@@ -509,31 +547,12 @@ export class PostgresStore implements FederationStore {
     }
     try {
       await client.query('BEGIN')
-      await client.query('SELECT pg_advisory_xact_lock($1)', [migrationLockId.toString()])
-      await client.query('CREATE TABLE IF NOT EXISTS garage_schema (version INTEGER NOT NULL)')
-      const { rows } = await client.query<{ version: number }>('SELECT version FROM garage_schema')
-      const from = rows[0]?.version ?? 0
-      if (from > postgresMigrations.length)
-        throw new FederationStoreVersionError(
-          `${this.location} has schema version ${from}, newer than this Garage knows (${postgresMigrations.length}); upgrade Garage`,
-          'FEDERATION_DB_VERSION',
-        )
-      for (let v = from; v < postgresMigrations.length; v++)
-        await client.query(postgresMigrations[v] as string)
-      if (rows.length === 0)
-        await client.query('INSERT INTO garage_schema (version) VALUES ($1)', [postgresMigrations.length])
-      else await client.query('UPDATE garage_schema SET version = $1', [postgresMigrations.length])
+      const out = await work(client)
       await client.query('COMMIT')
+      return out
     } catch (err) {
       await client.query('ROLLBACK').catch(() => {})
-      if (err instanceof GarageError) throw err
-      const translated = this.translate(err)
-      if (translated instanceof GarageError) throw translated
-      throw new FederationStoreError(
-        `cannot set up the schema in ${this.location}: ${(err as Error).message}`,
-        'FEDERATION_DB_INVALID',
-        { cause: err },
-      )
+      throw failed(err)
     } finally {
       client.release()
     }
@@ -796,19 +815,12 @@ export class PostgresStore implements FederationStore {
   }
 
   async load(contents: StoreContents): Promise<void> {
-    let client: pg.PoolClient
-    try {
-      client = await this.pool.connect()
-    } catch (err) {
-      throw this.translate(err)
-    }
-    try {
-      await client.query('BEGIN')
+    await this.inTransaction(async (client) => {
       const k = contents.keys
       await client.query(
         `INSERT INTO api_keys (id, name, prefix, hash, rpm, tpm, concurrency, created_at, revoked_at)
-         SELECT * FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::BIGINT[], $6::BIGINT[],
-                              $7::BIGINT[], $8::BIGINT[], $9::BIGINT[])`,
+           SELECT * FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::BIGINT[], $6::BIGINT[],
+                                $7::BIGINT[], $8::BIGINT[], $9::BIGINT[])`,
         [
           k.map((x) => x.id),
           k.map((x) => x.name),
@@ -825,13 +837,7 @@ export class PostgresStore implements FederationStore {
         writeLedgerSql,
         ledgerArgs({ id: randomUUID(), usage: contents.usage, credits: contents.credits }),
       )
-      await client.query('COMMIT')
-    } catch (err) {
-      await client.query('ROLLBACK').catch(() => {})
-      throw this.translate(err)
-    } finally {
-      client.release()
-    }
+    })
   }
 
   async close(): Promise<void> {
