@@ -5,7 +5,7 @@ import { serveInferOverMesh } from '../../daemon/infer-handler.ts'
 import type { NodeDaemon } from '../../daemon/node-daemon.ts'
 import { type Federation, startFederation } from '../../federation/gateway.ts'
 import type { IntegritySample } from '../../openai/integrity.ts'
-import { mixedRequest, startRandomTextEngine } from '../helpers/integrity-cheats.ts'
+import { sendMixed, startRandomTextEngine } from '../helpers/integrity-cheats.ts'
 import { dialAddr, TestMesh } from '../helpers/mesh.ts'
 import { startTestRegion, type TestRegion, tinyPolicy } from '../helpers/region.ts'
 
@@ -35,25 +35,11 @@ describe('result integrity on the direct path (slow)', () => {
   const directIds = new Set<string>()
 
   async function viaHead(i: number): Promise<void> {
-    const { path, body } = mixedRequest(i, model)
-    const res = await fetch(`${region.head.url}${path}`, {
-      method: 'POST',
-      headers: { authorization: `Bearer ${region.head.apiToken}`, 'content-type': 'application/json' },
-      body: JSON.stringify(body),
-      signal: AbortSignal.timeout(30_000),
-    })
-    await res.arrayBuffer()
+    await sendMixed(region.head.url, region.head.apiToken, i, model)
   }
 
   async function viaFederation(i: number): Promise<void> {
-    const { path, body } = mixedRequest(i, model)
-    const res = await fetch(`${federation.url}${path}`, {
-      method: 'POST',
-      headers: { authorization: `Bearer ${apiKey}`, 'content-type': 'application/json' },
-      body: JSON.stringify(body),
-      signal: AbortSignal.timeout(30_000),
-    })
-    await res.arrayBuffer()
+    const res = await sendMixed(federation.url, apiKey, i, model)
     const path_ = res.headers.get('x-garage-path') ?? 'none'
     paths.set(path_, (paths.get(path_) ?? 0) + 1)
     if (path_ === 'direct') directIds.add(res.headers.get('x-request-id') ?? '')

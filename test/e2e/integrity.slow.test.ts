@@ -9,7 +9,7 @@ import { parseRegionHolds } from '../../federation/regions.ts'
 import { fetchRegionInfo } from '../../mesh/region-protocol.ts'
 import {
   type Endpoint,
-  mixedRequest,
+  sendMixed,
   startPartialCheat,
   startRandomTextEngine,
 } from '../helpers/integrity-cheats.ts'
@@ -47,14 +47,7 @@ describe('result integrity (slow)', () => {
   const path = (name: string): string => join(dir, `${name}.gguf`)
 
   async function send(i: number): Promise<void> {
-    const { path, body } = mixedRequest(i, model)
-    const res = await fetch(`${region.head.url}${path}`, {
-      method: 'POST',
-      headers: { authorization: `Bearer ${region.head.apiToken}`, 'content-type': 'application/json' },
-      body: JSON.stringify(body),
-      signal: AbortSignal.timeout(30_000),
-    })
-    await res.arrayBuffer()
+    const res = await sendMixed(region.head.url, region.head.apiToken, i, model)
     requests++
     const node = res.headers.get('x-garage-node')
     if (res.status === 200 && node != null) served.set(node, (served.get(node) ?? 0) + 1)

@@ -149,3 +149,16 @@ export function mixedRequest(
     }
   return { path: '/v1/chat/completions', body }
 }
+
+/** Sends the `i`-th mixed request to an OpenAI base (`baseUrl` without /v1) and reads its whole answer. */
+export async function sendMixed(baseUrl: string, token: string, i: number, model: string): Promise<Response> {
+  const { path, body } = mixedRequest(i, model)
+  const res = await fetch(`${baseUrl}${path}`, {
+    method: 'POST',
+    headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' },
+    body: JSON.stringify(body),
+    signal: AbortSignal.timeout(30_000),
+  })
+  await res.arrayBuffer()
+  return res
+}
